@@ -1,0 +1,98 @@
+"""The one run configuration that the CLI, the Python API and the record share.
+
+Every field carries its CLI help; ``quantsink eval``'s options are generated
+from this dataclass, ``quantsink.run(RunConfig(...))`` takes it, and the record
+stores ``dataclasses.asdict`` of it.  Fields marked ``identity=False`` do not
+change the numbers and stay out of the ``run_id``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .errors import UsageError
+
+__version__ = "0.1.0"
+EVALUATOR_VERSION = "1"  # bump when a change alters any recorded number
+
+
+def _opt(help: str, identity: bool = True, **extra: Any) -> Any:
+    return {"help": help, "identity": identity, **extra}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: str = field(default="smollm2-135m", metadata=_opt(
+        "Model: a registered alias (smollm2-135m, gemma3-270m), a hub id or a local directory."))
+    scheme: str = field(default="int8", metadata=_opt(
+        "Quantization scheme spec, name[:key=value,...]; see `quantsink list schemes`."))
+    mitigation: str = field(default="none", metadata=_opt(
+        "Mitigation spec(s), comma-separated; see `quantsink list mitigations`."))
+    corpus: str = field(default="python-docs", metadata=_opt(
+        "Corpus: python-docs, python-code, wikitext2 or file:PATH (.txt / .jsonl with 'text')."))
+    window: int = field(default=512, metadata=_opt("Tokens per evaluation window (before any BOS)."))
+    stride: int | None = field(default=None, metadata=_opt(
+        "Tokens between window starts (default: = window, disjoint windows)."))
+    max_tokens: int = field(default=16384, metadata=_opt("Token budget of the evaluation windows."))
+    bos: Literal["auto", "always", "never"] = field(default="auto", metadata=_opt(
+        "Prepend BOS to each window: auto = what the tokenizer does by default."))
+    protocol: Literal["windows", "lm-eval"] = field(default="windows", metadata=_opt(
+        "Windowing: fixed windows over the joined corpus, or lm-eval's rolling per-document windows."))
+    device: str = field(default="auto", metadata=_opt("auto (CUDA when present), cpu or cuda[:N]."))
+    dtype: Literal["float32", "bfloat16", "float16"] = field(default="float32", metadata=_opt(
+        "Dtype of the reference model."))
+    calib_windows: int = field(default=16, metadata=_opt(
+        "Calibration windows for static schemes (drawn after the evaluation windows)."))
+    stats: bool = field(default=True, metadata=_opt("Collect extreme-token statistics in the same pass."))
+    stats_windows: int = field(default=8, metadata=_opt(
+        "Windows (from the first) on which attention probabilities are collected."))
+    seed: int = field(default=0, metadata=_opt("Seed for bootstrap resampling and any sampling."))
+    trust_remote_code: bool = field(default=False, metadata=_opt(
+        "Allow a hub model's own Python code to run (off by default)."))
+    batch_tokens: int = field(default=2048, metadata=_opt(
+        "Tokens per forward batch (speed/memory only).", identity=False))
+    results: str = field(default="results/runs", metadata=_opt(
+        "Directory of run records.", identity=False))
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.window >= 2, "--window must be at least 2"),
+            (self.stride is None or 1 <= self.stride <= self.window, "--stride must be in 1..window"),
+            (self.max_tokens >= self.window, "--max-tokens must be at least --window"),
+            (self.calib_windows >= 1, "--calib-windows must be at least 1"),
+            (self.stats_windows >= 0, "--stats-windows must be >= 0"),
+            (self.batch_tokens >= 1, "--batch-tokens must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UsageError(message)
+
+    @property
+    def effective_stride(self) -> int:
+        return self.stride or self.window
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that determine the numbers."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.metadata.get("identity", True)}
+
+    def to_record(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_record(cls, data: dict[str, Any]) -> "RunConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def replace(self, **changes: Any) -> "RunConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def stable_hash(*parts: Any, length: int = 16) -> str:
+    """A short sha256 of JSON-serialised parts (sorted keys)."""
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:length]

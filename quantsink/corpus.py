@@ -1,0 +1,229 @@
+"""Corpora -> deterministic token windows.
+
+Embedded, offline corpora (the paper's Wikipedia/GitHub split in small):
+
+* ``python-docs``: English prose, the documentation topics bundled with CPython
+  (``pydoc_data.topics``), in sorted topic order.
+* ``python-code``: a fixed, sorted list of standard-library sources.
+
+Plus ``file:PATH`` (.txt, or .jsonl with a ``text`` field) and ``wikitext2``
+through ``datasets`` (needs the hub).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import QuantsinkError
+from .registry import Registry
+
+SEPARATOR = "\n\n"  # between documents of one corpus
+
+# Sorted; every file exists in CPython >= 3.11.  The corpus hash in each record
+# pins the exact text (it changes with the Python version).
+PYTHON_CODE_FILES = (
+    "argparse.py", "bisect.py", "calendar.py", "colorsys.py", "csv.py",
+    "dataclasses.py", "difflib.py", "fractions.py", "functools.py", "heapq.py",
+    "json/__init__.py", "json/decoder.py", "json/encoder.py", "shlex.py",
+    "statistics.py", "string.py", "textwrap.py",
+)
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """A named list of documents and the sha256 of their joined text."""
+
+    name: str
+    documents: tuple[str, ...]
+    sha256: str
+
+    @classmethod
+    def of(cls, name: str, documents: list[str]) -> "Corpus":
+        docs = tuple(d for d in documents if d.strip())
+        if not docs:
+            raise QuantsinkError(f"corpus {name!r} is empty: give it at least one non-blank document")
+        digest = hashlib.sha256(SEPARATOR.join(docs).encode("utf-8")).hexdigest()
+        return cls(name, docs, digest)
+
+    @property
+    def n_chars(self) -> int:
+        return sum(len(d) for d in self.documents) + len(SEPARATOR) * (len(self.documents) - 1)
+
+
+CORPORA: Registry[Callable[[str], Corpus]] = Registry("corpus")
+
+
+@CORPORA.register("python-docs", help="English prose: CPython's bundled documentation topics (offline)",
+                  aliases=("docs",))
+def _python_docs(name: str) -> Corpus:
+    from pydoc_data.topics import topics
+
+    return Corpus.of(name, [topics[key] for key in sorted(topics)])
+
+
+@CORPORA.register("python-code", help="Python source: a fixed, sorted list of stdlib files (offline)",
+                  aliases=("code",))
+def _python_code(name: str) -> Corpus:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return Corpus.of(name, [(root / rel).read_text(encoding="utf-8") for rel in PYTHON_CODE_FILES])
+
+
+@CORPORA.register("wikitext2", help="WikiText-2 raw test split via `datasets` (needs the hub)")
+def _wikitext2(name: str) -> Corpus:
+    try:
+        import datasets
+
+        rows = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split="test")
+    except Exception as err:  # noqa: BLE001 - any hub failure means the same to the user
+        raise QuantsinkError(
+            f"corpus 'wikitext2' needs the Hugging Face hub, which is unreachable "
+            f"({type(err).__name__}); use an offline corpus: python-docs, python-code or file:PATH") from None
+    return Corpus.of(name, ["".join(rows["text"])])
+
+
+def _read_file(path: Path) -> list[str]:
+    if not path.is_file():
+        raise QuantsinkError(f"corpus file {str(path)!r} does not exist: give file:PATH to a .txt or .jsonl file")
+    text = path.read_text(encoding="utf-8", errors="strict")
+    if path.suffix != ".jsonl":
+        return [text]
+    docs = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            docs.append(json.loads(line)["text"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise QuantsinkError(f"{path}:{lineno}: not a JSON object with a 'text' field; "
+                                 f"fix the line or pass a .txt file") from None
+    return docs
+
+
+def load_corpus(spec: str) -> Corpus:
+    """A registered corpus name or ``file:PATH``."""
+    if spec.startswith("file:"):
+        path = Path(spec[len("file:"):]).expanduser()
+        try:
+            return Corpus.of(spec, _read_file(path))
+        except UnicodeDecodeError:
+            raise QuantsinkError(f"corpus file {str(path)!r} is not UTF-8 text") from None
+    entry = CORPORA.entry(spec)
+    return entry.obj(entry.name)
+
+
+# --------------------------------------------------------------------------- windows
+
+
+@dataclass(frozen=True)
+class TokenStream:
+    """Token ids of a corpus prefix, and the UTF-8 bytes of text each token accounts for.
+
+    Token i is credited with the bytes from its own start offset to the next
+    token's start, so the byte counts partition the text exactly.
+    """
+
+    ids: list[int]
+    nbytes: list[int]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def tokenize(corpus: Corpus, tokenizer: Any, limit: int | None = None) -> TokenStream:
+    """Tokenize documents in order (joined by ``SEPARATOR``), stopping after ``limit`` tokens."""
+    ids: list[int] = []
+    nbytes: list[int] = []
+    last = len(corpus.documents) - 1
+    for i, doc in enumerate(corpus.documents):
+        text = doc if i == last else doc + SEPARATOR
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        starts = [start for start, _ in enc["offset_mapping"]] + [len(text)]
+        if starts:
+            starts[0] = 0
+        ids.extend(enc["input_ids"])
+        nbytes.extend(len(text[a:b].encode("utf-8")) for a, b in zip(starts, starts[1:]))
+        if limit is not None and len(ids) >= limit:
+            return TokenStream(ids[:limit], nbytes[:limit])
+    return TokenStream(ids, nbytes)
+
+
+@dataclass
+class Windows:
+    """A batchable set of windows.
+
+    ``input_ids`` (N, T); ``attention_mask`` (N, T); ``scored`` (N, T) is True
+    at position t when the model's prediction from positions < t of token t
+    counts; ``nbytes`` (N,) bytes of the scored tokens; ``sink_positions`` are
+    prepended, never-scored positions (BOS or a dedicated sink token).
+    """
+
+    input_ids: Any
+    attention_mask: Any
+    scored: Any
+    nbytes: Any
+    sink_positions: tuple[int, ...] = ()
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def n_scored(self) -> int:
+        return int(self.scored.sum())
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+    def subset(self, rows: slice) -> "Windows":
+        return Windows(self.input_ids[rows], self.attention_mask[rows], self.scored[rows],
+                       self.nbytes[rows], self.sink_positions)
+
+
+def window_starts(length: int, window: int, stride: int) -> list[int]:
+    """Start offsets of full windows over a stream of ``length`` tokens."""
+    if length < window:
+        return []
+    return list(range(0, length - window + 1, stride))
+
+
+def sliding_windows(stream: TokenStream, *, window: int, stride: int, prefix: int | None,
+                    max_tokens: int) -> tuple[Windows, int]:
+    """Cut the first ``max_tokens`` tokens of ``stream`` into windows.
+
+    Worked example, window=4, stride=4, no prefix, tokens t0..t9, max_tokens=10:
+    windows [t0 t1 t2 t3] [t4 t5 t6 t7]; scored targets t1 t2 t3 | t5 t6 t7
+    (the first token of a window has no context and is not scored; t8 t9 do
+    not fill a window and are dropped).  With ``prefix`` (BOS) each window is
+    [BOS t0 t1 t2 t3] and every content token is scored.  With stride=2 (< window)
+    windows start at 0, 2, 4, 6 and each later window scores only the targets the
+    previous one did not reach ([t4 t5] for the second), so every scored token is
+    scored exactly once, with at least window - stride tokens of context.
+    Returns the windows and the number of stream tokens they consumed.
+    """
+    import torch
+
+    usable = min(len(stream), max_tokens)
+    starts = window_starts(usable, window, stride)
+    if not starts:
+        raise QuantsinkError(f"text shorter than a window: {usable} tokens < --window {window}; "
+                             f"lower --window or raise --max-tokens / use a longer corpus")
+    lead = 0 if prefix is None else 1
+    ids = torch.tensor([stream.ids[s:s + window] for s in starts], dtype=torch.long)  # (N, W)
+    nb = torch.tensor([stream.nbytes[s:s + window] for s in starts], dtype=torch.long)  # (N, W)
+    scored = torch.ones_like(ids, dtype=torch.bool)  # (N, W)
+    for row, start in enumerate(starts[1:], 1):
+        scored[row, :starts[row - 1] + window - start] = False  # the previous window scored these
+    if prefix is None:
+        scored[:, 0] = False  # no context to predict a window's first token from
+    if lead:
+        ids = torch.cat([torch.full((len(starts), 1), prefix, dtype=torch.long), ids], 1)  # (N, W+1)
+        scored = torch.cat([torch.zeros(len(starts), 1, dtype=torch.bool), scored], 1)
+        nb = torch.cat([torch.zeros(len(starts), 1, dtype=torch.long), nb], 1)
+    windows = Windows(ids, torch.ones_like(ids), scored, (nb * scored).sum(1),
+                      sink_positions=(0,) if lead else ())
+    return windows, starts[-1] + window

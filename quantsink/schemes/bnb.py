@@ -1,0 +1,91 @@
+"""bitsandbytes weight quantization: LLM.int8 and 4-bit NF4 / FP4 (real kernels).
+
+Each selected ``nn.Linear`` becomes a real ``bitsandbytes.nn.Linear8bitLt`` or
+``Linear4bit`` on the model's own device; bitsandbytes quantizes the weight
+when the module is moved there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+from . import QuantContext, Scheme, register, replace_linears
+
+
+@dataclass(frozen=True)
+class BnbInt8(Scheme):
+    """LLM.int8 (Dettmers et al. 2022): int8 vector-wise weights; input columns whose
+    magnitude exceeds ``threshold`` run in float (mixed-precision decomposition).
+    ``threshold`` 6.0 is transformers' default; ``Linear8bitLt``'s own default is 0.0
+    (no outlier decomposition)."""
+
+    threshold: float = 6.0
+    backend: ClassVar[str] = "bitsandbytes"
+
+    def __post_init__(self) -> None:
+        if self.threshold < 0:
+            raise ValueError("threshold must be >= 0")
+
+    @property
+    def bits(self) -> float:
+        return 8.0
+
+    def apply(self, model: Any, ctx: QuantContext) -> Any:
+        import bitsandbytes as bnb
+
+        def make(lin: Any) -> Any:
+            new = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                                      has_fp16_weights=False, threshold=self.threshold)
+            new.weight = bnb.nn.Int8Params(lin.weight.data.float().cpu(), requires_grad=False,
+                                           has_fp16_weights=False)
+            if lin.bias is not None:
+                new.bias = lin.bias
+            return new.to(lin.weight.device)
+
+        ctx.notes["quantized_modules"] = len(replace_linears(model, ctx, make))
+        return model
+
+
+@dataclass(frozen=True)
+class Bnb4bit(Scheme):
+    """bitsandbytes 4-bit weights (NF4 or FP4), block-wise absmax scales of ``blocksize``;
+    matmuls run in ``compute_dtype``."""
+
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    blocksize: int = 64
+    double_quant: bool = False
+    backend: ClassVar[str] = "bitsandbytes"
+
+    def __post_init__(self) -> None:
+        if self.blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
+            raise ValueError("blocksize must be a power of two in 32..4096")
+
+    @property
+    def bits(self) -> float:
+        return 4.0
+
+    def apply(self, model: Any, ctx: QuantContext) -> Any:
+        import bitsandbytes as bnb
+
+        from ..models import torch_dtype
+
+        def make(lin: Any) -> Any:
+            new = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                                    compute_dtype=torch_dtype(self.compute_dtype), quant_type=self.quant_type,
+                                    compress_statistics=self.double_quant, quant_storage=None)
+            new.weight = bnb.nn.Params4bit(lin.weight.data.float().cpu(), requires_grad=False,
+                                           quant_type=self.quant_type, blocksize=self.blocksize,
+                                           compress_statistics=self.double_quant)
+            if lin.bias is not None:
+                new.bias = lin.bias
+            return new.to(lin.weight.device)
+
+        ctx.notes["quantized_modules"] = len(replace_linears(model, ctx, make))
+        return model
+
+
+register(BnbInt8(name="int8"), "bitsandbytes LLM.int8 weights (threshold 6.0), real kernels", aliases=("llm.int8",))
+register(Bnb4bit(name="nf4", quant_type="nf4"), "bitsandbytes 4-bit NormalFloat weights, real kernels")
+register(Bnb4bit(name="fp4", quant_type="fp4"), "bitsandbytes 4-bit float weights, real kernels")
