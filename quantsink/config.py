@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -70,6 +71,12 @@ class RunConfig:
         for ok, message in checks:
             if not ok:
                 raise UsageError(message)
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            choices = typing.get_args(hints[f.name]) if typing.get_origin(hints[f.name]) is Literal else ()
+            if choices and getattr(self, f.name) not in choices:
+                raise UsageError(f"--{f.name.replace('_', '-')} {getattr(self, f.name)!r}: "
+                                 f"use one of {', '.join(choices)}")
 
     @property
     def effective_stride(self) -> int:

@@ -7,6 +7,7 @@ when the module is moved there.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -43,7 +44,13 @@ class BnbInt8(Scheme):
                 new.bias = lin.bias
             return new.to(lin.weight.device)
 
+        # In eval mode Linear8bitLt runs MatMul8bitLt: it casts inputs to float16, quantizes them
+        # per row (vector-wise int8) and keeps columns over `threshold` in float16.  It logs
+        # that cast on every call; say it once, in the record.
+        logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
         ctx.notes["quantized_modules"] = len(replace_linears(model, ctx, make))
+        ctx.notes["kernel"] = ("bitsandbytes MatMul8bitLt: int8 vector-wise weights and activations "
+                               "(activations cast to float16 first), outlier columns > threshold in float16")
         return model
 
 
@@ -83,6 +90,7 @@ class Bnb4bit(Scheme):
             return new.to(lin.weight.device)
 
         ctx.notes["quantized_modules"] = len(replace_linears(model, ctx, make))
+        ctx.notes["kernel"] = f"bitsandbytes Linear4bit: {self.quant_type} weights, {self.compute_dtype} matmul"
         return model
 
 

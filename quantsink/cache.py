@@ -1,0 +1,66 @@
+"""On-disk cache of reference passes (safetensors + JSON metadata; never pickle).
+
+Keyed by (model sha256, corpus sha256, protocol, dtype, evaluator version):
+a second scheme on the same model and corpus reuses the reference.  A corrupt
+entry is reported and recomputed, never trusted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .evaluate import PassResult, Targets
+from .models import cache_root
+
+
+def reference_path(key: str) -> Path:
+    return cache_root() / "reference" / f"{key}.safetensors"
+
+
+def save_pass(path: Path, result: PassResult) -> None:
+    from safetensors.torch import save_file
+
+    assert result.targets is not None
+    tensors = {"nll": result.nll, "n_scored": result.n_scored, "nbytes": result.nbytes,
+               "hidden": result.targets.hidden.contiguous()}
+    meta = {"seconds": str(result.seconds), "extra": json.dumps(result.extra)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_pass(path: Path, n_windows: int) -> PassResult | None:
+    """The cached reference pass, or None when absent or unreadable (then it is recomputed)."""
+    if not path.is_file():
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            meta = handle.metadata() or {}
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+        result = PassResult(tensors["nll"], tensors["n_scored"], tensors["nbytes"],
+                            targets=Targets(tensors["hidden"]), seconds=float(meta.get("seconds", 0)),
+                            extra=json.loads(meta.get("extra", "{}")))
+        consistent = (len(result.nll) == n_windows
+                      and result.targets.hidden.shape[0] == int(result.n_scored.sum())
+                      and bool(torch.isfinite(result.nll).all()))
+        if not consistent:
+            raise ValueError("shapes do not match the windows")
+        return result
+    except Exception as err:  # noqa: BLE001 - any unreadable cache entry is recomputed
+        warnings.warn(f"reference cache {path.name} is corrupt ({err}); recomputing it", stacklevel=2)
+        return None
