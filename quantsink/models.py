@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import QuantsinkError
+from .errors import QuantsinkError, UsageError
 from .registry import Registry
 
 
@@ -190,7 +190,7 @@ def _resolve(spec: str) -> tuple[str, ModelInfo]:
         return str(path), ModelInfo(name=path.name, source=f"local:{path.resolve()}", sha256=_directory_sha(path))
     if "/" in spec and not spec.startswith((".", "/", "~")):
         return spec, ModelInfo(name=spec, source=f"hub:{spec}", sha256="")
-    raise QuantsinkError(MODELS.unknown_message(spec) + " Or give a hub id (org/name) or a local directory.")
+    raise UsageError(MODELS.unknown_message(spec) + " Or give a hub id (org/name) or a local directory.")
 
 
 def resolve_device(device: str) -> str:

@@ -1,0 +1,101 @@
+import copy
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from quantsink.corpus import TokenStream, sliding_windows
+from quantsink.evaluate import ReferenceHead, batches, run_pass
+
+
+class ConstantLM(torch.nn.Module):
+    """Uniform next-token distribution over ``vocab`` tokens."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, 4)
+        self.head = torch.nn.Linear(4, vocab, bias=False)
+        torch.nn.init.zeros_(self.head.weight)
+        self.config = SimpleNamespace()
+
+    def get_input_embeddings(self):
+        return self.embed
+
+    def get_output_embeddings(self):
+        return self.head
+
+    def forward(self, input_ids, attention_mask=None, use_cache=False):
+        return SimpleNamespace(logits=self.head(self.embed(input_ids)))  # (B, T, V) all zeros
+
+
+def random_windows(vocab=320, n=300, window=32, stride=32, prefix=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, vocab, (n,), generator=g).tolist()
+    return sliding_windows(TokenStream(ids, [2] * n), window=window, stride=stride, prefix=prefix,
+                           max_tokens=n)[0]
+
+
+def test_constant_logits_give_ppl_equal_to_vocab_size():
+    windows = random_windows(vocab=97)
+    result = run_pass(ConstantLM(97), windows).summary()
+    assert result["ppl"] == pytest.approx(97, rel=1e-6)  # float32 log-softmax
+    assert result["bits_per_byte"] == pytest.approx(math.log2(97) / 2, rel=1e-6)  # 2 bytes per token
+    assert sum(result["scored_per_window"]) == windows.n_scored
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+
+
+def test_identical_models_have_zero_kl_and_full_agreement(tiny):
+    windows = random_windows(prefix=0)
+    ref = run_pass(tiny, windows, keep_targets=True)
+    cand = run_pass(copy.deepcopy(tiny), windows, reference=ref.targets, reference_head=ReferenceHead.of(tiny))
+    summary = cand.summary()
+    assert summary["kl"] == pytest.approx(0, abs=1e-6)
+    assert summary["top1_agreement"] == 1.0
+    assert torch.allclose(cand.nll, ref.nll)
+    assert ref.targets.hidden.shape == (windows.n_scored, tiny.config.hidden_size)
+
+
+def test_cached_kl_equals_direct_full_vocabulary_kl(tiny):
+    windows = random_windows(window=24, stride=12)
+    other = copy.deepcopy(tiny)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ref = run_pass(tiny, windows, keep_targets=True)
+    cand = run_pass(other, windows, reference=ref.targets, reference_head=ReferenceHead.of(tiny))
+    mask = windows.scored[:, 1:]
+    with torch.no_grad():
+        lp = tiny(input_ids=windows.input_ids).logits[:, :-1][mask].log_softmax(-1)
+        lq = other(input_ids=windows.input_ids).logits[:, :-1][mask].log_softmax(-1)
+    direct = float((lp.exp() * (lp - lq)).sum(1).mean())
+    assert direct > 1e-4
+    assert cand.summary()["kl"] == pytest.approx(direct, rel=1e-4)
+    agree = float((lp.argmax(1) == lq.argmax(1)).float().mean())
+    assert cand.summary()["top1_agreement"] == pytest.approx(agree)
+
+
+def test_batching_does_not_change_the_numbers(tiny):
+    windows = random_windows(n=400)
+    one = run_pass(tiny, windows, batch_tokens=1)
+    many = run_pass(tiny, windows, batch_tokens=10_000, boundaries=(3,))
+    assert torch.allclose(one.nll, many.nll, rtol=1e-5)
+
+
+def test_batches_respect_boundaries():
+    windows = random_windows(n=32 * 10)
+    rows = batches(windows, batch_tokens=32 * 4, boundaries=(3,))
+    assert [(r.start, r.stop) for r in rows] == [(0, 3), (3, 7), (7, 10)]
+
+
+def test_reference_needs_its_head(tiny):
+    windows = random_windows()
+    ref = run_pass(tiny, windows, keep_targets=True)
+    with pytest.raises(ValueError, match="reference_head"):
+        run_pass(tiny, windows, reference=ref.targets)
