@@ -142,7 +142,8 @@ class Simulated(Scheme):
     Weights: ``w_gran`` channel (one range per output channel), group (blocks of
     ``w_group`` input channels) or tensor.  Activations (Linear inputs): dynamic
     per-tensor (one range per sequence), dynamic per-token, or static per-tensor
-    (ranges calibrated on the calibration windows).  KV: keys (``k_gran``) and
+    (ranges calibrated on the calibration windows); per-token is always dynamic
+    (``act_gran=token`` sets ``act_mode=dynamic``).  KV: keys (``k_gran``) and
     values (``v_gran``) per token (groups of ``kv_group`` channels, default one
     head) or per channel (blocks of ``kv_group`` tokens, default the window).
     """
@@ -170,8 +171,10 @@ class Simulated(Scheme):
                 raise ValueError(f"{part} must be in 2..8 (or none), got {bits}")
         if self.w_bits is None and self.act_bits is None and self.kv_bits is None:
             raise ValueError("nothing to quantize: set w_bits, act_bits or kv_bits")
-        if self.act_mode == "static" and self.act_gran != "tensor":
-            raise ValueError("act_mode=static supports act_gran=tensor only (use act_mode=dynamic for per-token)")
+        if self.act_gran == "token" and self.act_mode == "static":
+            # a token's range is known only when the token arrives: per-token is always dynamic
+            # (so `w8a8:act_gran=token` means dynamic per-token; the record shows act_mode=dynamic)
+            object.__setattr__(self, "act_mode", "dynamic")
         if self.w_group < 1 or (self.kv_group is not None and self.kv_group < 1):
             raise ValueError("group sizes must be >= 1")
 
@@ -217,6 +220,8 @@ class Simulated(Scheme):
         return model
 
     def _wrap_linears(self, model: nn.Module, ctx: QuantContext, keep: KeepFp) -> list[str]:
+        if not (self.w_bits or self.act_bits):
+            return []
         targets = [(fqn, m) for fqn, m in model.named_modules() if fqn and ctx.filter_fn(m, fqn)
                    and isinstance(m, nn.Linear)]
         for fqn, lin in targets:
