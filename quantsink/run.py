@@ -22,10 +22,12 @@ from . import cache
 from .config import EVALUATOR_VERSION, RunConfig, __version__, stable_hash
 from .corpus import Corpus, Windows, load_corpus, sliding_windows, tokenize
 from .errors import QuantsinkError
-from .evaluate import PassResult, ReferenceHead, run_pass
+from .evaluate import PassResult, ReferenceHead
+from .hooks import stats_pass, stats_settings
 from .mitigations import Mitigation, parse_mitigations
 from .models import LoadedModel, load_model
 from .results import SCHEMA_VERSION, write_record
+from .stats import changes as stats_changes
 from .schemes import QuantContext, Scheme, parse_scheme
 
 Progress = Callable[[str, int], Callable[[int], None]]
@@ -122,7 +124,7 @@ def prepare(config: RunConfig, session: Session) -> Prepared:
 
 def reference_key(prep: Prepared) -> str:
     return stable_hash(prep.loaded.info.sha256, prep.corpus.sha256, prep.protocol,
-                       str(prep.loaded.device), length=24)
+                       str(prep.loaded.device), stats_settings(prep.config), length=24)
 
 
 def reference_pass(prep: Prepared, progress: Progress) -> tuple[PassResult, bool]:
@@ -131,8 +133,8 @@ def reference_pass(prep: Prepared, progress: Progress) -> tuple[PassResult, bool
     cached = cache.load_pass(path, len(prep.windows))
     if cached is not None:
         return cached, True
-    result = run_pass(prep.loaded.model, prep.windows, keep_targets=True,
-                      batch_tokens=prep.config.batch_tokens, progress=progress("reference", len(prep.windows)))
+    result = stats_pass(prep.config, prep.loaded.model, prep.windows, keep_targets=True,
+                        batch_tokens=prep.config.batch_tokens, progress=progress("reference", len(prep.windows)))
     if not torch.isfinite(result.nll).all():
         raise QuantsinkError("the reference model produced NaN/inf log-likelihoods; try --dtype float32")
     cache.save_pass(path, result)
@@ -160,9 +162,9 @@ def candidate_pass(prep: Prepared, model: Any, reference: PassResult, progress: 
     with ExitStack() as stack:
         for mitigation in prep.mitigations:
             stack.enter_context(mitigation.attach(model))
-        result = run_pass(model, windows, reference=reference.targets,
-                          reference_head=ReferenceHead.of(prep.loaded.model),
-                          batch_tokens=prep.config.batch_tokens, progress=progress("candidate", len(windows)))
+        result = stats_pass(prep.config, model, windows, reference=reference.targets,
+                            reference_head=ReferenceHead.of(prep.loaded.model),
+                            batch_tokens=prep.config.batch_tokens, progress=progress("candidate", len(windows)))
     if not torch.isfinite(result.nll).all() or not math.isfinite(float(result.kl.sum())):
         raise QuantsinkError(f"scheme {prep.scheme.spec()} produced NaN/inf log-likelihoods; "
                              f"use more bits or another granularity (nothing was written)")
@@ -189,6 +191,14 @@ def run_id(prep: Prepared) -> str:
                        __version__, EVALUATOR_VERSION)
 
 
+def stats_record(reference: PassResult, candidate: PassResult) -> dict[str, Any] | None:
+    """``stats.reference``, ``stats.candidate`` and ``stats.changes`` (None with --no-stats)."""
+    ref, cand = reference.extra.get("stats"), candidate.extra.get("stats")
+    if ref is None or cand is None:
+        return None
+    return {"reference": ref, "candidate": cand, "changes": stats_changes(ref, cand)}
+
+
 def make_record(prep: Prepared, reference: PassResult, ref_cached: bool, candidate: PassResult,
                 notes: dict[str, Any], timing: dict[str, float]) -> dict[str, Any]:
     n_tok = prep.windows.n_tokens
@@ -206,6 +216,7 @@ def make_record(prep: Prepared, reference: PassResult, ref_cached: bool, candida
         "mitigation": [m.record() for m in prep.mitigations],
         "reference": {**reference.summary(), "cached": ref_cached},
         "candidate": candidate.summary(),
+        "stats": stats_record(reference, candidate),
         "timing": {**timing, "candidate_tokens_per_s": n_tok / max(timing.get("candidate_s", 0), 1e-9)},
         "env": environment(prep.loaded.device),
     }

@@ -1,0 +1,335 @@
+"""Extreme-token statistics: pure functions from tensors to numbers.
+
+The paper's three phenomena (Guo et al. 2024, "Active-Dormant Attention Heads";
+Sun et al. 2024, "Massive Activations"), per window, per layer and per head.
+Nothing here touches a model: ``quantsink.hooks`` gathers the tensors and calls
+these functions.  Definitions (also written into every record under
+``stats.protocol``):
+
+* residual-state peak ratio: ``||h_0|| / median_{i>=1} ||h_i||``, ``h`` the
+  residual stream after a decoder block, per window.
+* massive activation: ``max |h|`` over positions and channels of a window, its
+  (position, channel), and its ratio to the median ``|h|`` of that window.
+* extreme tokens: positions whose residual norm exceeds ``k x`` the median norm
+  of their window in at least one layer (default k = 50): found from the data.
+* sink score of a head: mean over queries ``i >= 1`` of the attention put on
+  key 0 (``sink_score``) and on the detected extreme tokens (``extreme_score``).
+* value-state drain of a KV head: ``||v_0|| / median_{i>=1} ||v_i||`` of the
+  ``v_proj`` output (grouped-query models: per KV head).
+* dormant head on a window: its attention on the sink set (key 0 and the
+  extreme tokens), averaged over queries ``i >= 1``, is at least ``tau``
+  (default 0.9, after the paper's 0.89 cutoff); ``dormant_fraction`` = share
+  of stats windows on which the head is dormant; *dormant* overall when that
+  share is at least one half, otherwise *active*.
+* Linear inputs (what activation quantization sees): absmax, absmax with the
+  extreme tokens left out, and the kurtosis of all input values.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+DEFAULT_K = 50.0
+DEFAULT_TAU = 0.9
+TOP = 10  # entries kept in each `changes` list
+STATS_VERSION = "1"  # bump when a change alters any recorded statistic
+
+
+# --------------------------------------------------------------------------- residual stream
+
+
+def token_norms(h: torch.Tensor) -> torch.Tensor:
+    """L2 norm of each position's state.  (B, T, C) -> (B, T) float32"""
+    return torch.linalg.vector_norm(h.float(), dim=-1)
+
+
+def peak_ratio(norms: torch.Tensor) -> torch.Tensor:
+    """``||h_0|| / median_{i>=1} ||h_i||`` per window.  (B, T) -> (B,)"""
+    return norms[:, 0] / norms[:, 1:].median(dim=1).values
+
+
+def massive_activation(h: torch.Tensor, sample: int = 64) -> dict[str, torch.Tensor]:
+    """Largest ``|h|`` per window with its position and channel, and the window's median ``|h|``.
+
+    The median is taken over every ``s``-th position (``s = T // sample``, at
+    least 1; all channels): exact enough for a ratio of 10^2-10^4 and 10x cheaper.
+    (B, T, C) -> dict of (B,) tensors: value, position, channel, median_abs.
+    """
+    a = h.float().abs()  # (B, T, C)
+    tok_max, tok_chan = a.max(dim=-1)  # (B, T)
+    value, position = tok_max.max(dim=1)  # (B,)
+    channel = tok_chan.gather(1, position[:, None])[:, 0]  # (B,)
+    step = max(1, h.shape[1] // sample)
+    median = a[:, ::step].flatten(1).median(dim=1).values  # (B,)
+    return {"value": value, "position": position, "channel": channel, "median_abs": median}
+
+
+def extreme_tokens(norms: torch.Tensor, k: float = DEFAULT_K) -> torch.Tensor:
+    """Positions whose norm exceeds ``k x`` the window's median norm in any layer.
+
+    (L, B, T) residual norms per layer -> (B, T) bool
+    """
+    median = norms.median(dim=-1, keepdim=True).values  # (L, B, 1)
+    return (norms > k * median).any(dim=0)
+
+
+# --------------------------------------------------------------------------- attention and values
+
+
+def key_attention(probs: torch.Tensor) -> torch.Tensor:
+    """Mean attention each key receives from the queries ``i >= 1``.  (B, H, T, T) -> (B, H, T)"""
+    return probs[:, :, 1:, :].float().mean(dim=2)
+
+
+def attention_on(key_attn: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Mean over queries i >= 1 of the attention put on a set of keys.
+
+    ``key_attn`` (B, H, T) from :func:`key_attention`; ``keys`` (B, T) bool -> (B, H)
+    """
+    return (key_attn * keys[:, None, :].to(key_attn.dtype)).sum(-1)
+
+
+def sink_score(probs: torch.Tensor) -> torch.Tensor:
+    """Mean attention that queries ``i >= 1`` put on key 0.  (B, H, T, T) -> (B, H)"""
+    return key_attention(probs)[..., 0]
+
+
+def value_drain(v: torch.Tensor) -> torch.Tensor:
+    """``||v_0|| / median_{i>=1} ||v_i||`` per KV head.  (B, T, KVH, D) -> (B, KVH)"""
+    return value_drain_from_norms(torch.linalg.vector_norm(v.float(), dim=-1))  # (B, T, KVH)
+
+
+def value_drain_from_norms(norms: torch.Tensor) -> torch.Tensor:
+    """The same from value-vector norms.  (B, T, KVH) -> (B, KVH)"""
+    return norms[:, 0] / norms[:, 1:].median(dim=1).values
+
+
+def dormant(sink_attention: torch.Tensor, tau: float = DEFAULT_TAU) -> torch.Tensor:
+    """A head is dormant on a window when its attention on the sink set is >= tau.  (...) -> bool"""
+    return sink_attention >= tau
+
+
+# --------------------------------------------------------------------------- Linear inputs
+
+
+def token_absmax(x: torch.Tensor) -> torch.Tensor:
+    """Largest ``|x|`` of each position.  (B, T, C) -> (B, T)"""
+    return x.abs().amax(dim=-1).float()
+
+
+def moments(x: torch.Tensor) -> torch.Tensor:
+    """Power sums ``[n, sum x, sum x^2, sum x^3, sum x^4]`` as float64, mergeable across batches.
+
+    (Accumulated in float32 within one tensor: relative error ~1e-5, plenty for a kurtosis.)
+    """
+    x = x.reshape(-1).float()  # (N,)
+    x2 = x * x
+    sums = torch.stack([x.sum(), x2.sum(), torch.dot(x2, x), torch.dot(x2, x2)]).double()
+    return torch.cat([torch.tensor([float(x.numel())], dtype=torch.float64, device=sums.device), sums])
+
+
+def kurtosis(sums: torch.Tensor) -> float:
+    """Pearson kurtosis ``E[(x-mu)^4] / var^2`` (3 for a Gaussian) from :func:`moments` sums."""
+    n, s1, s2, s3, s4 = (float(v) for v in sums)
+    m1, m2, m3, m4 = s1 / n, s2 / n, s3 / n, s4 / n
+    var = m2 - m1 * m1
+    if var <= 0:
+        return float("nan")
+    central4 = m4 - 4 * m1 * m3 + 6 * m1 * m1 * m2 - 3 * m1 ** 4
+    return central4 / (var * var)
+
+
+def absmax_without(tok_absmax: torch.Tensor, extreme: torch.Tensor) -> float:
+    """Absmax over the positions that are not extreme tokens.  (B, T), (B, T) bool -> float"""
+    rest = tok_absmax[~extreme]
+    return float(rest.max()) if rest.numel() else float("nan")
+
+
+# --------------------------------------------------------------------------- summaries
+
+
+@dataclass
+class WindowStats:
+    """Per-window reductions of the stats windows (W windows, L layers, H heads, KVH KV heads)."""
+
+    norm_sink: torch.Tensor  # (W, L) ||h_0||
+    norm_median: torch.Tensor  # (W, L) median_{i>=1} ||h_i||
+    massive: dict[str, torch.Tensor]  # value/position/channel/median_abs, each (W, L)
+    extreme: list[list[int]]  # per window: extreme-token positions
+    sink: torch.Tensor | None = None  # (W, L, H) attention on key 0
+    extreme_attn: torch.Tensor | None = None  # (W, L, H) attention on the extreme tokens
+    sink_set: torch.Tensor | None = None  # (W, L, H) attention on key 0 and the extreme tokens
+    drain: torch.Tensor | None = None  # (W, L, KVH)
+    linear: dict[str, dict[str, Any]] = field(default_factory=dict)  # site -> absmax/absmax_wo/moments
+
+
+def _r(x: float, digits: int = 4) -> float | None:
+    """Round to ``digits`` significant digits (records stay small); NaN -> None."""
+    x = float(x)
+    if not math.isfinite(x):
+        return None
+    return float(f"{x:.{digits}g}")
+
+
+def _rows(t: torch.Tensor) -> list[list[float | None]]:
+    return [[_r(v) for v in row] for row in t.tolist()]
+
+
+def layer_profile(ws: WindowStats, tau: float) -> list[dict[str, Any]]:
+    """One dict per layer: peak ratio, massive activation, mean sink score, drain, dormant heads."""
+    ratio = (ws.norm_sink / ws.norm_median).mean(0)  # (L,)
+    value = ws.massive["value"]  # (W, L)
+    best = value.argmax(0)  # (L,) window holding the largest activation
+    out = []
+    for layer in range(value.shape[1]):
+        w = int(best[layer])
+        row = {
+            "layer": layer,
+            "residual_peak_ratio": _r(ratio[layer]),
+            "residual_norm_sink": _r(ws.norm_sink[:, layer].mean()),
+            "residual_norm_median": _r(ws.norm_median[:, layer].mean()),
+            "massive_activation": _r(value[w, layer]),
+            "massive_position": int(ws.massive["position"][w, layer]),
+            "massive_channel": int(ws.massive["channel"][w, layer]),
+            "massive_ratio": _r(value[w, layer] / ws.massive["median_abs"][w, layer]),
+        }
+        if ws.sink is not None:
+            row["sink_score"] = _r(ws.sink[:, layer].mean())
+            row["dormant_heads"] = int((dormant(ws.sink_set[:, layer], tau).float().mean(0) >= 0.5).sum())
+        if ws.drain is not None:
+            row["value_drain"] = _r(ws.drain[:, layer].mean())
+        out.append(row)
+    return out
+
+
+def head_tables(ws: WindowStats, tau: float) -> dict[str, Any]:
+    """Per head (layer x head) means over the stats windows."""
+    if ws.sink is None:
+        heads: dict[str, Any] = {"sink_score": None, "extreme_score": None, "dormant_fraction": None}
+    else:
+        heads = {"sink_score": _rows(ws.sink.mean(0)), "extreme_score": _rows(ws.extreme_attn.mean(0)),
+                 "dormant_fraction": _rows(dormant(ws.sink_set, tau).float().mean(0))}
+    heads["value_drain"] = _rows(ws.drain.mean(0)) if ws.drain is not None else None
+    return heads
+
+
+def linear_table(ws: WindowStats) -> dict[str, list[float | None]]:
+    """site -> [absmax, absmax without extreme tokens, kurtosis]."""
+    return {site: [_r(v["absmax"]), _r(v["absmax_without_extreme"]), _r(kurtosis(v["moments"]))]
+            for site, v in ws.linear.items()}
+
+
+def summarize(ws: WindowStats, *, k: float = DEFAULT_K, tau: float = DEFAULT_TAU,
+              sink_positions: tuple[int, ...] = ()) -> dict[str, Any]:
+    """The compact, JSON-ready stats of one model on the stats windows."""
+    counts: dict[str, int] = {}
+    for positions in ws.extreme:
+        for p in positions:
+            counts[str(p)] = counts.get(str(p), 0) + 1
+    return {
+        "protocol": protocol(k, tau, len(ws.extreme), sink_positions),
+        "layers": layer_profile(ws, tau),
+        "heads": head_tables(ws, tau),
+        "extreme_tokens": {"k": k, "windows_with_position": counts, "per_window": ws.extreme},
+        "linear_inputs": {"columns": ["absmax", "absmax_without_extreme", "kurtosis"],
+                          "sites": linear_table(ws)},
+    }
+
+
+def protocol(k: float, tau: float, n_windows: int, sink_positions: tuple[int, ...]) -> dict[str, Any]:
+    return {
+        "windows": n_windows, "k": k, "tau": tau, "sink_positions": list(sink_positions),
+        "residual": "output of each decoder block; peak ratio ||h_0|| / median_{i>=1} ||h_i||, mean over windows",
+        "massive": "max |h| over positions and channels (largest window), ratio to that window's median |h| "
+                   "(median over every (T//64)-th position, all channels)",
+        "extreme_tokens": "positions with residual norm > k x the window's median norm in any layer",
+        "sink_score": "mean over queries i>=1 of attention on key 0 (eager attention), mean over windows",
+        "extreme_score": "same, on the detected extreme tokens",
+        "value_drain": "||v_0|| / median_{i>=1} ||v_i|| of v_proj's output, per KV head, mean over windows",
+        "dormant": "attention of queries i>=1 on key 0 + extreme tokens >= tau; fraction of windows; "
+                   "dormant overall when >= 0.5",
+        "linear_inputs": "absmax, absmax without extreme tokens, Pearson kurtosis of all values (3 = Gaussian)",
+    }
+
+
+# --------------------------------------------------------------------------- before / after
+
+
+def _head_list(table: list[list[float | None]] | None) -> dict[tuple[int, int], float]:
+    if not table:
+        return {}
+    return {(l, h): v for l, row in enumerate(table) for h, v in enumerate(row) if v is not None}
+
+
+def _shifts(ref: dict[tuple[int, int], float], cand: dict[tuple[int, int], float],
+            letter: str, top: int) -> list[dict[str, Any]]:
+    keys = sorted(set(ref) & set(cand), key=lambda key: -abs(cand[key] - ref[key]))[:top]
+    return [{"head": f"L{l}{letter}{h}", "reference": ref[(l, h)], "candidate": cand[(l, h)],
+             "delta": _r(cand[(l, h)] - ref[(l, h)])} for l, h in keys]
+
+
+def _dormancy_flips(ref: dict[str, Any], cand: dict[str, Any]) -> tuple[list[str], list[str]]:
+    rd, cd = _head_list(ref["heads"]["dormant_fraction"]), _head_list(cand["heads"]["dormant_fraction"])
+    common = sorted(set(rd) & set(cd))
+    woken = [f"L{l}H{h}" for l, h in common if rd[(l, h)] >= 0.5 > cd[(l, h)]]
+    slept = [f"L{l}H{h}" for l, h in common if cd[(l, h)] >= 0.5 > rd[(l, h)]]
+    return woken, slept
+
+
+def _peak_shifts(ref: dict[str, Any], cand: dict[str, Any], top: int) -> list[dict[str, Any]]:
+    def log_shift(a: dict[str, Any], b: dict[str, Any]) -> float:
+        x, y = a.get("residual_peak_ratio"), b.get("residual_peak_ratio")
+        return abs(math.log(y / x)) if x and y and x > 0 and y > 0 else -1.0
+
+    pairs = sorted(zip(ref["layers"], cand["layers"]), key=lambda p: -log_shift(*p))[:top]
+    return [{"layer": a["layer"], "reference": a["residual_peak_ratio"], "candidate": b["residual_peak_ratio"],
+             "reference_massive": a["massive_activation"], "candidate_massive": b["massive_activation"],
+             "massive_channel": [a["massive_channel"], b["massive_channel"]]} for a, b in pairs]
+
+
+def changes(reference: dict[str, Any], candidate: dict[str, Any], top: int = TOP) -> dict[str, Any]:
+    """What the candidate did to the extreme tokens, from two :func:`summarize` outputs.
+
+    Heads *woken* are dormant in the reference (dormant fraction >= 0.5) and
+    active in the candidate; heads *put to sleep* the reverse.  Shifts are
+    sorted by absolute change (peak ratios by absolute log ratio).  A candidate
+    whose windows carry an extra prepended sink token has its positions shifted
+    by ``position_offset``; key 0 is the first token of each side's windows.
+    """
+    woken, slept = _dormancy_flips(reference, candidate) if reference["heads"]["dormant_fraction"] \
+        and candidate["heads"]["dormant_fraction"] else ([], [])
+    rs, cs = _head_list(reference["heads"]["sink_score"]), _head_list(candidate["heads"]["sink_score"])
+    rv, cv = _head_list(reference["heads"]["value_drain"]), _head_list(candidate["heads"]["value_drain"])
+    deltas = [abs(cs[k] - rs[k]) for k in set(rs) & set(cs)]
+    offset = (len(candidate["protocol"]["sink_positions"]) - len(reference["protocol"]["sink_positions"]))
+    return {
+        "position_offset": offset,
+        "woken": woken,
+        "put_to_sleep": slept,
+        "mean_abs_sink_shift": _r(sum(deltas) / len(deltas)) if deltas else None,
+        "sink_shifts": _shifts(rs, cs, "H", top),
+        "drain_shifts": _shifts(rv, cv, "KV", top),
+        "peak_shifts": _peak_shifts(reference, candidate, top),
+    }
+
+
+def domain_dependence(a: dict[str, Any], b: dict[str, Any], top: int = TOP) -> list[dict[str, Any]]:
+    """Heads whose sink score or dormancy differ most between two corpora (one model, two summaries).
+
+    Sorted by ``|delta sink score| + |delta dormant fraction|``: the paper's
+    active-dormant claim (a head dormant on one domain, active on another).
+    """
+    sa, sb = _head_list(a["heads"]["sink_score"]), _head_list(b["heads"]["sink_score"])
+    da, db = _head_list(a["heads"]["dormant_fraction"]), _head_list(b["heads"]["dormant_fraction"])
+
+    def gap(key: tuple[int, int]) -> float:
+        return abs(sa[key] - sb[key]) + abs(da.get(key, 0) - db.get(key, 0))
+
+    keys = sorted(set(sa) & set(sb), key=gap, reverse=True)[:top]
+    return [{"head": f"L{l}H{h}", "sink_a": sa[(l, h)], "sink_b": sb[(l, h)],
+             "delta": _r(sb[(l, h)] - sa[(l, h)]), "dormant_a": da.get((l, h)), "dormant_b": db.get((l, h))}
+            for l, h in keys]
