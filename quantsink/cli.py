@@ -204,14 +204,21 @@ def _mitigations() -> Any:
     return MITIGATIONS
 
 
+def _tasks() -> Any:
+    from .lmeval import TASKS
+
+    return TASKS
+
+
 LISTABLE: dict[str, Callable[[], Any]] = {
     "models": _models, "schemes": _schemes, "corpora": _corpora, "mitigations": _mitigations,
+    "tasks": _tasks,
 }
 
 
 @app.command("list")
 @friendly
-def list_command(kind: str = typer.Argument(..., help="models | schemes | corpora | mitigations")) -> None:
+def list_command(kind: str = typer.Argument(..., help="models | schemes | corpora | mitigations | tasks")) -> None:
     """List what quantsink knows by name."""
     from .registry import Registry
 
