@@ -240,7 +240,7 @@ def document_windows(texts: Sequence[str], tokenizer: Any, length: int) -> Windo
                            pad=pad)
 
 
-def simple_evaluate(model: Any, tokenizer: Any, tasks: dict[str, Any], *, limit: int | None,
+def simple_evaluate(model: Any, tokenizer: Any, tasks: dict[str, Any], manager: Any, *, limit: int | None,
                     max_length: int, batch_rows: int) -> dict[str, Any]:
     """``lm_eval.simple_evaluate`` with ``HFLM(pretrained=model)``; the raw results dict."""
     from lm_eval import simple_evaluate as evaluate
@@ -249,8 +249,8 @@ def simple_evaluate(model: Any, tokenizer: Any, tasks: dict[str, Any], *, limit:
     with _quiet():
         lm = HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", max_length=max_length,
                   batch_size=batch_rows)
-        return evaluate(model=lm, tasks=list(tasks.values()), limit=limit, bootstrap_iters=0,
-                        log_samples=True)
+        return evaluate(model=lm, tasks=list(tasks.values()), task_manager=manager, limit=limit,
+                        bootstrap_iters=0, log_samples=True)
 
 
 def scored_documents(results: dict[str, Any], task: str) -> list[str]:
@@ -296,7 +296,7 @@ def evaluate_model(model: Any, tokenizer: Any, names: Sequence[str], *, limit: i
         for mitigation in mitigations:
             stack.enter_context(mitigation.attach(model))
         t0 = time.perf_counter()
-        results = simple_evaluate(seen, tokenizer, tasks, limit=limit, max_length=max_length,
+        results = simple_evaluate(seen, tokenizer, tasks, manager, limit=limit, max_length=max_length,
                                   batch_rows=max(1, batch_tokens // max_length))
         seconds = time.perf_counter() - t0
         out = {}

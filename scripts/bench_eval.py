@@ -104,8 +104,9 @@ def main() -> None:
 
     names = [args.corpus]
     t0 = time.perf_counter()
-    tasks = lmeval.load_tasks(names, lmeval.task_manager(names))
-    results = lmeval.simple_evaluate(model, tokenizer, tasks, limit=n_docs, max_length=args.window,
+    manager = lmeval.task_manager(names)
+    tasks = lmeval.load_tasks(names, manager)
+    results = lmeval.simple_evaluate(model, tokenizer, tasks, manager, limit=n_docs, max_length=args.window,
                                      batch_rows=max(1, args.batch_tokens // args.window))
     lm_eval_s = time.perf_counter() - t0
     lm_eval_bpb = results["results"][args.corpus]["bits_per_byte,none"]

@@ -27,6 +27,15 @@ from quantsink.mitigations import MITIGATIONS, Mitigation
 from quantsink.models import LoadedModel, ModelInfo
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Any:
+    """Tiny models: one thread (on a loaded 2-core machine, 2 threads make tiny ops ~100x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("QUANTSINK_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
@@ -147,18 +156,24 @@ def test_materialize_is_deterministic(tmp_path: Any, monkeypatch: pytest.MonkeyP
     assert set(line) == {"text"}
 
 
-def test_hub_task_fails_offline_in_one_line() -> None:
+@pytest.fixture(scope="module")
+def with_builtins() -> Any:
+    """A TaskManager that indexes lm-eval's built-in tasks too (slow to build: shared)."""
+    return lmeval.task_manager(["wikitext"])
+
+
+def test_hub_task_fails_offline_in_one_line(with_builtins: Any) -> None:
     names = lmeval.task_names("wikitext")
     with pytest.raises(QuantsinkError) as err:
-        lmeval.load_tasks(names, lmeval.task_manager(names))
+        lmeval.load_tasks(names, with_builtins)
     message = str(err.value)
     assert "hub" in message and "python-docs" in message and "\n" not in message
 
 
-def test_unknown_task_suggests_close_match() -> None:
+def test_unknown_task_suggests_close_match(with_builtins: Any) -> None:
     names = lmeval.task_names("python-doc")
     with pytest.raises(UsageError, match="python-docs"):
-        lmeval.load_tasks(names, lmeval.task_manager(names))
+        lmeval.load_tasks(names, with_builtins)
     with pytest.raises(UsageError):
         lmeval.task_names(" , ")
 
