@@ -116,6 +116,13 @@ def result_table(record: dict[str, Any]) -> Table:
         table.add_row(name, _fmt(ref[key]), _fmt(cand[key]), f"{delta:+.4g} ({delta / ref[key]:+.2%})")
     table.add_row("KL(ref || cand) / token", "0", _fmt(cand.get("kl")), "")
     table.add_row("top-1 agreement", "1", _fmt(cand.get("top1_agreement")), "")
+    for task, got in cand.get("lm_eval", {}).items():
+        ref_task = ref.get("lm_eval", {}).get(task, {})
+        for key in ("word_perplexity", "bits_per_byte", "acc", "acc_norm"):
+            if key in got and key in ref_task:
+                delta = got[key] - ref_task[key]
+                table.add_row(f"lm-eval {task} {key}", _fmt(ref_task[key]), _fmt(got[key]),
+                              f"{delta:+.4g} ({delta / ref_task[key]:+.2%})" if ref_task[key] else f"{delta:+.4g}")
     return table
 
 
@@ -204,14 +211,21 @@ def _mitigations() -> Any:
     return MITIGATIONS
 
 
+def _tasks() -> Any:
+    from .lmeval import TASKS
+
+    return TASKS
+
+
 LISTABLE: dict[str, Callable[[], Any]] = {
     "models": _models, "schemes": _schemes, "corpora": _corpora, "mitigations": _mitigations,
+    "tasks": _tasks,
 }
 
 
 @app.command("list")
 @friendly
-def list_command(kind: str = typer.Argument(..., help="models | schemes | corpora | mitigations")) -> None:
+def list_command(kind: str = typer.Argument(..., help="models | schemes | corpora | mitigations | tasks")) -> None:
     """List what quantsink knows by name."""
     from .registry import Registry
 

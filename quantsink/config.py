@@ -43,6 +43,11 @@ class RunConfig:
         "Prepend BOS to each window: auto = what the tokenizer does by default."))
     protocol: Literal["windows", "lm-eval"] = field(default="windows", metadata=_opt(
         "Windowing: fixed windows over the joined corpus, or lm-eval's rolling per-document windows."))
+    lm_eval: str = field(default="", metadata=_opt(
+        "Also run lm-eval tasks (comma-separated, e.g. python-docs,python-code; see `quantsink list tasks`) "
+        "on the candidate and the reference, with HFLM on the same model objects."))
+    lm_eval_limit: int | None = field(default=None, metadata=_opt(
+        "Documents per lm-eval task (default: all)."))
     device: str = field(default="auto", metadata=_opt("auto (CUDA when present), cpu or cuda[:N]."))
     dtype: Literal["float32", "bfloat16", "float16"] = field(default="float32", metadata=_opt(
         "Dtype of the reference model."))
@@ -67,6 +72,11 @@ class RunConfig:
             (self.calib_windows >= 1, "--calib-windows must be at least 1"),
             (self.stats_windows >= 0, "--stats-windows must be >= 0"),
             (self.batch_tokens >= 1, "--batch-tokens must be >= 1"),
+            (self.lm_eval_limit is None or self.lm_eval_limit >= 1, "--lm-eval-limit must be >= 1"),
+            (self.protocol != "lm-eval" or self.stride is None,
+             "--stride does not apply to --protocol lm-eval: its windows are disjoint by definition"),
+            (self.protocol != "lm-eval" or self.bos == "auto",
+             "--bos does not apply to --protocol lm-eval: it puts BOS (else EOS) before each document, as HFLM does"),
         ]
         for ok, message in checks:
             if not ok:

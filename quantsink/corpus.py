@@ -13,6 +13,7 @@ through ``datasets`` (needs the hub).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import sysconfig
 from dataclasses import dataclass
@@ -134,19 +135,29 @@ class TokenStream:
         return len(self.ids)
 
 
+def encode(text: str, tokenizer: Any, *, special_tokens: bool = False) -> TokenStream:
+    """One text -> token ids and the UTF-8 bytes each token accounts for.
+
+    Start offsets are made non-decreasing (a special token added by the tokenizer
+    reports offset 0), so the byte counts always partition ``text`` exactly.
+    """
+    enc = tokenizer(text, add_special_tokens=special_tokens, return_offsets_mapping=True)
+    starts = list(itertools.accumulate((start for start, _ in enc["offset_mapping"]), max)) + [len(text)]
+    if starts:
+        starts[0] = 0
+    nbytes = [len(text[a:b].encode("utf-8")) for a, b in zip(starts, starts[1:])]
+    return TokenStream(list(enc["input_ids"]), nbytes)
+
+
 def tokenize(corpus: Corpus, tokenizer: Any, limit: int | None = None) -> TokenStream:
     """Tokenize documents in order (joined by ``SEPARATOR``), stopping after ``limit`` tokens."""
     ids: list[int] = []
     nbytes: list[int] = []
     last = len(corpus.documents) - 1
     for i, doc in enumerate(corpus.documents):
-        text = doc if i == last else doc + SEPARATOR
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        starts = [start for start, _ in enc["offset_mapping"]] + [len(text)]
-        if starts:
-            starts[0] = 0
-        ids.extend(enc["input_ids"])
-        nbytes.extend(len(text[a:b].encode("utf-8")) for a, b in zip(starts, starts[1:]))
+        part = encode(doc if i == last else doc + SEPARATOR, tokenizer)
+        ids.extend(part.ids)
+        nbytes.extend(part.nbytes)
         if limit is not None and len(ids) >= limit:
             return TokenStream(ids[:limit], nbytes[:limit])
     return TokenStream(ids, nbytes)
@@ -182,6 +193,14 @@ class Windows:
     def subset(self, rows: slice) -> "Windows":
         return Windows(self.input_ids[rows], self.attention_mask[rows], self.scored[rows],
                        self.nbytes[rows], self.sink_positions)
+
+    def trimmed(self) -> "Windows":
+        """Drop trailing columns that are padding in every row (right-padded windows)."""
+        width = int(self.attention_mask.any(0).nonzero().max()) + 1 if self.attention_mask.any() else 1
+        if width == self.input_ids.shape[1]:
+            return self
+        return Windows(self.input_ids[:, :width], self.attention_mask[:, :width], self.scored[:, :width],
+                       self.nbytes, self.sink_positions)
 
 
 def window_starts(length: int, window: int, stride: int) -> list[int]:
@@ -227,3 +246,56 @@ def sliding_windows(stream: TokenStream, *, window: int, stride: int, prefix: in
     windows = Windows(ids, torch.ones_like(ids), scored, (nb * scored).sum(1),
                       sink_positions=(0,) if lead else ())
     return windows, starts[-1] + window
+
+
+def rolling_rows(n: int, length: int) -> list[tuple[int, int, int]]:
+    """lm-eval's rolling windows over ``S = [prefix] + doc`` (``n`` document tokens) as
+    ``(start, stop, first_scored)`` slices of S; see ``rolling_windows``."""
+    rows = [(0, min(length, n) + 1, 1)]
+    done = rows[0][1] - 1  # document tokens predicted so far
+    while done < n:
+        step = min(n - done, length)
+        stop = done + step + 1  # S index one past the last target
+        rows.append((stop - length - 1, stop, length + 1 - step))
+        done += step
+    return rows
+
+
+def rolling_windows(documents: list[TokenStream], *, length: int, prefix: int, pad: int = 0) -> Windows:
+    """lm-eval's ``loglikelihood_rolling`` windows, one document at a time.
+
+    Reproduces ``HFLM.loglikelihood_rolling``: ``get_rolling_token_windows(tokens,
+    prefix_token, max_seq_len=length, context_len=1)`` made disjoint by
+    ``make_disjoint_window``.  The prefix (EOT/BOS) precedes only a document's first
+    window; every document token is scored exactly once; no context crosses documents.
+    Rows hold ``length + 1`` tokens (the model sees ``length`` inputs; the last token is
+    only a target, its own logits are unused).
+
+    Worked example, length=4, prefix P, document d0..d9 (S = P d0 .. d9):
+    ``[P d0 d1 d2 d3]`` scores d0..d3; ``[d3 d4 d5 d6 d7]`` scores d4..d7; the last
+    window is right-aligned with full context, ``[d5 d6 d7 d8 d9]``, and scores only
+    d8 d9.  A document shorter than ``length``, e.g. e0 e1, gives ``[P e0 e1]`` scoring
+    e0 e1, right-padded with ``pad`` (attention_mask 0, never scored).  Rows are ordered
+    longest first (stable), as lm-eval's collator orders them, so padded rows batch together.
+    """
+    import torch
+
+    rows = []  # (ids, nbytes, first scored index)
+    for doc in documents:
+        ids, nbytes = [prefix, *doc.ids], [0, *doc.nbytes]
+        for start, stop, first in rolling_rows(len(doc), length):
+            rows.append((ids[start:stop], nbytes[start:stop], first))
+    if not rows:
+        raise QuantsinkError("no document has any tokens to score; use a non-empty corpus")
+    rows.sort(key=lambda row: -len(row[0]))
+    width = length + 1
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)  # (N, L+1)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)  # (N, L+1)
+    scored = torch.zeros((len(rows), width), dtype=torch.bool)  # (N, L+1)
+    nbytes = torch.zeros(len(rows), dtype=torch.long)  # (N,)
+    for i, (ids, nb, first) in enumerate(rows):
+        input_ids[i, :len(ids)] = torch.tensor(ids)
+        attention_mask[i, :len(ids)] = 1
+        scored[i, first:len(ids)] = True
+        nbytes[i] = sum(nb[first:])
+    return Windows(input_ids, attention_mask, scored, nbytes)

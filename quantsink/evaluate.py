@@ -174,7 +174,7 @@ def run_pass(model: Any, windows: Windows, *, reference: Targets | None = None,
     start = time.perf_counter()
     with _HeadInput(model, keep_targets) as head_input:
         for rows in batches(windows, batch_tokens, boundaries):
-            part = windows.subset(rows)
+            part = windows.subset(rows).trimmed()  # right padding all rows share is not computed
             with batch_context(rows, part) if batch_context else nullcontext():
                 out = model(input_ids=part.input_ids.to(device),
                             attention_mask=part.attention_mask.to(device), use_cache=False)

@@ -20,12 +20,13 @@ import torch
 
 from . import cache
 from .config import EVALUATOR_VERSION, RunConfig, __version__, stable_hash
-from .corpus import Corpus, Windows, load_corpus, sliding_windows, tokenize
+from .corpus import Corpus, TokenStream, Windows, load_corpus, sliding_windows, tokenize
 from .errors import QuantsinkError
 from .evaluate import PassResult, ReferenceHead
 from .hooks import stats_pass, stats_settings
 from .mitigations import Mitigation, parse_mitigations
 from .models import LoadedModel, load_model
+from .registry import Registry
 from .results import SCHEMA_VERSION, write_record
 from .stats import changes as stats_changes
 from .schemes import QuantContext, Scheme, parse_scheme
@@ -85,41 +86,94 @@ def bos_token(tokenizer: Any, policy: str) -> int | None:
     return bos if bos is not None and first and first[0] == bos else None
 
 
+@dataclass
+class Windowing:
+    """What a protocol makes of a corpus: evaluation windows, lazy calibration windows,
+    and the protocol's own record fields."""
+
+    windows: Windows
+    calibration: Callable[[], Windows]
+    protocol: dict[str, Any]
+
+
+PROTOCOLS: Registry[Callable[[RunConfig, Corpus, Any], Windowing]] = Registry("protocol")
+
+
+def _calibration(config: RunConfig, stream: TokenStream, prefix: int | None) -> Callable[[], Windows]:
+    """Calibration windows from ``stream`` (the tokens after the evaluation ones), built on demand."""
+    def calibration() -> Windows:
+        if len(stream) < config.window:
+            raise QuantsinkError("no tokens left for calibration after the evaluation tokens: "
+                                 "lower --max-tokens or use a longer corpus")
+        calib, _ = sliding_windows(stream, window=config.window, stride=config.window, prefix=prefix,
+                                   max_tokens=config.calib_windows * config.window)
+        return calib
+
+    return calibration
+
+
+@PROTOCOLS.register("windows", help="fixed windows over the joined corpus")
+def fixed_windows(config: RunConfig, corpus: Corpus, tokenizer: Any) -> Windowing:
+    """``--window`` tokens every ``--stride`` over the documents joined in order (``sliding_windows``)."""
+    prefix = bos_token(tokenizer, config.bos)
+    stride = config.effective_stride
+    stream = tokenize(corpus, tokenizer, limit=config.max_tokens + config.calib_windows * config.window)
+    windows, used = sliding_windows(stream, window=config.window, stride=stride, prefix=prefix,
+                                    max_tokens=config.max_tokens)
+    rest = TokenStream(stream.ids[used:], stream.nbytes[used:])
+    protocol = {
+        "window": config.window, "stride": stride, "bos": config.bos, "bos_token_id": prefix, "tokens": used,
+        "scoring": ("each token scored once, by the first window that reaches it; a window's "
+                    "first token is scored only when a BOS precedes it; BOS never scored"),
+    }
+    return Windowing(windows, _calibration(config, rest, prefix), protocol)
+
+
+@PROTOCOLS.register("lm-eval", help="lm-eval's loglikelihood_rolling windows, per document")
+def lm_eval_windows(config: RunConfig, corpus: Corpus, tokenizer: Any) -> Windowing:
+    """lm-eval's rolling windows (``corpus.rolling_windows``) over whole documents in corpus
+    order, up to the first document that reaches ``--max-tokens``."""
+    from . import lmeval
+
+    docs, tokens = [], 0
+    for text in corpus.documents:
+        if tokens >= config.max_tokens:
+            break
+        docs.append(text)
+        tokens += len(lmeval.encode_documents([text], tokenizer)[0])
+    windows = lmeval.document_windows(docs, tokenizer, config.window)
+    prefix = lmeval.prefix_token(tokenizer)
+    rest = corpus.documents[len(docs):]
+    stream = tokenize(Corpus.of(corpus.name, list(rest)), tokenizer,
+                      limit=config.calib_windows * config.window) if rest else TokenStream([], [])
+    protocol = {
+        "window": config.window, "stride": config.window, "bos": "lm-eval", "bos_token_id": prefix,
+        "tokens": tokens, "n_documents": len(docs),
+        "scoring": lmeval.PROTOCOL + "; the model sees window+1 tokens per row, the last only as a target; "
+                   "rows longest first, right-padded (attention_mask 0, never scored)",
+    }
+    return Windowing(windows, _calibration(config, stream, prefix), protocol)
+
+
 def prepare(config: RunConfig, session: Session) -> Prepared:
     scheme = parse_scheme(config.scheme)  # validate names before any slow step
     mitigations = parse_mitigations(config.mitigation)
+    protocol_of = PROTOCOLS.get(config.protocol)
     timing: dict[str, float] = {}
     t0 = time.perf_counter()
     corpus = session.corpus(config.corpus)
     loaded = session.model(config)
     timing["load_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    prefix = bos_token(loaded.tokenizer, config.bos)
-    stride = config.effective_stride
-    stream = tokenize(corpus, loaded.tokenizer, limit=config.max_tokens + config.calib_windows * config.window)
-    windows, used = sliding_windows(stream, window=config.window, stride=stride, prefix=prefix,
-                                    max_tokens=config.max_tokens)
+    made = protocol_of(config, corpus, loaded.tokenizer)
     timing["tokenize_s"] = time.perf_counter() - t0
-
-    def calibration() -> Windows:
-        rest = type(stream)(stream.ids[used:], stream.nbytes[used:])
-        if len(rest) < config.window:
-            raise QuantsinkError(f"no tokens left for calibration after the {used} evaluation tokens: "
-                                 f"lower --max-tokens or use a longer corpus")
-        calib, _ = sliding_windows(rest, window=config.window, stride=config.window, prefix=prefix,
-                                   max_tokens=config.calib_windows * config.window)
-        return calib
-
     protocol = {
-        "kind": config.protocol, "window": config.window, "stride": stride, "bos": config.bos,
-        "bos_token_id": prefix, "n_windows": len(windows), "tokens": used,
-        "scored_tokens": windows.n_scored, "dtype": config.dtype,
-        "scoring": ("each token scored once, by the first window that reaches it; a window's "
-                    "first token is scored only when a BOS precedes it; BOS never scored"),
+        "kind": config.protocol, **made.protocol, "n_windows": len(made.windows),
+        "scored_tokens": made.windows.n_scored, "dtype": config.dtype,
         "kl": "exact KL(reference || candidate) over the full vocabulary, mean per scored token",
         "evaluator_version": EVALUATOR_VERSION,
     }
-    return Prepared(config, scheme, mitigations, loaded, corpus, windows, calibration, protocol, timing)
+    return Prepared(config, scheme, mitigations, loaded, corpus, made.windows, made.calibration, protocol, timing)
 
 
 def reference_key(prep: Prepared) -> str:
@@ -227,6 +281,10 @@ def run(config: RunConfig, *, session: Session | None = None, progress: Progress
     """Evaluate ``config.scheme`` against the reference; return (and write) the record."""
     session = session or Session()
     prep = prepare(config, session)
+    if config.lm_eval:
+        from . import lmeval
+
+        lmeval.check(lmeval.task_names(config.lm_eval), prep.mitigations)  # refuse before any pass
     timing = dict(prep.timing)
     t0 = time.perf_counter()
     reference, ref_cached = reference_pass(prep, progress)
@@ -237,8 +295,19 @@ def run(config: RunConfig, *, session: Session | None = None, progress: Progress
     t0 = time.perf_counter()
     candidate = candidate_pass(prep, model, reference, progress)
     timing["candidate_s"] = time.perf_counter() - t0
+    downstream = None
+    if config.lm_eval:
+        from . import lmeval
+
+        t0 = time.perf_counter()
+        downstream = lmeval.evaluate_run(prep, model)
+        timing["lm_eval_s"] = time.perf_counter() - t0
     del model
     record = make_record(prep, reference, ref_cached, candidate, notes, timing)
+    if downstream:
+        record["reference"]["lm_eval"] = downstream["reference"]
+        record["reference"]["lm_eval_cached"] = downstream["reference_cached"]
+        record["candidate"]["lm_eval"] = downstream["candidate"]
     if write:
         record["path"] = str(write_record(record, config.results))
     return record

@@ -1,0 +1,349 @@
+"""lm-evaluation-harness on exactly the model quantsink quantized and mitigated.
+
+``quantsink eval --lm-eval python-docs[,python-code,...]`` runs
+``lm_eval.simple_evaluate`` with ``HFLM(pretrained=<model object>)`` on the
+candidate (mitigations attached) and on the reference, and stores per task under
+``candidate.lm_eval.<task>`` / ``reference.lm_eval.<task>``:
+
+* lm-eval's own metrics (``word_perplexity``, ``byte_perplexity``, ``bits_per_byte``
+  for the local tasks), with the lm-eval version, the task version and ``max_length``;
+* ``quantsink_bits_per_byte``: quantsink's evaluator (``evaluate.run_pass``) on the
+  very documents lm-eval scored, with lm-eval's windows (``corpus.rolling_windows``),
+  and ``bpb_rel_diff`` between the two (they agree to ~1e-5 in float32).
+
+Local tasks (``python-docs``, ``python-code``) are lm-eval YAML files shipped in
+``quantsink/tasks/`` (package data; ``tasks/`` at the repo root links to it).  Their
+data files are generated at run time from ``quantsink.corpus`` into
+``$QUANTSINK_CACHE/lm_eval_tasks/<task>-v<version>-<corpus sha>/`` (deterministic,
+never from a hub).  Any other name is looked up among lm-eval's built-in tasks
+(wikitext, hellaswag, ...), which need the hub: offline they fail in one line.
+
+Mitigations that change the model's input (``changes_input = True``, e.g. a
+prepended sink token) must offer ``wrap_for_lm_eval(model, tokenizer)``, a model
+whose ``forward(input_ids)`` applies the change inside and returns logits aligned
+with ``input_ids``; otherwise ``--lm-eval`` refuses rather than report an
+unmitigated number.  Mitigations' ``attach`` hooks stay attached while lm-eval runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from .config import EVALUATOR_VERSION, stable_hash
+from .corpus import TokenStream, Windows, encode, load_corpus, rolling_windows
+from .errors import QuantsinkError, UsageError
+from .registry import Registry
+
+METRICS = ("word_perplexity", "byte_perplexity", "bits_per_byte")
+AGREEMENT_TOLERANCE = 0.005  # |quantsink bpb / lm-eval bpb - 1| the agreement check allows
+PROTOCOL = ("lm-eval loglikelihood_rolling (HFLM): each document tokenized alone (tokenizer defaults), "
+            "disjoint windows of max_length tokens, the prefix token (BOS, else EOS) before the first "
+            "window only, every token scored once; word_perplexity = exp(-sum ll / whitespace words), "
+            "byte_perplexity = exp(-sum ll / UTF-8 bytes), bits_per_byte = -sum ll / ln 2 / UTF-8 bytes")
+
+
+@dataclass(frozen=True)
+class LocalTask:
+    """A YAML task over an embedded corpus (offline)."""
+
+    name: str
+    corpus: str
+    local: bool = True
+
+    def record(self) -> dict[str, Any]:
+        return {"params": {"corpus": self.corpus, "version": self.config()["metadata"]["version"],
+                           "source": "quantsink/tasks"}}
+
+    def config(self) -> dict[str, Any]:
+        import yaml
+
+        text = resources.files("quantsink").joinpath("tasks", f"{self.name}.yaml").read_text(encoding="utf-8")
+        return yaml.safe_load(text)
+
+
+@dataclass(frozen=True)
+class HubTask:
+    """An lm-eval built-in task; needs the Hugging Face hub."""
+
+    name: str
+    local: bool = False
+
+    def record(self) -> dict[str, Any]:
+        return {"params": {"source": "lm-eval built-in (needs the hub)"}}
+
+
+TASKS: Registry[LocalTask | HubTask] = Registry("lm-eval task")
+TASKS.register("python-docs", LocalTask("python-docs", "python-docs"),
+               help="loglikelihood_rolling over the python-docs corpus (offline)")
+TASKS.register("python-code", LocalTask("python-code", "python-code"),
+               help="loglikelihood_rolling over the python-code corpus (offline)")
+for _name, _help in (("wikitext", "WikiText-2 document-level perplexity (lm-eval built-in; needs the hub)"),
+                     ("hellaswag", "commonsense multiple choice (lm-eval built-in; needs the hub)"),
+                     ("lambada_openai", "last-word prediction (lm-eval built-in; needs the hub)"),
+                     ("arc_easy", "science multiple choice (lm-eval built-in; needs the hub)")):
+    TASKS.register(_name, HubTask(_name), help=_help)
+
+
+def task_names(text: str) -> list[str]:
+    """``"python-docs, wikitext"`` -> names (local names canonicalised, duplicates dropped)."""
+    names = [TASKS.canonical(n) if n.strip().lower() in TASKS else n.strip() for n in text.split(",")]
+    names = list(dict.fromkeys(n for n in names if n))
+    if not names:
+        raise UsageError("--lm-eval needs at least one task name; see `quantsink list tasks`")
+    return names
+
+
+# --------------------------------------------------------------------------- task files
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
+
+
+def materialize(task: LocalTask) -> Path:
+    """Write the task's YAML and JSONL data under the cache; return the directory.
+
+    The directory name pins the task version and the corpus sha256, so a file,
+    once written, never changes; rewriting it gives the same bytes.
+    """
+    import yaml
+
+    from .models import cache_root
+
+    config = task.config()
+    corpus = load_corpus(config["metadata"]["quantsink"]["corpus"])
+    version = config["metadata"]["version"]
+    folder = cache_root() / "lm_eval_tasks" / f"{task.name}-v{version}-{corpus.sha256[:12]}"
+    data = folder / f"{task.name}.jsonl"
+    spec = folder / f"{task.name}.yaml"
+    if spec.is_file() and data.is_file():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    _atomic_write(data, "".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in corpus.documents))
+    config["dataset_kwargs"]["data_files"]["test"] = str(data)
+    config["metadata"]["quantsink"]["corpus_sha256"] = corpus.sha256
+    _atomic_write(spec, yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
+    return folder
+
+
+def task_manager(names: Sequence[str]) -> Any:
+    """An lm-eval TaskManager that knows the local tasks (and the built-ins when a name needs them)."""
+    from lm_eval.tasks import TaskManager
+
+    local = [entry.obj for entry in TASKS if entry.obj.local]
+    hub = any(n not in TASKS or not TASKS.get(n).local for n in names)
+    return TaskManager(include_path=[str(materialize(t)) for t in local], include_defaults=hub)
+
+
+def load_tasks(names: Sequence[str], manager: Any) -> dict[str, Any]:
+    """lm-eval Task objects by name; unknown names and unreachable hub data fail in one line."""
+    unknown = [n for n in names if n not in manager.all_tasks]
+    if unknown:
+        import difflib
+
+        close = difflib.get_close_matches(unknown[0], manager.all_tasks, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise UsageError(f"unknown lm-eval task {unknown[0]!r}.{hint} Local tasks: "
+                         f"{', '.join(e.name for e in TASKS if e.obj.local)}; see `quantsink list tasks`")
+    try:
+        with _quiet():
+            return manager.load(list(names))["tasks"]
+    except Exception as err:  # noqa: BLE001 - a data set that cannot be fetched means the same to the user
+        hub = [n for n in names if not (n in TASKS and TASKS.get(n).local)]
+        raise QuantsinkError(
+            f"lm-eval task {', '.join(hub) or ', '.join(names)!s} could not load its data "
+            f"({type(err).__name__}); hub tasks need the Hugging Face hub (unreachable offline); "
+            f"offline tasks: python-docs, python-code") from None
+
+
+# --------------------------------------------------------------------------- mitigations
+
+
+def lm_eval_model(model: Any, tokenizer: Any, mitigations: Sequence[Any]) -> Any:
+    """The model lm-eval should see: input-changing mitigations wrapped in, or a refusal."""
+    for mitigation in mitigations:
+        if not getattr(mitigation, "changes_input", False):
+            continue
+        wrap = getattr(mitigation, "wrap_for_lm_eval", None)
+        wrapped = wrap(model, tokenizer) if wrap else None
+        if wrapped is None:
+            raise QuantsinkError(
+                f"--lm-eval cannot apply mitigation {mitigation.name!r}: it changes the model's input and "
+                f"offers no model wrapper lm-eval would see, so lm-eval would score the unmitigated model; "
+                f"drop --lm-eval or that mitigation")
+        model = wrapped
+    return model
+
+
+def check(names: Sequence[str], mitigations: Sequence[Any]) -> None:
+    """Fail fast (before any model pass) on task names and mitigations lm-eval cannot see."""
+    for mitigation in mitigations:
+        if getattr(mitigation, "changes_input", False) and getattr(mitigation, "wrap_for_lm_eval", None) is None:
+            lm_eval_model(None, None, [mitigation])
+    for name in names:
+        if name in TASKS and TASKS.get(name).local:
+            TASKS.get(name).config()
+
+
+# --------------------------------------------------------------------------- running
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """lm-eval's and datasets' logs and progress bars off the user's terminal for the duration
+    (their tqdm bars ignore logging levels, so stderr is captured; errors still raise)."""
+    import io
+
+    loggers = [logging.getLogger(n) for n in ("lm_eval", "lm-eval", "datasets")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def prefix_token(tokenizer: Any) -> int:
+    """HFLM.prefix_token_id: BOS when the tokenizer has one, else EOS."""
+    token = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if token is None:
+        raise QuantsinkError("lm-eval's protocol needs a BOS or EOS token and this tokenizer has neither")
+    return int(token)
+
+
+def encode_documents(texts: Sequence[str], tokenizer: Any) -> list[TokenStream]:
+    """Each document tokenized as ``HFLM.tok_encode`` does: tokenizer default special
+    tokens, except none when the text already starts with the prefix token's string."""
+    prefix = tokenizer.decode(prefix_token(tokenizer))
+    return [encode(t, tokenizer, special_tokens=not t.startswith(prefix)) for t in texts]
+
+
+def document_windows(texts: Sequence[str], tokenizer: Any, length: int) -> Windows:
+    """lm-eval's rolling windows over ``texts`` (see ``corpus.rolling_windows``)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else prefix_token(tokenizer)
+    return rolling_windows(encode_documents(texts, tokenizer), length=length, prefix=prefix_token(tokenizer),
+                           pad=pad)
+
+
+def simple_evaluate(model: Any, tokenizer: Any, tasks: dict[str, Any], manager: Any, *, limit: int | None,
+                    max_length: int, batch_rows: int) -> dict[str, Any]:
+    """``lm_eval.simple_evaluate`` with ``HFLM(pretrained=model)``; the raw results dict."""
+    from lm_eval import simple_evaluate as evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    with _quiet():
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", max_length=max_length,
+                  batch_size=batch_rows)
+        return evaluate(model=lm, tasks=list(tasks.values()), task_manager=manager, limit=limit,
+                        bootstrap_iters=0, log_samples=True)
+
+
+def scored_documents(results: dict[str, Any], task: str) -> list[str]:
+    """The texts lm-eval scored for a rolling task, in document order."""
+    samples = sorted(results["samples"][task], key=lambda s: s["doc_id"])
+    return [s["arguments"][0][0] if "arguments" in s else s["doc"]["text"] for s in samples]
+
+
+def task_result(results: dict[str, Any], task: str) -> dict[str, Any]:
+    """lm-eval's metrics for one task (``metric,filter`` keys -> metric names)."""
+    import lm_eval
+
+    metrics = {k.split(",")[0]: v for k, v in results["results"][task].items()
+               if "," in k and "_stderr" not in k and isinstance(v, (int, float))}
+    return {**metrics, "task_version": results["versions"].get(task),
+            "lm_eval_version": lm_eval.__version__,
+            "n_documents": int(results.get("n-samples", {}).get(task, {}).get("effective", 0))}
+
+
+def quantsink_bpb(model: Any, tokenizer: Any, texts: Sequence[str], *, length: int, batch_tokens: int,
+                  mitigations: Sequence[Any] = ()) -> dict[str, Any]:
+    """quantsink's evaluator on lm-eval's documents and windows (mitigations' windows applied)."""
+    from .evaluate import run_pass
+
+    windows = document_windows(texts, tokenizer, length)
+    for mitigation in mitigations:
+        windows = mitigation.transform_windows(windows, tokenizer)
+    result = run_pass(model, windows, batch_tokens=batch_tokens)
+    nll = float(result.nll.sum())
+    return {"quantsink_bits_per_byte": nll / math.log(2) / float(result.nbytes.sum()),
+            "quantsink_seconds": result.seconds, "quantsink_tokens": windows.n_tokens}
+
+
+def evaluate_model(model: Any, tokenizer: Any, names: Sequence[str], *, limit: int | None, max_length: int,
+                   batch_tokens: int, mitigations: Sequence[Any] = ()) -> dict[str, dict[str, Any]]:
+    """Per task: lm-eval's metrics and, for rolling tasks, quantsink's bits per byte on the same documents."""
+    import time
+
+    manager = task_manager(names)
+    tasks = load_tasks(names, manager)
+    seen = lm_eval_model(model, tokenizer, mitigations)
+    with contextlib.ExitStack() as stack:
+        for mitigation in mitigations:
+            stack.enter_context(mitigation.attach(model))
+        t0 = time.perf_counter()
+        results = simple_evaluate(seen, tokenizer, tasks, manager, limit=limit, max_length=max_length,
+                                  batch_rows=max(1, batch_tokens // max_length))
+        seconds = time.perf_counter() - t0
+        out = {}
+        for name, task in tasks.items():
+            entry = {**task_result(results, name), "max_length": max_length, "limit": limit,
+                     "lm_eval_seconds_all_tasks": seconds, "protocol": PROTOCOL}
+            if task.OUTPUT_TYPE == "loglikelihood_rolling" and "bits_per_byte" in entry:
+                entry.update(quantsink_bpb(model, tokenizer, scored_documents(results, name), length=max_length,
+                                           batch_tokens=batch_tokens, mitigations=mitigations))
+                entry["bpb_rel_diff"] = entry["quantsink_bits_per_byte"] / entry["bits_per_byte"] - 1
+            out[name] = entry
+    return out
+
+
+# --------------------------------------------------------------------------- in a run
+
+
+def reference_cached(prep: Any, names: Sequence[str]) -> tuple[dict[str, dict[str, Any]], bool]:
+    """The reference's lm-eval results, from the disk cache when present (-> results, cached?)."""
+    import lm_eval
+
+    from .models import cache_root
+
+    config = prep.config
+    key = stable_hash(prep.loaded.info.sha256, str(prep.loaded.device), config.dtype, sorted(names),
+                      [TASKS.get(n).record() if n in TASKS else n for n in names], config.lm_eval_limit,
+                      config.window, lm_eval.__version__, EVALUATOR_VERSION, length=24)
+    path = cache_root() / "lm_eval" / f"{key}.json"
+    if path.is_file():
+        try:
+            cached = json.loads(path.read_text(encoding="utf-8"))
+            if set(cached) == set(names):
+                return cached, True
+        except (json.JSONDecodeError, OSError):
+            pass  # unreadable: recompute
+    result = evaluate_model(prep.loaded.model, prep.loaded.tokenizer, names, limit=config.lm_eval_limit,
+                            max_length=config.window, batch_tokens=config.batch_tokens)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(path, json.dumps(result, indent=1))
+    return result, False
+
+
+def evaluate_run(prep: Any, candidate: Any) -> dict[str, Any]:
+    """Both sides of a run: ``{"reference": {task: ...}, "candidate": {task: ...}, "reference_cached": bool}``."""
+    names = task_names(prep.config.lm_eval)
+    reference, cached = reference_cached(prep, names)
+    cand = evaluate_model(candidate, prep.loaded.tokenizer, names, limit=prep.config.lm_eval_limit,
+                          max_length=prep.config.window, batch_tokens=prep.config.batch_tokens,
+                          mitigations=prep.mitigations)
+    return {"reference": reference, "candidate": cand, "reference_cached": cached}

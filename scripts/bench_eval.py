@@ -1,0 +1,136 @@
+"""Benchmark: quantsink's evaluator vs lm-eval on the same text, same windows, one process.
+
+    python scripts/bench_eval.py [--max-tokens N] [--window W] [--corpus python-docs]
+
+On smollm2-135m float32, the first documents of the corpus (whole documents, up to
+the one that reaches N tokens) are scored twice:
+
+1. quantsink: ``--protocol lm-eval`` windows (``corpus.rolling_windows``) and the
+   reference pass ``evaluate.run_pass(model, windows, keep_targets=True)``;
+2. lm-eval: ``lm_eval.simple_evaluate`` with ``HFLM(pretrained=<the same model object>,
+   max_length=W, batch_size=<the same rows per batch>)`` on quantsink's local
+   ``loglikelihood_rolling`` task over the same documents (``limit`` = their count).
+
+Timed: quantsink = building the windows (tokenizing) + the pass; lm-eval = the whole
+``simple_evaluate`` call (task loading, requests, passes, metrics) -- what a user waits
+for.  ``tokens`` = document tokens scored (identical on both sides).
+
+``gemm_fraction`` = achieved FLOP/s of the reference pass / float32 GEMM FLOP/s measured
+here with ``torch.matmul`` on square matrices, where the pass's FLOPs are
+``2 x non-embedding parameters x tokens the model processed`` (the usual 2N
+estimate; ``gemm_fraction_full`` adds the output head, 2 x vocab x hidden per
+position, and causal attention, 2 x layers x T^2 x heads x head_dim per window of T).
+
+The last line of output is a JSON object.  Not a timed test: on a shared machine the
+figures vary run to run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's quantsink
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def gemm_flops(n: int = 2048, repeats: int = 5) -> float:
+    """Best float32 FLOP/s of torch.matmul on (n, n) @ (n, n)."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.matmul(a, b)  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.matmul(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
+
+
+def pass_flops(model: object, windows: object) -> tuple[float, float]:
+    """(2 x non-embedding params x processed tokens, the same + output head + causal attention)."""
+    cfg = model.config  # type: ignore[attr-defined]
+    embedding = model.get_input_embeddings().weight.numel()  # type: ignore[attr-defined]
+    non_embedding = sum(p.numel() for p in model.parameters()) - embedding  # type: ignore[attr-defined]
+    lengths = windows.attention_mask.sum(1).double()  # type: ignore[attr-defined]  # (N,)
+    tokens = float(lengths.sum())
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    attention = 2 * cfg.num_hidden_layers * float((lengths ** 2).sum()) * cfg.num_attention_heads * head_dim
+    head = 2 * cfg.vocab_size * cfg.hidden_size * tokens
+    base = 2 * non_embedding * tokens
+    return base, base + head + attention
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--max-tokens", type=int, default=4096)
+    parser.add_argument("--window", type=int, default=512)
+    parser.add_argument("--corpus", default="python-docs", choices=["python-docs", "python-code"])
+    parser.add_argument("--batch-tokens", type=int, default=2048)
+    args = parser.parse_args()
+
+    import torch
+
+    from quantsink import lmeval
+    from quantsink.config import RunConfig
+    from quantsink.corpus import load_corpus
+    from quantsink.evaluate import run_pass
+    from quantsink.models import load_model
+    from quantsink.run import PROTOCOLS
+
+    loaded = load_model("smollm2-135m", device="cpu", dtype="float32")
+    model, tokenizer = loaded.model, loaded.tokenizer
+    config = RunConfig(model="smollm2-135m", corpus=args.corpus, protocol="lm-eval", window=args.window,
+                       max_tokens=args.max_tokens, batch_tokens=args.batch_tokens)
+    corpus = load_corpus(args.corpus)
+    gemm = gemm_flops()
+    with torch.inference_mode():
+        model(input_ids=torch.tensor([[1] * 64]))  # warm-up
+
+    t0 = time.perf_counter()
+    made = PROTOCOLS.get("lm-eval")(config, corpus, tokenizer)
+    windows_s = time.perf_counter() - t0
+    result = run_pass(model, made.windows, keep_targets=True, batch_tokens=args.batch_tokens)
+    n_docs, tokens = made.protocol["n_documents"], made.windows.n_scored
+    bpb = float(result.nll.sum()) / 0.6931471805599453 / float(result.nbytes.sum())
+
+    names = [args.corpus]
+    t0 = time.perf_counter()
+    manager = lmeval.task_manager(names)
+    tasks = lmeval.load_tasks(names, manager)
+    results = lmeval.simple_evaluate(model, tokenizer, tasks, manager, limit=n_docs, max_length=args.window,
+                                     batch_rows=max(1, args.batch_tokens // args.window))
+    lm_eval_s = time.perf_counter() - t0
+    lm_eval_bpb = results["results"][args.corpus]["bits_per_byte,none"]
+    assert lmeval.scored_documents(results, args.corpus) == list(corpus.documents[:n_docs])
+
+    quantsink_s = windows_s + result.seconds
+    flops, flops_full = pass_flops(model, made.windows)
+    report = {
+        "model": "smollm2-135m", "dtype": "float32", "corpus": args.corpus, "window": args.window,
+        "documents": n_docs, "tokens": tokens, "processed_tokens": made.windows.n_tokens,
+        "threads": torch.get_num_threads(),
+        "quantsink_s": round(quantsink_s, 3), "quantsink_windows_s": round(windows_s, 3),
+        "quantsink_pass_s": round(result.seconds, 3), "lm_eval_s": round(lm_eval_s, 3),
+        "tokens_per_s": round(tokens / quantsink_s, 1), "lm_eval_tokens_per_s": round(tokens / lm_eval_s, 1),
+        "speedup": round(lm_eval_s / quantsink_s, 3),
+        "bpb": round(bpb, 6), "lm_eval_bpb": round(lm_eval_bpb, 6), "bpb_rel_diff": bpb / lm_eval_bpb - 1,
+        "gemm_gflops": round(gemm / 1e9, 1), "pass_gflops": round(flops / result.seconds / 1e9, 1),
+        "gemm_fraction": round(flops / result.seconds / gemm, 3),
+        "gemm_fraction_full": round(flops_full / result.seconds / gemm, 3),
+        "flops_formula": "2 x non-embedding params x processed tokens (full: + 2 x vocab x hidden per token "
+                         "+ 2 x layers x T^2 x heads x head_dim per window)",
+    }
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
