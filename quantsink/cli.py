@@ -221,6 +221,9 @@ def list_command(kind: str = typer.Argument(..., help="models | schemes | corpor
     out.print(_registry_table(names.get(kind)))
 
 
+from . import cli_sweep  # noqa: E402,F401  (sweep, report)
+
+
 def main() -> None:
     app()
 
