@@ -306,8 +306,6 @@ def plot_before_after(frame: Any) -> bytes | None:
             ax.set_xticks([x + width * (len(corpora) - 1) / 2 for x in range(len(schemes))], schemes,
                           rotation=45, ha="right", fontsize=7)
             ax.set_title(f"{model}: {title}", fontsize=9)
-            if key == "peak":
-                ax.set_yscale("log")
             ax.legend(fontsize=6)
     return _png(fig)
 
@@ -376,7 +374,7 @@ def plot_verdicts(frame: Any) -> bytes | None:
     if not panels:
         return None
     height = max(3.0, 0.22 * max(len(p[0]) for p in panels) + 1.2)
-    fig, axes = _subplots(len(panels), width=6.0, height=height)
+    fig, axes = _subplots(len(panels), width=7.0, height=height, cols=1)
     for ax, (part, value, ci, title) in zip(axes, panels):
         labels = [f"{r.model} · {r.corpus} · {r.scheme} · {r.mitigation}" for r in part.itertuples()]
         for y, r in enumerate(part.to_dict(orient="records")):
@@ -395,7 +393,9 @@ def plots(frame: Any, records: list[dict[str, Any]]) -> dict[str, bytes | None]:
     import matplotlib
 
     matplotlib.use("Agg")
-    with matplotlib.rc_context({"text.parse_math": False, "font.size": 8}):  # a '$' in a name is text
+    text = {c: frame[c].map(lambda v: str(v).replace("$", r"\$")) for c in ("model", "corpus", "scheme", "mitigation")}
+    frame = frame.assign(**text)  # a '$' in a name is shown, not read as mathtext
+    with matplotlib.rc_context({"font.size": 8}):
         return {
             "Perplexity ratio vs bits, per scheme": plot_ppl_vs_bits(frame),
             "Sink score / value drain / peak ratio before vs after, per scheme": plot_before_after(frame),
@@ -412,7 +412,7 @@ CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#222;background:#fff}
 h1{font-size:22px}h2{font-size:17px;margin-top:28px}
 table{border-collapse:collapse;font-size:12px}th,td{border:1px solid #ccc;padding:3px 6px;text-align:right}
-th{background:#f0f0f0;cursor:pointer;position:sticky;top:0;user-select:none}td.t{text-align:left}
+th{background:#f0f0f0;cursor:pointer;position:sticky;top:0;user-select:none}td.t{text-align:left}td{white-space:nowrap}
 th.asc::after{content:" \\25B2"}th.desc::after{content:" \\25BC"}
 tr:nth-child(even){background:#fafafa}.helps{color:#2e7d32;font-weight:600}.hurts{color:#c62828;font-weight:600}
 .wrap{overflow-x:auto;max-height:720px}.note{color:#666;font-size:12px}figure{margin:12px 0}
@@ -437,6 +437,11 @@ document.querySelectorAll('table.sortable th').forEach(function(th, col){
     rows.forEach(function(r){ body.appendChild(r); });
   });
 });
+var sortBy = location.hash.match(/sort=(-?)(\d+)/);  // e.g. leaderboard.html#sort=6, #sort=-6 descending
+if (sortBy) {
+  var th = document.querySelectorAll('#leaderboard th')[+sortBy[2]];
+  if (th) { th.click(); if (sortBy[1]) th.click(); }
+}
 """
 
 
@@ -544,5 +549,6 @@ def write_report(results: str | Path, out: str | Path) -> Written:
     written = Written(n_records=len(records), n_rows=len(frame), n_failures=len(failures), n_skipped=len(skipped))
     for name, text in files.items():
         atomic_write_text(out / name, text)
+        (out / name).chmod(0o644)
         written.paths.append(out / name)
     return written
