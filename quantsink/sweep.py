@@ -473,15 +473,13 @@ def _worker_main(todo: list[PlannedRun], results: str, sweep: str, run_fn: RunFn
                  threads: int, queue: Any) -> None:
     """Entry point of a spawned worker process: its own Session, events to ``queue``."""
     os.environ["OMP_NUM_THREADS"] = str(threads)
-    try:
+    if run_fn is default_run:  # share the cores between workers; keep library chatter off the bar
         from .cli import quiet_libraries
 
         quiet_libraries()
         import torch
 
         torch.set_num_threads(threads)
-    except ImportError:
-        pass
     work(todo, results, sweep=sweep, emit=lambda *event: queue.put(event), run_fn=run_fn, worker=worker)
 
 
