@@ -236,6 +236,7 @@ def list_command(kind: str = typer.Argument(..., help="models | schemes | corpor
 
 
 from . import cli_inspect  # noqa: E402,F401  (registers `quantsink inspect`)
+from . import cli_sweep  # noqa: E402,F401  (sweep, report)
 
 
 def main() -> None:

@@ -193,6 +193,23 @@ def _resolve(spec: str) -> tuple[str, ModelInfo]:
     raise UsageError(MODELS.unknown_message(spec) + " Or give a hub id (org/name) or a local directory.")
 
 
+def model_sha256(spec: str) -> str:
+    """The sha256 a loaded model's record will carry, without loading or converting it.
+
+    Embedded: the GGUF's digest (known, or hashed once and memoized); local
+    directory: the digest of its safetensors + config; hub id: "" (as ``_resolve``).
+    """
+    if spec in MODELS:
+        source = MODELS.get(spec)
+        return source.sha256 or sha256_file(source.locate())
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return _resolve(spec)[1].sha256
+    if "/" in spec and not spec.startswith((".", "/", "~")):
+        return ""
+    raise QuantsinkError(MODELS.unknown_message(spec) + " Or give a hub id (org/name) or a local directory.")
+
+
 def resolve_device(device: str) -> str:
     import torch
 

@@ -1,0 +1,199 @@
+"""``quantsink sweep`` and ``quantsink report``: thin commands over sweep.py and report.py."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import typing
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+from rich.table import Table
+
+from .cli import _cli_type, app, err, friendly, out, quiet_libraries
+from .config import RunConfig
+from .errors import UsageError
+from .sweep import common_fields
+
+
+def with_common_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """One optional CLI option per RunConfig field other than the four axes (help from
+    RunConfig); ``func`` receives ``common={field: value}`` with only the options given."""
+    hints = typing.get_type_hints(RunConfig)
+    fields = {f.name: f for f in dataclasses.fields(RunConfig) if f.name in common_fields() and f.name != "results"}
+    own = list(inspect.signature(func).parameters.values())[:-1]  # all but `common`
+
+    def option(f: dataclasses.Field) -> inspect.Parameter:
+        hint = _cli_type(hints[f.name])
+        if typing.get_origin(hint) in (typing.Union, getattr(__import__("types"), "UnionType")):
+            hint = next(a for a in typing.get_args(hint) if a is not type(None))
+        default = "RunConfig default" if f.default is None else repr(f.default)
+        return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[hint],
+                                 default=typer.Option(None, help=f"{f.metadata['help']} (every run; "
+                                                                 f"default: grid file, else {default})"))
+
+    @functools.wraps(func)
+    def wrapper(**kwargs: Any) -> Any:
+        common = {k: kwargs.pop(k) for k in list(kwargs) if k in fields}
+        return func(**kwargs, common={k: v for k, v in common.items() if v is not None})
+
+    wrapper.__signature__ = inspect.Signature(own + [option(f) for f in fields.values()])  # type: ignore[attr-defined]
+    return wrapper
+
+
+def _axis(help_text: str) -> Any:
+    return typer.Option(None, help=help_text)
+
+
+@app.command("sweep")
+@friendly
+@with_common_options
+def sweep_command(
+    grid_file: Optional[Path] = typer.Argument(None, help="YAML grid (keys: models, schemes, mitigations, "
+                                               "corpora, subgrids, any run option, results, jobs)."),
+    models: Optional[str] = _axis("Models, comma-separated (default smollm2-135m)."),
+    schemes: Optional[str] = _axis("Schemes, comma-separated specs."),
+    mitigations: Optional[str] = _axis("Mitigations, comma-separated; '+' composes (sink-fp+smooth). Default none."),
+    corpora: Optional[str] = _axis("Corpora, comma-separated (default python-docs)."),
+    results: Optional[str] = typer.Option(None, help="Directory of run records (default results/runs)."),
+    jobs: Optional[int] = typer.Option(None, help="Parallel worker processes (default 1)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List the runs and whether each is done; run nothing."),
+    common: dict[str, Any] = None,  # type: ignore[assignment]
+) -> None:
+    """Run a grid of (model x corpus x scheme x mitigation); resumable, skips runs already recorded."""
+    quiet_libraries()
+    from .sweep import Grid, load_grid, plan, validate_names
+
+    grid, options = load_grid(grid_file) if grid_file else (Grid({}), {})
+    cli_axes = {"models": models, "schemes": schemes, "mitigations": mitigations, "corpora": corpora}
+    axes = {**grid.axes, **Grid.from_mapping({k: v for k, v in cli_axes.items() if v is not None}, "command line").axes}
+    grid = dataclasses.replace(grid, axes=axes)
+    results = results or options.get("results") or RunConfig.results
+    jobs = jobs or int(options.get("jobs", 1))
+    if jobs < 1:
+        raise UsageError("--jobs must be at least 1")
+    configs = grid.configs({**common, "results": results})
+    validate_names(configs)
+    planned = plan(configs)
+    if dry_run:
+        out.print(_plan_table(planned, results))
+        return
+    _run_sweep(planned, results, jobs)
+
+
+def _plan_table(planned: list[Any], results: str) -> Table:
+    from .sweep import Store
+
+    store = Store(Path(results))
+    table = Table(title=f"{len(planned)} runs -> {results}")
+    for column in ("#", "model", "corpus", "scheme", "mitigation", "run_id", "status"):
+        table.add_column(column)
+    for p in planned:
+        status = "done" if store.has_record(p.run_id) else "failed before" if store.failure(p.run_id).exists() else "to run"
+        c = p.config
+        table.add_row(str(p.index), c.model, c.corpus, c.scheme, c.mitigation, p.run_id, status)
+    return table
+
+
+class SweepProgress:
+    """A bar over the grid (ETA) and one line per worker with its current run and stage."""
+
+    def __init__(self, total: int, enabled: bool):
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                   TimeRemainingColumn)
+
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                            console=err, disable=not enabled)
+        self.grid = self.bar.add_task("grid", total=total)
+        self.total = total
+        self.workers: dict[int, Any] = {}
+        self.labels: dict[int, str] = {}
+
+    def __call__(self, kind: str, worker: int, *args: Any) -> None:
+        getattr(self, f"on_{kind}", lambda *a: None)(worker, *args)
+
+    def _task(self, worker: int) -> Any:
+        if worker not in self.workers:
+            self.workers[worker] = self.bar.add_task("", total=None)
+        return self.workers[worker]
+
+    def on_start(self, worker: int, index: int, label: str) -> None:
+        self.labels[worker] = label
+        self.bar.update(self._task(worker), description=f"  [{worker}] {label}", total=None, completed=0)
+
+    def on_stage(self, worker: int, stage: str, total: int) -> None:
+        self.bar.update(self._task(worker), description=f"  [{worker}] {self.labels.get(worker, '')} · {stage}",
+                        total=total, completed=0)
+
+    def on_advance(self, worker: int, n: int) -> None:
+        self.bar.advance(self._task(worker), n)
+
+    def on_completed(self, worker: int, n: int) -> None:
+        self.bar.update(self.grid, completed=n)
+
+    def on_end(self, worker: int, index: int, status: str, seconds: float, error: str) -> None:
+        style = "green" if status == "done" else "red"
+        tail = f": {error}" if error else ""
+        self.bar.console.print(f"[{style}]{status}[/{style}] {self.labels.get(worker, index)} ({seconds:.1f} s){tail}",
+                               highlight=False, markup=True, soft_wrap=True)
+        self.bar.update(self._task(worker), description=f"  [{worker}] (idle)", total=None, completed=0)
+
+    def __enter__(self) -> "SweepProgress":
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.bar.__exit__(*exc)
+
+
+def _run_sweep(planned: list[Any], results: str, jobs: int) -> None:
+    from .sweep import Store, sweep
+
+    store = Store(Path(results))
+    done = sum(store.has_record(p.run_id) for p in planned)
+    out.print(f"{len(planned)} runs in the grid; {done} already in {results} (skipped); "
+              f"{len(planned) - done} to run with {jobs} worker(s)", highlight=False)
+    with SweepProgress(len(planned) - done, enabled=err.is_terminal) as progress:
+        summary = sweep(planned, results, jobs=jobs, emit=progress)
+    out.print(f"sweep: {len(summary.done)} ran, {summary.skipped} skipped (already recorded), "
+              f"{len(summary.failed)} failed, {summary.elsewhere} done by another sweep"
+              + (f", {summary.retried} earlier failures retried" if summary.retried else ""), highlight=False)
+    if summary.failed:
+        table = Table(title="failed runs (recorded as <run_id>.failed; the next sweep retries them)")
+        table.add_column("run")
+        table.add_column("error")
+        for label, error in summary.failed:
+            table.add_row(label, error)
+        out.print(table)
+    for label in summary.missing:
+        out.print(f"[yellow]not finished[/yellow] (held by another sweep or a crashed worker): {label}")
+    if summary.crashed_workers:
+        out.print(f"[red]worker(s) died with exit codes {summary.crashed_workers}[/red]; re-run to resume")
+    if not summary.ok:
+        raise typer.Exit(1)
+
+
+@app.command("report")
+@friendly
+def report_command(
+    results: str = typer.Option("results/runs", help="Directory of run records."),
+    out_dir: Path = typer.Option(Path("results"), "--out", help="Where the leaderboard files go."),
+) -> None:
+    """Leaderboard (md, csv, json, self-contained html with plots) from every record in --results."""
+    from .report import write_report
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        written = write_report(results, out_dir)
+    for warning in caught:
+        err.print(f"[yellow]warning:[/yellow] {warning.message}", highlight=False, soft_wrap=True)
+    for path in written.paths:
+        out.print(f"wrote {path}", highlight=False)
+    out.print(f"{written.n_rows} rows from {written.n_records} records"
+              + (f", {written.n_failures} failed runs listed" if written.n_failures else "")
+              + (f", {written.n_skipped} files skipped" if written.n_skipped else ""), highlight=False)
+

@@ -1,0 +1,554 @@
+"""Leaderboard: every record in a results directory -> md, csv, json and one self-contained html.
+
+One row per (model, corpus, protocol, scheme, mitigation); when several records
+share a row (re-runs under another code version), the newest wins and the
+others are counted as superseded.  Every derived number is computed here from
+the record, never stored twice:
+
+* ``ppl_ratio`` = candidate ppl / reference ppl; ``delta_bpb`` = candidate - reference bits per byte.
+* ``sink_before`` / ``sink_after``: mean over layers and heads of the sink score
+  (attention that queries i >= 1 put on key 0), reference / candidate.
+* ``drain_before`` / ``drain_after``: mean over layers and KV heads of the value-state drain.
+* ``peak_before`` / ``peak_after``: the largest residual-state peak ratio over layers.
+* ``heads_woken``: heads dormant in the reference and active in the candidate
+  (``stats.changes.heads_woken`` when the record lists them; else dormant
+  fraction >= 0.5 in the reference and < 0.5 in the candidate).
+* ``effect`` / ``effect_ci``/ ``verdict``: the record's ``mitigation_effect``
+  (mitigated minus unmitigated perplexity, paired bootstrap 95% CI).
+* ``d_sink`` / ``d_sink_ci``: the record's sink damage in nats per token.
+
+Fields a record lacks (no stats, no mitigation) are left empty, never invented.
+Everything shown in html is escaped; markdown cells are escaped too.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+KEY = ("model", "corpus", "protocol", "scheme", "mitigation")
+COLUMNS = {  # column -> (markdown header, digits); order = table order
+    "model": ("model", None), "corpus": ("corpus", None), "scheme": ("scheme", None),
+    "mitigation": ("mitigation", None), "bits": ("bits", 3), "ppl_ref": ("ppl ref", 4), "ppl": ("ppl", 4),
+    "ppl_ratio": ("ppl ×ref", 4), "kl": ("KL", 3), "top1": ("top-1", 3), "bpb": ("bits/byte", 4),
+    "delta_bpb": ("Δ bits/byte", 3), "d_sink": ("d_sink", 3), "d_sink_ci": ("d_sink CI", 3),
+    "verdict": ("verdict", None), "effect": ("Δppl vs unmitigated", 3), "effect_ci": ("Δppl CI", 3),
+    "sink_before": ("sink before", 3), "sink_after": ("sink after", 3),
+    "drain_before": ("drain before", 3), "drain_after": ("drain after", 3),
+    "heads_woken": ("heads woken", None), "peak_before": ("peak before", 4), "peak_after": ("peak after", 4),
+    "simulated": ("simulated", None), "backend": ("backend", None), "protocol": ("protocol", None),
+    "run_id": ("run_id", None), "created_at": ("created", None),
+}
+MARKDOWN = ("model", "corpus", "scheme", "mitigation", "bits", "ppl", "ppl_ratio", "kl", "top1", "bpb",
+            "d_sink", "verdict", "effect", "effect_ci", "sink_before", "sink_after", "heads_woken",
+            "peak_before", "peak_after", "simulated", "backend")
+VERDICT_COLORS = {"helps": "#2e7d32", "hurts": "#c62828", "inconclusive": "#757575"}
+
+
+# --------------------------------------------------------------------------- record -> row (pure)
+
+
+def _get(data: Any, *path: Any) -> Any:
+    for key in path:
+        if isinstance(data, dict):
+            data = data.get(key)
+        elif isinstance(data, list) and isinstance(key, int) and -len(data) <= key < len(data):
+            data = data[key]
+        else:
+            return None
+    return data
+
+
+def _num(value: Any) -> float | None:
+    """A finite float, or None; dicts give their value/mean/delta."""
+    if isinstance(value, dict):
+        value = next((value[k] for k in ("value", "mean", "delta", "nats_per_token") if k in value), None)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def _ci(value: Any) -> tuple[float, float] | None:
+    if isinstance(value, dict):
+        value = value.get("ci95", value.get("ci"))
+    if isinstance(value, (list, tuple)) and len(value) == 2 and all(_num(v) is not None for v in value):
+        return float(value[0]), float(value[1])
+    return None
+
+
+def _mean(matrix: Any) -> float | None:
+    values = [_num(v) for row in matrix or [] for v in (row if isinstance(row, list) else [row])]
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def peak_profile(side: Any) -> list[float | None]:
+    """Per-layer residual-state peak ratio of ``stats.reference`` / ``stats.candidate``."""
+    return [_num(_get(layer, "residual_peak_ratio")) for layer in _get(side, "layers") or []]
+
+
+def _max(values: Iterable[float | None]) -> float | None:
+    values = [v for v in values if v is not None]
+    return max(values) if values else None
+
+
+def woken_heads(record: dict[str, Any], tau: float = 0.5) -> list[tuple[int, int]] | None:
+    """(layer, head) pairs woken by the candidate: dormant in the reference, active after."""
+    listed = _get(record, "stats", "changes", "heads_woken")
+    if isinstance(listed, list):
+        pairs = [_pair(item) for item in listed]
+        return [p for p in pairs if p is not None]
+    before = _get(record, "stats", "reference", "heads", "dormant_fraction")
+    after = _get(record, "stats", "candidate", "heads", "dormant_fraction")
+    if not isinstance(before, list) or not isinstance(after, list):
+        return None
+    return [(layer, head) for layer, (b_row, a_row) in enumerate(zip(before, after))
+            for head, (b, a) in enumerate(zip(b_row, a_row))
+            if _num(b) is not None and _num(a) is not None and b >= tau > a]
+
+
+def _pair(item: Any) -> tuple[int, int] | None:
+    if isinstance(item, dict) and "layer" in item and "head" in item:
+        return int(item["layer"]), int(item["head"])
+    if isinstance(item, (list, tuple)) and len(item) >= 2:
+        return int(item[0]), int(item[1])
+    if isinstance(item, str) and item.upper().startswith("L") and "H" in item.upper():  # "L20H5"
+        layer, head = item.upper()[1:].split("H", 1)
+        return int(layer), int(head)
+    return None
+
+
+def protocol_label(record: dict[str, Any]) -> str:
+    p = record.get("protocol") or {}
+    return (f"{p.get('n_windows', '?')}x{p.get('window', '?')} tok, stride {p.get('stride', '?')}, "
+            f"BOS {p.get('bos', '?')}, {p.get('dtype', '?')}")
+
+
+def mitigation_label(record: dict[str, Any]) -> str:
+    configured = _get(record, "config", "mitigation")
+    if isinstance(configured, str):
+        return configured
+    names = [m.get("name", "?") for m in record.get("mitigation") or [] if isinstance(m, dict)]
+    return ",".join(names) or "none"
+
+
+def row(record: dict[str, Any]) -> dict[str, Any]:
+    """One leaderboard row (deltas computed here) from one record."""
+    ref, cand, scheme = record["reference"], record["candidate"], record["scheme"]
+    stats_ref, stats_cand = _get(record, "stats", "reference"), _get(record, "stats", "candidate")
+    effect = record.get("mitigation_effect") or {}
+    d_sink = record.get("d_sink", effect.get("d_sink") if isinstance(effect, dict) else None)
+    woken = woken_heads(record)
+    ppl_ref, ppl = _num(ref.get("ppl")), _num(cand.get("ppl"))
+    bpb_ref, bpb = _num(ref.get("bits_per_byte")), _num(cand.get("bits_per_byte"))
+    backend = " ".join(str(x) for x in (scheme.get("backend"), scheme.get("backend_version")) if x)
+    return {
+        "model": str(_get(record, "model", "name")), "corpus": str(_get(record, "corpus", "name")),
+        "scheme": str(scheme.get("spec") or scheme.get("name")), "mitigation": mitigation_label(record),
+        "bits": _num(scheme.get("bits")), "ppl_ref": ppl_ref, "ppl": ppl,
+        "ppl_ratio": ppl / ppl_ref if ppl is not None and ppl_ref else None,
+        "kl": _num(cand.get("kl")), "top1": _num(cand.get("top1_agreement")), "bpb": bpb,
+        "delta_bpb": bpb - bpb_ref if bpb is not None and bpb_ref is not None else None,
+        "d_sink": _num(d_sink), "d_sink_ci": _ci(d_sink),
+        "verdict": effect.get("verdict") if isinstance(effect, dict) else None,
+        "effect": _num(effect.get("delta_ppl")) if isinstance(effect, dict) else None,
+        "effect_ci": _ci(effect) if isinstance(effect, dict) else None,
+        "sink_before": _mean(_get(stats_ref, "heads", "sink_score")),
+        "sink_after": _mean(_get(stats_cand, "heads", "sink_score")),
+        "drain_before": _mean(_get(stats_ref, "heads", "value_drain")),
+        "drain_after": _mean(_get(stats_cand, "heads", "value_drain")),
+        "heads_woken": None if woken is None else len(woken),
+        "peak_before": _max(peak_profile(stats_ref)), "peak_after": _max(peak_profile(stats_cand)),
+        "simulated": bool(scheme.get("simulated")), "backend": backend, "protocol": protocol_label(record),
+        "run_id": str(record.get("run_id")), "created_at": str(record.get("created_at") or ""),
+    }
+
+
+def leaderboard(records: list[dict[str, Any]]) -> tuple[Any, list[dict[str, Any]], int]:
+    """-> (DataFrame, the records behind its rows, number of superseded records)."""
+    import pandas as pd
+
+    newest: dict[tuple[Any, ...], tuple[dict[str, Any], dict[str, Any]]] = {}
+    for record in records:
+        r = row(record)
+        key = tuple(r[k] for k in KEY)
+        if key not in newest or r["created_at"] >= newest[key][0]["created_at"]:
+            newest[key] = (r, record)
+    kept = sorted(newest.values(), key=lambda rr: (rr[0]["model"], rr[0]["corpus"], rr[0]["protocol"],
+                                                   rr[0]["mitigation"] != "none", rr[0]["scheme"], rr[0]["mitigation"]))
+    frame = pd.DataFrame([r for r, _ in kept], columns=list(COLUMNS))
+    return frame, [rec for _, rec in kept], len(records) - len(kept)
+
+
+# --------------------------------------------------------------------------- text formats
+
+
+def fmt(value: Any, digits: int | None) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if isinstance(value, tuple):
+        return "[" + ", ".join(fmt(v, digits) for v in value) + "]"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float) and digits is not None:
+        return f"{value:.{digits}g}" if value == 0 or 1e-3 <= abs(value) < 1e6 else f"{value:.2e}"
+    return str(value)
+
+
+def md_escape(text: str) -> str:
+    """Safe in a markdown table cell: no raw html, no column breaks."""
+    return html.escape(text).replace("|", "&#124;").replace("\n", " ")
+
+
+def to_markdown(frame: Any, failures: list[dict[str, Any]]) -> str:
+    protocols = sorted(set(frame["protocol"])) if len(frame) else []
+    lines = [f"Protocol: {md_escape('; '.join(protocols))}" if protocols else "No records.", ""]
+    headers = [COLUMNS[c][0] for c in MARKDOWN]
+    lines += ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    for _, r in frame.iterrows():
+        lines.append("| " + " | ".join(md_escape(fmt(r[c], COLUMNS[c][1])) for c in MARKDOWN) + " |")
+    if failures:
+        lines += ["", f"Failed runs ({len(failures)}):", ""]
+        lines += [f"- {md_escape(_failure_label(f))}: {md_escape(str(f.get('error', '')))}" for f in failures]
+    return "\n".join(lines) + "\n"
+
+
+def _failure_label(failure: dict[str, Any]) -> str:
+    c = failure.get("config") or {}
+    return " · ".join(str(c.get(k, "?")) for k in ("model", "corpus", "scheme", "mitigation"))
+
+
+def to_json(frame: Any, failures: list[dict[str, Any]], skipped: list[str], superseded: int) -> str:
+    rows = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in r.items()}
+            for r in frame.astype(object).where(frame.notna(), None).to_dict(orient="records")]
+    data = {"columns": {c: COLUMNS[c][0] for c in COLUMNS}, "rows": rows,
+            "failed": [{k: f.get(k) for k in ("run_id", "config", "error_type", "error", "created_at")}
+                       for f in failures],
+            "skipped_files": skipped, "superseded_records": superseded}
+    return json.dumps(data, indent=1, default=str) + "\n"
+
+
+# --------------------------------------------------------------------------- plots (matplotlib -> PNG)
+
+
+def _png(fig: Any) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=80, bbox_inches="tight")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def _subplots(n: int, width: float = 5.0, height: float = 3.6, cols: int = 2) -> tuple[Any, list[Any]]:
+    import matplotlib.pyplot as plt
+
+    cols = min(cols, n)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+    flat = list(axes.flat)
+    for ax in flat[n:]:
+        ax.set_visible(False)
+    return fig, flat[:n]
+
+
+def plot_ppl_vs_bits(frame: Any) -> bytes | None:
+    """Perplexity ratio to the reference vs nominal bits, one point per unmitigated scheme."""
+    data = frame[(frame["mitigation"] == "none") & frame["bits"].notna() & frame["ppl_ratio"].notna()]
+    if data.empty:
+        return None
+    corpora = list(dict.fromkeys(data["corpus"]))
+    fig, axes = _subplots(len(corpora))
+    for ax, corpus in zip(axes, corpora):
+        for model, part in data[data["corpus"] == corpus].groupby("model", sort=False):
+            ax.scatter(part["bits"], part["ppl_ratio"], label=model, s=36,
+                       marker="x" if part["simulated"].all() else "o")
+            for _, r in part.iterrows():
+                ax.annotate(r["scheme"], (r["bits"], r["ppl_ratio"]), fontsize=7, xytext=(3, 3),
+                            textcoords="offset points")
+        ax.set(title=f"{corpus}", xlabel="nominal weight bits", ylabel="ppl / reference ppl", yscale="log")
+        ax.axhline(1.0, color="black", lw=0.6)
+        ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def plot_before_after(frame: Any) -> bytes | None:
+    """Sink score, value drain and peak ratio: reference (dashed line) vs candidate (bars) per scheme."""
+    metrics = [("sink", "mean sink score"), ("drain", "mean value drain"), ("peak", "max peak ratio")]
+    data = frame[frame["mitigation"] == "none"]
+    models = [m for m in dict.fromkeys(data["model"])
+              if data[data["model"] == m][[f"{k}_after" for k, _ in metrics]].notna().any().any()]
+    if not models:
+        return None
+    fig, axes = _subplots(len(models) * len(metrics), width=4.6, cols=len(metrics))
+    for i, model in enumerate(models):
+        part = data[data["model"] == model]
+        schemes = list(dict.fromkeys(part["scheme"]))
+        corpora = list(dict.fromkeys(part["corpus"]))
+        width = 0.8 / max(len(corpora), 1)
+        for j, (key, title) in enumerate(metrics):
+            ax = axes[i * len(metrics) + j]
+            for k, corpus in enumerate(corpora):
+                sub = part[part["corpus"] == corpus].set_index("scheme").reindex(schemes)
+                xs = [x + k * width for x in range(len(schemes))]
+                bars = ax.bar(xs, sub[f"{key}_after"].astype(float), width, label=f"{corpus} after")
+                before = sub[f"{key}_before"].dropna()
+                if len(before):
+                    ax.axhline(float(before.iloc[0]), ls="--", lw=1, color=bars.patches[0].get_facecolor(),
+                               label=f"{corpus} before (reference)")
+            ax.set_xticks([x + width * (len(corpora) - 1) / 2 for x in range(len(schemes))], schemes,
+                          rotation=45, ha="right", fontsize=7)
+            ax.set_title(f"{model}: {title}", fontsize=9)
+            ax.legend(fontsize=6)
+    return _png(fig)
+
+
+def plot_peak_profile(frame: Any, records: list[dict[str, Any]]) -> bytes | None:
+    """Per-layer residual-state peak ratio: reference (black) and each unmitigated scheme."""
+    panels: dict[tuple[str, str], list[tuple[str, list[float | None], list[float | None]]]] = {}
+    for (_, r), record in zip(frame.iterrows(), records):
+        after = peak_profile(_get(record, "stats", "candidate"))
+        if r["mitigation"] == "none" and any(v is not None for v in after):
+            panels.setdefault((r["model"], r["corpus"]), []).append(
+                (r["scheme"], peak_profile(_get(record, "stats", "reference")), after))
+    if not panels:
+        return None
+    fig, axes = _subplots(len(panels))
+    for ax, ((model, corpus), lines) in zip(axes, panels.items()):
+        ref = lines[0][1]
+        ax.plot(range(len(ref)), [v if v is not None else math.nan for v in ref], color="black", lw=2.2,
+                label="reference")
+        for scheme, _, after in lines:
+            ax.plot(range(len(after)), [v if v is not None else math.nan for v in after], lw=1, label=scheme)
+        ax.set(title=f"{model} · {corpus}", xlabel="layer", ylabel="||h_0|| / median ||h_i||", yscale="log")
+        ax.legend(fontsize=6, ncol=2)
+    return _png(fig)
+
+
+def woken_counts(frame: Any, records: list[dict[str, Any]]) -> dict[str, tuple[Any, int]]:
+    """model -> (layer x head matrix: in how many unmitigated runs each head woke, number of runs)."""
+    import numpy as np
+
+    counts: dict[str, tuple[Any, int]] = {}
+    for (_, r), record in zip(frame.iterrows(), records):
+        woken = woken_heads(record)
+        shape = _get(record, "stats", "reference", "heads", "sink_score")
+        if r["mitigation"] != "none" or woken is None or not isinstance(shape, list) or not shape:
+            continue
+        layers, heads = len(shape), max(len(row) for row in shape)
+        matrix, n = counts.get(r["model"], (np.zeros((layers, heads)), 0))
+        for layer, head in woken:
+            if layer < matrix.shape[0] and head < matrix.shape[1]:
+                matrix[layer, head] += 1
+        counts[r["model"]] = (matrix, n + 1)
+    return counts
+
+
+def plot_woken_heatmap(frame: Any, records: list[dict[str, Any]]) -> bytes | None:
+    counts = woken_counts(frame, records)
+    if not counts:
+        return None
+    fig, axes = _subplots(len(counts), width=4.2, height=5.0)
+    for ax, (model, (matrix, n)) in zip(axes, counts.items()):
+        image = ax.imshow(matrix, aspect="auto", cmap="magma", vmin=0, vmax=max(1, n), origin="lower")
+        ax.set(title=f"{model}: heads woken ({int(matrix.sum())} in {n} runs)", xlabel="head", ylabel="layer")
+        fig.colorbar(image, ax=ax, label="runs in which the head woke")
+    return _png(fig)
+
+
+def plot_verdicts(frame: Any) -> bytes | None:
+    """Mitigation effect (Δppl vs the unmitigated scheme) with its 95% CI, colored by verdict;
+    and d_sink with its CI where recorded."""
+    effect = frame[frame["effect"].notna()]
+    sink = frame[frame["d_sink"].notna() & (frame["mitigation"] == "none")]
+    panels = [(effect, "effect", "effect_ci", "Δppl, mitigated - unmitigated (95% CI)"),
+              (sink, "d_sink", "d_sink_ci", "d_sink, nats/token (95% CI)")]
+    panels = [p for p in panels if not p[0].empty]
+    if not panels:
+        return None
+    height = max(3.0, 0.22 * max(len(p[0]) for p in panels) + 1.2)
+    fig, axes = _subplots(len(panels), width=7.0, height=height, cols=1)
+    for ax, (part, value, ci, title) in zip(axes, panels):
+        labels = [f"{r.model} · {r.corpus} · {r.scheme} · {r.mitigation}" for r in part.itertuples()]
+        for y, r in enumerate(part.to_dict(orient="records")):
+            color = VERDICT_COLORS.get(r["verdict"] or "", "#1565c0") if value == "effect" else "#1565c0"
+            lo, hi = r[ci] if isinstance(r[ci], tuple) else (r[value], r[value])
+            ax.errorbar(r[value], y, xerr=[[r[value] - lo], [hi - r[value]]], fmt="o", color=color, capsize=3)
+        ax.axvline(0, color="black", lw=0.6)
+        ax.set_yticks(range(len(labels)), labels, fontsize=7)
+        ax.invert_yaxis()
+        ax.set_title(title, fontsize=9)
+    return _png(fig)
+
+
+def plots(frame: Any, records: list[dict[str, Any]]) -> dict[str, bytes | None]:
+    """Title -> PNG (None when the records hold no data for it)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    text = {c: frame[c].map(lambda v: str(v).replace("$", r"\$")) for c in ("model", "corpus", "scheme", "mitigation")}
+    frame = frame.assign(**text)  # a '$' in a name is shown, not read as mathtext
+    with matplotlib.rc_context({"font.size": 8}):
+        return {
+            "Perplexity ratio vs bits, per scheme": plot_ppl_vs_bits(frame),
+            "Sink score / value drain / peak ratio before vs after, per scheme": plot_before_after(frame),
+            "Per-layer residual-state peak profile": plot_peak_profile(frame, records),
+            "Heads woken by quantization": plot_woken_heatmap(frame, records),
+            "Mitigation verdicts and sink damage, with 95% CIs": plot_verdicts(frame),
+        }
+
+
+# --------------------------------------------------------------------------- html
+
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#222;background:#fff}
+h1{font-size:22px}h2{font-size:17px;margin-top:28px}
+table{border-collapse:collapse;font-size:12px}th,td{border:1px solid #ccc;padding:3px 6px;text-align:right}
+th{background:#f0f0f0;cursor:pointer;position:sticky;top:0;user-select:none}td.t{text-align:left}td{white-space:nowrap}
+th.asc::after{content:" \\25B2"}th.desc::after{content:" \\25BC"}
+tr:nth-child(even){background:#fafafa}.helps{color:#2e7d32;font-weight:600}.hurts{color:#c62828;font-weight:600}
+.wrap{overflow-x:auto;max-height:720px}.note{color:#666;font-size:12px}figure{margin:12px 0}
+img{max-width:100%;border:1px solid #ddd}.fail td{background:#fff3f3}
+"""
+
+JS = """
+document.querySelectorAll('table.sortable th').forEach(function(th, col){
+  th.addEventListener('click', function(){
+    var table = th.closest('table'), body = table.tBodies[0];
+    var asc = !th.classList.contains('asc');
+    table.querySelectorAll('th').forEach(function(h){h.classList.remove('asc','desc');});
+    th.classList.add(asc ? 'asc' : 'desc');
+    var rows = Array.prototype.slice.call(body.rows);
+    rows.sort(function(a, b){
+      var x = a.cells[col].getAttribute('data-v'), y = b.cells[col].getAttribute('data-v');
+      var nx = parseFloat(x), ny = parseFloat(y);
+      if (x === '' && y !== '') return 1; if (y === '' && x !== '') return -1;
+      var c = (!isNaN(nx) && !isNaN(ny)) ? nx - ny : x.localeCompare(y);
+      return asc ? c : -c;
+    });
+    rows.forEach(function(r){ body.appendChild(r); });
+  });
+});
+var sortBy = location.hash.match(/sort=(-?)(\d+)/);  // e.g. leaderboard.html#sort=6, #sort=-6 descending
+if (sortBy) {
+  var th = document.querySelectorAll('#leaderboard th')[+sortBy[2]];
+  if (th) { th.click(); if (sortBy[1]) th.click(); }
+}
+"""
+
+
+def _cell(column: str, value: Any) -> str:
+    digits = COLUMNS[column][1]
+    text = fmt(value, digits)
+    sort = value[0] if isinstance(value, tuple) else value
+    sort_key = "" if sort is None or (isinstance(sort, float) and math.isnan(sort)) else str(sort)
+    cls = "t" if digits is None else ""
+    if column == "verdict" and text in VERDICT_COLORS:
+        cls += f" {text}"
+    return f'<td class="{cls.strip()}" data-v="{html.escape(sort_key)}">{html.escape(text)}</td>'
+
+
+def to_html(frame: Any, images: dict[str, bytes | None], failures: list[dict[str, Any]],
+            skipped: list[str], superseded: int) -> str:
+    head = "".join(f"<th>{html.escape(COLUMNS[c][0])}</th>" for c in COLUMNS)
+    body = "\n".join("<tr>" + "".join(_cell(c, r[c]) for c in COLUMNS) + "</tr>"
+                     for r in frame.to_dict(orient="records"))
+    protocols = "; ".join(sorted(set(frame["protocol"]))) if len(frame) else "no records"
+    parts = [
+        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+        '<meta http-equiv="Content-Security-Policy" content="default-src \'none\'; img-src data:; '
+        'style-src \'unsafe-inline\'; script-src \'unsafe-inline\'">',
+        "<title>quantsink leaderboard</title>", f"<style>{CSS}</style></head><body>",
+        "<h1>quantsink leaderboard</h1>",
+        f'<p class="note">{len(frame)} rows. Protocol: {html.escape(protocols)}. Click a column header to sort. '
+        "ppl ×ref = candidate / reference perplexity; sink = mean attention on key 0 over layers and heads; "
+        "drain = mean value-state drain; peak = largest residual-state peak ratio over layers; "
+        "Δppl vs unmitigated with its paired-bootstrap 95% CI gives the verdict.</p>",
+        f'<div class="wrap"><table class="sortable" id="leaderboard"><thead><tr>{head}</tr></thead>'
+        f"<tbody>\n{body}\n</tbody></table></div>",
+        _failures_html(failures), _notes_html(skipped, superseded), "<h2>Plots</h2>",
+    ]
+    for title, png in images.items():
+        if png is None:
+            parts.append(f'<h3>{html.escape(title)}</h3><p class="note">No data for this plot in these records.</p>')
+        else:
+            data = base64.b64encode(png).decode("ascii")
+            parts.append(f'<figure><h3>{html.escape(title)}</h3><img alt="{html.escape(title, quote=True)}" '
+                         f'src="data:image/png;base64,{data}"></figure>')
+    parts.append(f"<script>{JS}</script></body></html>")
+    return "\n".join(parts) + "\n"
+
+
+def _failures_html(failures: list[dict[str, Any]]) -> str:
+    if not failures:
+        return ""
+    rows = "".join(f'<tr class="fail"><td class="t">{html.escape(_failure_label(f))}</td>'
+                   f'<td class="t">{html.escape(str(f.get("error_type", "")))}</td>'
+                   f'<td class="t">{html.escape(str(f.get("error", "")))}</td></tr>' for f in failures)
+    return (f"<h2>Failed runs ({len(failures)})</h2><p class=\"note\">Recorded as &lt;run_id&gt;.failed; "
+            f"the next sweep retries them.</p><table id=\"failed\"><thead><tr><th>run</th><th>error type</th>"
+            f"<th>error</th></tr></thead><tbody>{rows}</tbody></table>")
+
+
+def _notes_html(skipped: list[str], superseded: int) -> str:
+    notes = [f"skipped: {s}" for s in skipped]
+    if superseded:
+        notes.append(f"{superseded} older record(s) superseded by newer runs of the same row")
+    return "".join(f'<p class="note">{html.escape(n)}</p>' for n in notes)
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+@dataclass
+class Written:
+    paths: list[Path] = field(default_factory=list)
+    n_records: int = 0
+    n_rows: int = 0
+    n_failures: int = 0
+    n_skipped: int = 0
+
+
+def read_results(results: str | Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """Every valid record; files skipped (invalid, newer schema) are returned and warned about."""
+    from .results import iter_records
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        records = list(iter_records(results))
+    skipped = [str(w.message) for w in caught]
+    for message in skipped:
+        warnings.warn(message, stacklevel=2)
+    return records, skipped
+
+
+def write_report(results: str | Path, out: str | Path) -> Written:
+    """results/ -> leaderboard.{md,csv,json,html} in ``out``."""
+    from .models import atomic_write_text
+    from .sweep import iter_failures
+
+    records, skipped = read_results(results)
+    failures = list(iter_failures(results))
+    frame, kept, superseded = leaderboard(records)
+    out = Path(out)
+    files = {
+        "leaderboard.md": to_markdown(frame, failures),
+        "leaderboard.csv": frame.assign(**{c: frame[c].map(lambda v: fmt(v, 6) if isinstance(v, tuple) else v)
+                                           for c in ("d_sink_ci", "effect_ci")}).to_csv(index=False),
+        "leaderboard.json": to_json(frame, failures, skipped, superseded),
+        "leaderboard.html": to_html(frame, plots(frame, kept), failures, skipped, superseded),
+    }
+    written = Written(n_records=len(records), n_rows=len(frame), n_failures=len(failures), n_skipped=len(skipped))
+    for name, text in files.items():
+        atomic_write_text(out / name, text)
+        (out / name).chmod(0o644)
+        written.paths.append(out / name)
+    return written

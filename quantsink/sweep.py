@@ -1,0 +1,572 @@
+"""Resumable grid sweeps: (model x corpus x scheme x mitigation) -> one record per run.
+
+A grid comes from the command line or a YAML file with the same keys::
+
+    models: [smollm2-135m, gemma3-270m]
+    corpora: [python-docs, python-code]
+    schemes: [int8, nf4]
+    mitigations: [none]
+    max_tokens: 2048          # any RunConfig field: common to every run
+    subgrids:                 # optional: blocks crossed with the top-level axes they do not set
+      - {schemes: [w8a8], mitigations: [none, sink-fp, sink-fp+smooth]}
+
+``+`` composes mitigations into one run (``sink-fp+smooth`` -> ``--mitigation sink-fp,smooth``);
+a comma separates grid entries.
+
+How a sweep stays correct when killed, restarted or run twice at once:
+
+* every run's ``run_id`` is computed *before* it runs (``run.planned_run_id``:
+  model file hash + corpus hash + config, no model load); a run whose record is
+  already in the store is skipped;
+* a run is claimed with a lock file created by ``os.open(O_CREAT | O_EXCL)``
+  holding the owner's pid (and process start time); a lock whose owner is dead
+  is broken, so a killed worker never blocks a later sweep;
+* the record is written atomically (``results.write_record``) *before* the lock
+  is released, and a claimant re-checks the store after claiming, so a run is
+  never written twice;
+* a failing run writes ``<run_id>.failed`` (JSON, not a record: readers of
+  ``*.json`` never see it) with its error; it is retried by the next sweep, not
+  by the one that recorded it;
+* runs of one (model, corpus, protocol) are adjacent, and the first of them is
+  run alone (a group lock) so the reference pass is computed once and then read
+  from the reference cache by every other run and worker.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+import time
+import traceback
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from .config import RunConfig, stable_hash
+from .errors import QuantsinkError, UsageError
+from .spec import split_specs
+
+AXES = {"models": "model", "corpora": "corpus", "schemes": "scheme", "mitigations": "mitigation"}
+SWEEP_KEYS = ("results", "jobs", "subgrids")
+Emit = Callable[..., None]
+RunFn = Callable[..., dict[str, Any]]
+
+
+# --------------------------------------------------------------------------- grid
+
+
+def common_fields() -> list[str]:
+    """RunConfig fields a grid may set for every run (all but the four axes)."""
+    return [f.name for f in dataclasses.fields(RunConfig) if f.name not in AXES.values()]
+
+
+def split_axis(axis: str, value: Any) -> tuple[str, ...]:
+    """One axis of a grid -> its entries.  A string is comma-separated (``key=value``
+    parts stay with their spec); a YAML list gives one entry per item.
+    Mitigations compose with ``+`` (and, inside a list item, with commas)."""
+    if isinstance(value, str):
+        items = [str(spec) for spec in split_specs(value)] if axis in ("schemes", "mitigations") \
+            else [v.strip() for v in value.split(",") if v.strip()]
+        items = [v.replace("+", ",") for v in items] if axis == "mitigations" else items
+        items = [",".join(str(s) for s in split_specs(v)) for v in items] if axis == "mitigations" else items
+    elif isinstance(value, list) and value and all(isinstance(v, (str, int, float)) for v in value):
+        items = [str(v).strip().replace("+", ",") if axis == "mitigations" else str(v).strip() for v in value]
+    else:
+        raise UsageError(f"grid key {axis!r}: give a list of names or a comma-separated string")
+    if not items or not all(items):
+        raise UsageError(f"grid key {axis!r} is empty: name at least one entry")
+    return tuple(dict.fromkeys(items))
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The axes, the options common to every run, and optional sub-grids."""
+
+    axes: dict[str, tuple[str, ...]]
+    common: dict[str, Any] = field(default_factory=dict)
+    subgrids: tuple[dict[str, tuple[str, ...]], ...] = ()
+
+    @classmethod
+    def from_mapping(cls, data: dict[str, Any], where: str = "grid") -> "Grid":
+        """Validate keys; axis values -> entries; the rest -> RunConfig overrides."""
+        if not isinstance(data, dict):
+            raise UsageError(f"{where}: expected a mapping of grid keys")
+        valid = list(AXES) + common_fields() + list(SWEEP_KEYS)
+        unknown = [k for k in data if k not in valid]
+        if unknown:
+            raise UsageError(f"{where}: unknown key {unknown[0]!r}; valid keys: {', '.join(valid)}")
+        axes = {a: split_axis(a, data[a]) for a in AXES if data.get(a) is not None}
+        common = {k: data[k] for k in common_fields() if data.get(k) is not None}
+        subgrids = tuple(_subgrid(sub, f"{where}: subgrids[{i}]") for i, sub in enumerate(data.get("subgrids") or []))
+        return cls(axes, common, subgrids)
+
+    def blocks(self) -> list[dict[str, tuple[str, ...]]]:
+        """Each sub-grid completed by the top-level axes (or the top level alone)."""
+        blocks = [{**self.axes, **sub} for sub in self.subgrids] or [dict(self.axes)]
+        defaults = {"models": ("smollm2-135m",), "corpora": ("python-docs",), "mitigations": ("none",)}
+        for block in blocks:
+            for axis in AXES:
+                if axis not in block and axis not in defaults:
+                    raise UsageError(f"the grid names no {axis}: give --{axis} or a {axis!r} key")
+                block.setdefault(axis, defaults.get(axis, ()))
+        return blocks
+
+    def configs(self, overrides: dict[str, Any] | None = None) -> list[RunConfig]:
+        """Every run of the grid, runs of one (model, corpus) adjacent, duplicates dropped."""
+        common = {**self.common, **(overrides or {})}
+        seen: dict[RunConfig, None] = {}
+        for block in self.blocks():
+            for model in block["models"]:
+                for corpus in block["corpora"]:
+                    for scheme in block["schemes"]:
+                        for mitigation in block["mitigations"]:
+                            config = RunConfig(**common, model=model, corpus=corpus,
+                                               scheme=scheme, mitigation=mitigation)
+                            seen.setdefault(config, None)
+        configs = list(seen)
+        first = {key: i for i, key in reversed(list(enumerate((c.model, c.corpus) for c in configs)))}
+        return sorted(configs, key=lambda c: first[(c.model, c.corpus)])
+
+
+def _subgrid(data: Any, where: str) -> dict[str, tuple[str, ...]]:
+    if not isinstance(data, dict) or not data:
+        raise UsageError(f"{where}: expected a mapping of axes ({', '.join(AXES)})")
+    unknown = [k for k in data if k not in AXES]
+    if unknown:
+        raise UsageError(f"{where}: unknown key {unknown[0]!r}; a sub-grid sets only {', '.join(AXES)}")
+    return {a: split_axis(a, v) for a, v in data.items()}
+
+
+def load_grid(path: str | Path) -> tuple[Grid, dict[str, Any]]:
+    """A YAML grid file -> (grid, sweep options ``results``/``jobs`` found in it)."""
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise QuantsinkError(f"grid file {str(path)!r} does not exist") from None
+    except yaml.YAMLError as err:
+        raise UsageError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    grid = Grid.from_mapping(data, str(path))
+    return grid, {k: data[k] for k in ("results", "jobs") if data.get(k) is not None}
+
+
+# --------------------------------------------------------------------------- plan
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    index: int
+    config: RunConfig
+    run_id: str
+    group: str  # runs sharing a reference pass (same model, corpus and protocol)
+
+    @property
+    def label(self) -> str:
+        c = self.config
+        return f"{c.model} · {c.corpus} · {c.scheme} · {c.mitigation}"
+
+
+def reference_group(config: RunConfig) -> str:
+    identity = {k: v for k, v in config.identity().items() if k not in ("scheme", "mitigation")}
+    return stable_hash(identity)
+
+
+def validate_names(configs: list[RunConfig]) -> None:
+    """Unknown scheme / mitigation / model names fail before anything runs (exit 2)."""
+    from .mitigations import parse_mitigations
+    from .schemes import parse_scheme
+
+    for text in dict.fromkeys(c.scheme for c in configs):
+        parse_scheme(text)
+    for text in dict.fromkeys(c.mitigation for c in configs):
+        parse_mitigations(text)
+
+
+def plan(configs: list[RunConfig], id_fn: Callable[[RunConfig], str] | None = None) -> list[PlannedRun]:
+    """Each config with its ``run_id`` (computed without loading any model)."""
+    if id_fn is None:
+        from .run import Session, planned_run_id
+
+        session = Session()
+        id_fn = lambda config: planned_run_id(config, session)  # noqa: E731
+    return [PlannedRun(i, c, id_fn(c), reference_group(c)) for i, c in enumerate(configs)]
+
+
+# --------------------------------------------------------------------------- locks
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time (Linux /proc), to tell a live owner from a reused pid."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _owner() -> dict[str, Any]:
+    return {"pid": os.getpid(), "host": socket.gethostname(), "start": _start_time(os.getpid())}
+
+
+def owner_alive(owner: dict[str, Any]) -> bool:
+    """Is the process that wrote a lock still running?  (Other hosts: assumed alive.)"""
+    if owner.get("host") != socket.gethostname():
+        return True
+    pid = int(owner.get("pid", 0))
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    start = _start_time(pid)
+    return owner.get("start") is None or start is None or start == owner["start"]
+
+
+def _read_owner(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+        return data if isinstance(data, dict) else {}
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}  # half-written by a process killed between create and write
+
+
+def try_lock(path: Path, grace_s: float = 10.0) -> bool:
+    """Create ``path`` exclusively (O_CREAT|O_EXCL) with our pid; break it once if its owner is dead."""
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            if not _break_if_stale(path, grace_s):
+                return False
+            continue
+        with os.fdopen(fd, "w") as handle:
+            json.dump(_owner(), handle)
+        return True
+    return False
+
+
+def _break_if_stale(path: Path, grace_s: float) -> bool:
+    """Remove a lock whose owner is dead.  A second lock (``.break``) serialises breakers,
+    so a lock re-created by a live process between our check and unlink is never removed."""
+    owner = _read_owner(path)
+    if owner is None:
+        return True  # released meanwhile
+    if _stale(path, owner, grace_s) is False:
+        return False
+    breaker = path.with_name(path.name + ".break")
+    try:
+        os.close(os.open(breaker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        if time.time() - _mtime(breaker) > 60:  # a breaker killed mid-break
+            breaker.unlink(missing_ok=True)
+        return False
+    try:
+        owner = _read_owner(path)
+        if owner is not None and _stale(path, owner, grace_s):
+            path.unlink(missing_ok=True)
+        return True
+    finally:
+        breaker.unlink(missing_ok=True)
+
+
+def _stale(path: Path, owner: dict[str, Any], grace_s: float) -> bool:
+    if not owner:  # unreadable: stale once older than the grace period
+        return time.time() - _mtime(path) > grace_s
+    return not owner_alive(owner)
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return time.time()
+
+
+def release(path: Path) -> None:
+    owner = _read_owner(path)
+    if owner is not None and owner.get("pid") == os.getpid():
+        path.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------- store
+
+
+@dataclass(frozen=True)
+class Store:
+    """The results directory: records, failure files, locks."""
+
+    root: Path
+
+    @property
+    def locks(self) -> Path:
+        return self.root / ".locks"
+
+    def record(self, run_id: str) -> Path:
+        return self.root / f"{run_id}.json"
+
+    def failure(self, run_id: str) -> Path:
+        return self.root / f"{run_id}.failed"
+
+    def has_record(self, run_id: str) -> bool:
+        return self.record(run_id).is_file()
+
+    def has_valid_record(self, run_id: str) -> bool:
+        from .results import find_record
+
+        return find_record(self.root, run_id) is not None
+
+    def failed_in(self, run_id: str, sweep: str) -> bool:
+        data = _read_owner(self.failure(run_id))
+        return bool(data) and data.get("sweep") == sweep
+
+    def warm(self, group: str) -> bool:
+        return (self.locks / f"group-{group}.warm").exists()
+
+    def mark_warm(self, group: str) -> None:
+        (self.locks / f"group-{group}.warm").touch()
+
+    def write_failure(self, run: PlannedRun, error: BaseException, sweep: str, seconds: float) -> None:
+        from .models import atomic_write_text
+
+        failure = {
+            "kind": "quantsink-failure", "run_id": run.run_id, "sweep": sweep,
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": round(seconds, 2),
+            "config": run.config.to_record(), "error_type": type(error).__name__,
+            "error": str(error).splitlines()[0] if str(error) else type(error).__name__,
+            "traceback": "".join(traceback.format_exception(error))[-4000:],
+        }
+        atomic_write_text(self.failure(run.run_id), json.dumps(failure, indent=1) + "\n")
+
+
+def iter_failures(results_dir: str | Path) -> Iterable[dict[str, Any]]:
+    """Failure files of runs that have no record (a later success supersedes them)."""
+    root = Path(results_dir)
+    for path in sorted(root.glob("*.failed")) if root.is_dir() else []:
+        data = _read_owner(path)
+        if data and data.get("kind") == "quantsink-failure" and not (root / f"{path.stem}.json").exists():
+            yield data
+
+
+# --------------------------------------------------------------------------- work
+
+
+def default_run(config: RunConfig, *, session: Any, progress: Any) -> dict[str, Any]:
+    """The real run: ``quantsink.run.run`` with a per-worker Session (models loaded once)."""
+    from .run import run
+
+    return run(config, session=session, progress=progress, write=False)
+
+
+def _ordered(pending: list[PlannedRun], current: str | None, worker: int) -> list[PlannedRun]:
+    """The current group first, then groups rotated by worker (workers start apart)."""
+    groups = list(dict.fromkeys(p.group for p in pending))
+    shift = worker % len(groups) if groups else 0
+    rank = {g: i for i, g in enumerate(groups[shift:] + groups[:shift])}
+    return sorted(pending, key=lambda p: (p.group != current, rank[p.group], p.index))
+
+
+def work(todo: list[PlannedRun], results: str | Path, *, sweep: str, emit: Emit,
+         run_fn: RunFn = default_run, worker: int = 0, poll_s: float = 0.5) -> None:
+    """Claim and execute runs until every one has a record, a failure from this sweep,
+    or is gone; waits (polling) on runs other processes hold."""
+    store = Store(Path(results))
+    store.locks.mkdir(parents=True, exist_ok=True)
+    session = _new_session(run_fn)
+    pending, current = list(todo), None
+    while pending:
+        pending = [p for p in pending if not _settled(p, store, sweep, emit, worker)]
+        ran = None
+        for p in _ordered(pending, current, worker):
+            if _claim_and_run(p, store, sweep, emit, run_fn, session, worker):
+                ran = p
+                break
+        if ran is not None:
+            current = ran.group
+            pending.remove(ran)
+        elif pending:
+            time.sleep(poll_s)
+
+
+def _new_session(run_fn: RunFn) -> Any:
+    if run_fn is default_run:
+        from .run import Session
+
+        return Session()
+    return None
+
+
+def _settled(p: PlannedRun, store: Store, sweep: str, emit: Emit, worker: int) -> bool:
+    if store.has_record(p.run_id):
+        emit("elsewhere", worker, p.index)
+        return True
+    if store.failed_in(p.run_id, sweep):
+        emit("elsewhere", worker, p.index)
+        return True
+    return False
+
+
+def _claim_and_run(p: PlannedRun, store: Store, sweep: str, emit: Emit, run_fn: RunFn,
+                   session: Any, worker: int) -> bool:
+    """Run ``p`` if we can claim it (and, for a cold group, its reference); -> ran?"""
+    group_lock = None
+    if not store.warm(p.group):
+        group_lock = store.locks / f"group-{p.group}.lock"
+        if not try_lock(group_lock):
+            return False
+    run_lock = store.locks / f"{p.run_id}.lock"
+    try:
+        if not try_lock(run_lock):
+            return False
+        try:
+            if store.has_record(p.run_id):  # finished by another process since we looked
+                return False
+            execute(p, store, sweep, emit, run_fn, session, worker)
+            store.mark_warm(p.group)
+            return True
+        finally:
+            release(run_lock)
+    finally:
+        if group_lock is not None:
+            release(group_lock)
+
+
+def execute(p: PlannedRun, store: Store, sweep: str, emit: Emit, run_fn: RunFn,
+            session: Any, worker: int) -> None:
+    """One run -> its record (atomic) or its failure file; never raises for a run's error."""
+    from .results import write_record
+
+    emit("start", worker, p.index, p.label)
+
+    def progress(stage: str, total: int) -> Callable[[int], None]:
+        emit("stage", worker, stage, total)
+        return lambda n: emit("advance", worker, n)
+
+    t0 = time.perf_counter()
+    try:
+        record = run_fn(p.config, session=session, progress=progress)
+        if record.get("run_id") != p.run_id:
+            write_record(record, store.root)
+            raise QuantsinkError(f"record run_id {record.get('run_id')} != planned {p.run_id}: "
+                                 f"quantsink.run.planned_run_id is out of sync with run_id (a bug)")
+        record.pop("path", None)
+        write_record(record, store.root)
+        store.failure(p.run_id).unlink(missing_ok=True)
+        emit("end", worker, p.index, "done", time.perf_counter() - t0, "")
+    except Exception as error:  # noqa: BLE001 - any run's failure is recorded, the grid goes on
+        store.write_failure(p, error, sweep, time.perf_counter() - t0)
+        emit("end", worker, p.index, "failed", time.perf_counter() - t0, str(error).splitlines()[0] if str(error) else type(error).__name__)
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def _worker_main(todo: list[PlannedRun], results: str, sweep: str, run_fn: RunFn, worker: int,
+                 threads: int, queue: Any) -> None:
+    """Entry point of a spawned worker process: its own Session, events to ``queue``."""
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    if run_fn is default_run:  # share the cores between workers; keep library chatter off the bar
+        from .cli import quiet_libraries
+
+        quiet_libraries()
+        import torch
+
+        torch.set_num_threads(threads)
+    work(todo, results, sweep=sweep, emit=lambda *event: queue.put(event), run_fn=run_fn, worker=worker)
+
+
+def run_parallel(todo: list[PlannedRun], results: str | Path, *, sweep: str, emit: Emit,
+                 run_fn: RunFn, jobs: int) -> list[int]:
+    """``jobs`` spawned worker processes; their events are forwarded to ``emit``.
+    Returns the exit codes of workers that died abnormally."""
+    import multiprocessing as mp
+    import queue as queue_mod
+
+    ctx = mp.get_context("spawn")
+    events = ctx.Queue()
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    procs = [ctx.Process(target=_worker_main, args=(todo, str(results), sweep, run_fn, w, threads, events),
+                         name=f"quantsink-sweep-{w}") for w in range(jobs)]
+    for proc in procs:
+        proc.start()
+    try:
+        while any(proc.is_alive() for proc in procs) or not events.empty():
+            try:
+                emit(*events.get(timeout=0.2))
+            except queue_mod.Empty:
+                pass
+    finally:
+        for proc in procs:
+            if proc.is_alive():
+                proc.terminate()
+            proc.join()
+    return [proc.exitcode for proc in procs if proc.exitcode not in (0, None)]
+
+
+# --------------------------------------------------------------------------- sweep
+
+
+@dataclass
+class Summary:
+    """What a sweep did; ``ok`` when every run of the grid has a record at the end."""
+
+    total: int
+    skipped: int
+    retried: int
+    done: list[tuple[str, float]] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    elsewhere: int = 0
+    missing: list[str] = field(default_factory=list)
+    crashed_workers: list[int] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed and not self.missing and not self.crashed_workers
+
+
+def sweep(planned: list[PlannedRun], results: str | Path, *, jobs: int = 1, run_fn: RunFn = default_run,
+          emit: Emit | None = None) -> Summary:
+    """Run every planned run that has no valid record in ``results``."""
+    store = Store(Path(results))
+    store.root.mkdir(parents=True, exist_ok=True)
+    todo = [p for p in planned if not store.has_valid_record(p.run_id)]
+    retried = sum(store.failure(p.run_id).exists() for p in todo)
+    summary = Summary(total=len(planned), skipped=len(planned) - len(todo), retried=retried)
+    labels = {p.index: p.label for p in planned}
+    finished: dict[int, str] = {}  # index -> done | failed | elsewhere (each run counted once)
+
+    def collect(kind: str, worker: int, *args: Any) -> None:
+        if kind == "end":
+            index, status, seconds, error = args
+            if finished.get(index) == "elsewhere":  # another worker saw our record before our event
+                summary.elsewhere -= 1
+            finished[index] = status
+            (summary.done.append((labels[index], seconds)) if status == "done"
+             else summary.failed.append((labels[index], error)))
+        elif kind == "elsewhere":
+            if args[0] in finished:
+                return
+            finished[args[0]] = kind
+            summary.elsewhere += 1
+        if emit is not None:
+            emit(kind, worker, *args)
+            if kind in ("end", "elsewhere"):
+                emit("completed", worker, len(finished))
+
+    token = uuid.uuid4().hex
+    if todo and jobs > 1:
+        summary.crashed_workers = run_parallel(todo, results, sweep=token, emit=collect, run_fn=run_fn,
+                                               jobs=min(jobs, len(todo)))
+    elif todo:
+        work(todo, results, sweep=token, emit=collect, run_fn=run_fn)
+    failed_ids = {p.run_id for p in todo if store.failed_in(p.run_id, token)}
+    summary.missing = [p.label for p in todo if not store.has_record(p.run_id) and p.run_id not in failed_ids]
+    return summary

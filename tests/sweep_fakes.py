@@ -1,0 +1,69 @@
+"""A fast, fake run function for sweep tests (importable by spawned workers).
+
+Behaviour is driven by the scheme name and environment variables, so it survives
+``spawn``: ``QS_FAKE_LOG`` (append ``start|end run_id pid time`` lines),
+``QS_FAKE_SLEEP`` (seconds per run), ``QS_FAKE_KILL`` (a scheme at which the process
+exits mid-run, like a kill), and schemes containing ``fail`` raise unless
+``QS_FAKE_HEAL`` is set.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Any
+
+from quantsink.config import RunConfig, stable_hash
+from quantsink.errors import QuantsinkError
+from quantsink.results import SCHEMA_VERSION
+
+
+def fake_id(config: RunConfig) -> str:
+    return stable_hash(config.identity())
+
+
+def _log(event: str, run_id: str) -> None:
+    path = os.environ.get("QS_FAKE_LOG")
+    if path:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        os.write(fd, f"{event} {run_id} {os.getpid()} {time.time():.6f}\n".encode())
+        os.close(fd)
+
+
+def fake_run(config: RunConfig, *, session: Any, progress: Any) -> dict[str, Any]:
+    run_id = fake_id(config)
+    _log("start", run_id)
+    tick = progress("candidate", 2)
+    time.sleep(float(os.environ.get("QS_FAKE_SLEEP", "0")))
+    tick(1)
+    if os.environ.get("QS_FAKE_KILL") and config.scheme == os.environ["QS_FAKE_KILL"]:
+        sys.stdout.flush()
+        os._exit(3)  # no cleanup, no finally: what SIGKILL leaves behind
+    if "fail" in config.scheme and not os.environ.get("QS_FAKE_HEAL"):
+        raise QuantsinkError(f"scheme {config.scheme} exploded")
+    tick(1)
+    _log("end", run_id)
+    return {"schema_version": SCHEMA_VERSION, "run_id": run_id, "created_at": "2026-11-28T16:00:00+00:00",
+            "config": config.to_record(), "model": {"name": config.model}, "corpus": {"name": config.corpus},
+            "protocol": {"window": config.window}, "scheme": {"name": config.scheme, "spec": config.scheme},
+            "mitigation": [], "reference": {"ppl": 10.0}, "candidate": {"ppl": 11.0}}
+
+
+def read_log(path: str) -> list[tuple[str, str, int, float]]:
+    out = []
+    for line in open(path).read().splitlines():
+        event, run_id, pid, t = line.split()
+        out.append((event, run_id, int(pid), float(t)))
+    return out
+
+
+def sweep_main(results: str, schemes: str, jobs: int = 1) -> None:
+    """Entry for a sweep in a subprocess: ``python -c 'import sweep_fakes; sweep_fakes.sweep_main(...)'``."""
+    from quantsink.sweep import Grid, plan, sweep
+
+    configs = Grid.from_mapping({"models": "m1,m2", "corpora": "c1", "schemes": schemes}).configs({"results": results})
+    summary = sweep(plan(configs, fake_id), results, jobs=jobs, run_fn=fake_run)
+    print(f"ran={len(summary.done)} skipped={summary.skipped} failed={len(summary.failed)} "
+          f"elsewhere={summary.elsewhere} missing={len(summary.missing)}")
+    sys.exit(0 if summary.ok else 1)
