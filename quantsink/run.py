@@ -23,7 +23,7 @@ from .config import EVALUATOR_VERSION, RunConfig, __version__, stable_hash
 from .corpus import Corpus, Windows, load_corpus, sliding_windows, tokenize
 from .errors import QuantsinkError
 from .evaluate import PassResult, ReferenceHead, run_pass
-from .mitigations import Mitigation, parse_mitigations
+from .mitigations import MitigationStack, canonical_mitigation, parse_mitigations
 from .models import LoadedModel, load_model
 from .results import SCHEMA_VERSION, write_record
 from .schemes import QuantContext, Scheme, parse_scheme
@@ -61,7 +61,7 @@ class Prepared:
 
     config: RunConfig
     scheme: Scheme
-    mitigations: list[Mitigation]
+    mitigations: MitigationStack
     loaded: LoadedModel
     corpus: Corpus
     windows: Windows
@@ -86,6 +86,8 @@ def bos_token(tokenizer: Any, policy: str) -> int | None:
 def prepare(config: RunConfig, session: Session) -> Prepared:
     scheme = parse_scheme(config.scheme)  # validate names before any slow step
     mitigations = parse_mitigations(config.mitigation)
+    for mitigation in mitigations:
+        mitigation.check(scheme)  # refuse what cannot apply, with a one-line reason
     timing: dict[str, float] = {}
     t0 = time.perf_counter()
     corpus = session.corpus(config.corpus)
@@ -117,7 +119,9 @@ def prepare(config: RunConfig, session: Session) -> Prepared:
         "kl": "exact KL(reference || candidate) over the full vocabulary, mean per scored token",
         "evaluator_version": EVALUATOR_VERSION,
     }
-    return Prepared(config, scheme, mitigations, loaded, corpus, windows, calibration, protocol, timing)
+    stack = MitigationStack.of(mitigations, reference=loaded.model, tokenizer=loaded.tokenizer, scheme=scheme,
+                               calibration=calibration)
+    return Prepared(config, scheme, stack, loaded, corpus, windows, calibration, protocol, timing)
 
 
 def reference_key(prep: Prepared) -> str:
@@ -141,25 +145,20 @@ def reference_pass(prep: Prepared, progress: Progress) -> tuple[PassResult, bool
 
 def build_candidate(prep: Prepared) -> tuple[Any, dict[str, Any]]:
     """Copy the reference, apply mitigations' model transforms, then the scheme."""
-    ctx = QuantContext(calibration=prep.calibration)
+    ctx = QuantContext(calibration=lambda: prep.mitigations.windows(prep.calibration()))
     model = copy.deepcopy(prep.loaded.model)
-    for mitigation in prep.mitigations:
-        model = mitigation.prepare(model, ctx)
-        ctx = mitigation.quant_context(ctx)
+    model, ctx = prep.mitigations.prepare(model, ctx)
     model = prep.scheme.apply(model, ctx)
     model.eval()
     return model, ctx.notes
 
 
 def candidate_pass(prep: Prepared, model: Any, reference: PassResult, progress: Progress) -> PassResult:
-    windows = prep.windows
-    for mitigation in prep.mitigations:
-        windows = mitigation.transform_windows(windows, prep.loaded.tokenizer)
-    from contextlib import ExitStack
-
-    with ExitStack() as stack:
-        for mitigation in prep.mitigations:
-            stack.enter_context(mitigation.attach(model))
+    windows = prep.mitigations.windows(prep.windows)
+    if not torch.equal(windows.scored[:, 1:].sum(1), prep.windows.scored[:, 1:].sum(1)):
+        raise QuantsinkError("a mitigation changed which tokens are scored; the candidate cannot be "
+                             "paired with the reference (a bug in that mitigation)")
+    with prep.mitigations.attach(model):
         result = run_pass(model, windows, reference=reference.targets,
                           reference_head=ReferenceHead.of(prep.loaded.model),
                           batch_tokens=prep.config.batch_tokens, progress=progress("candidate", len(windows)))
@@ -184,9 +183,12 @@ def environment(device: Any) -> dict[str, Any]:
             "device": str(device), "cuda": torch.version.cuda, "os": platform.platform()}
 
 
+def config_run_id(config: RunConfig, model_sha256: str, corpus_sha256: str) -> str:
+    return stable_hash(config.identity(), model_sha256, corpus_sha256, __version__, EVALUATOR_VERSION)
+
+
 def run_id(prep: Prepared) -> str:
-    return stable_hash(prep.config.identity(), prep.loaded.info.sha256, prep.corpus.sha256,
-                       __version__, EVALUATOR_VERSION)
+    return config_run_id(prep.config, prep.loaded.info.sha256, prep.corpus.sha256)
 
 
 def make_record(prep: Prepared, reference: PassResult, ref_cached: bool, candidate: PassResult,
@@ -203,7 +205,7 @@ def make_record(prep: Prepared, reference: PassResult, ref_cached: bool, candida
                    "n_documents": len(prep.corpus.documents), "n_tokens": prep.protocol["tokens"]},
         "protocol": prep.protocol,
         "scheme": {**prep.scheme.record(), "applied": notes},
-        "mitigation": [m.record() for m in prep.mitigations],
+        "mitigation": prep.mitigations.record(),
         "reference": {**reference.summary(), "cached": ref_cached},
         "candidate": candidate.summary(),
         "timing": {**timing, "candidate_tokens_per_s": n_tok / max(timing.get("candidate_s", 0), 1e-9)},
@@ -213,8 +215,25 @@ def make_record(prep: Prepared, reference: PassResult, ref_cached: bool, candida
 
 def run(config: RunConfig, *, session: Session | None = None, progress: Progress = _no_progress,
         write: bool = True) -> dict[str, Any]:
-    """Evaluate ``config.scheme`` against the reference; return (and write) the record."""
+    """Evaluate ``config.scheme`` against the reference; return (and write) the record.
+
+    The record also carries ``mitigation_effect`` (vs the same scheme without
+    mitigation) and ``d_sink`` (activation/KV schemes); the passes they need
+    are reused from the results store or run and stored (``effects.annotate``).
+    """
+    from .effects import annotate
+
     session = session or Session()
+    config = config.replace(mitigation=canonical_mitigation(config.mitigation))
+    record = evaluate(config, session, progress)
+    annotate(record, config, lambda variant: evaluate(variant, session, progress), write=write)
+    if write:
+        record["path"] = str(write_record(record, config.results))
+    return record
+
+
+def evaluate(config: RunConfig, session: Session, progress: Progress = _no_progress) -> dict[str, Any]:
+    """One reference-vs-candidate comparison -> the bare record (nothing written)."""
     prep = prepare(config, session)
     timing = dict(prep.timing)
     t0 = time.perf_counter()
@@ -227,10 +246,7 @@ def run(config: RunConfig, *, session: Session | None = None, progress: Progress
     candidate = candidate_pass(prep, model, reference, progress)
     timing["candidate_s"] = time.perf_counter() - t0
     del model
-    record = make_record(prep, reference, ref_cached, candidate, notes, timing)
-    if write:
-        record["path"] = str(write_record(record, config.results))
-    return record
+    return make_record(prep, reference, ref_cached, candidate, notes, timing)
 
 
 def threads_note() -> str:
