@@ -32,13 +32,31 @@ class QuantContext:
 
     ``calibration`` returns calibration windows (drawn lazily, disjoint from the
     evaluation windows); ``keep_fp_positions`` are sequence positions that
-    mitigations ask to keep in full precision; ``filter_fn`` picks the modules.
+    mitigations ask to keep in full precision, and ``keep_fp`` a more general
+    hook: input ids ``(B, T)`` -> bool mask ``(B, T)`` of positions to keep (e.g.
+    detected extreme tokens); kept positions are neither quantized nor counted in
+    any activation/KV range.  ``filter_fn`` picks the modules.
     """
 
     calibration: Callable[[], Any] | None = None
     keep_fp_positions: tuple[int, ...] = ()
+    keep_fp: Callable[[Any], Any] | None = None
     filter_fn: FilterFn = default_filter
     notes: dict[str, Any] = field(default_factory=dict)  # what was actually done, for the record
+
+    def keep_fp_mask(self, input_ids: Any, offset: int = 0) -> Any:
+        """``(B, T)`` bool: positions kept in full precision (None when there are none).
+        ``offset``: absolute position of ``input_ids[:, 0]`` (tokens already in a KV cache)."""
+        if not self.keep_fp_positions and self.keep_fp is None:
+            return None
+        import torch
+
+        mask = torch.zeros(input_ids.shape, dtype=torch.bool, device=input_ids.device)  # (B, T)
+        positions = [p - offset for p in self.keep_fp_positions if 0 <= p - offset < mask.shape[1]]
+        mask[:, positions] = True
+        if self.keep_fp is not None:
+            mask |= self.keep_fp(input_ids).to(device=mask.device, dtype=torch.bool)
+        return mask
 
 
 @dataclass(frozen=True)
@@ -56,6 +74,10 @@ class Scheme:
 
     def apply(self, model: Any, ctx: QuantContext) -> Any:
         raise NotImplementedError
+
+    def spec_key(self, key: str) -> str:
+        """The field a spec-string key names (a preset may accept a short alias)."""
+        return key
 
     def backend_version(self) -> str:
         import importlib.metadata as md
@@ -88,7 +110,8 @@ def parse_scheme(text: str) -> Scheme:
     spec = parse_spec(text)
     entry = SCHEMES.entry(spec.name)
     base = entry.obj
-    return build(type(base), Spec(entry.name, spec.params), base=base)
+    params = tuple((base.spec_key(k), v) for k, v in spec.params)
+    return build(type(base), Spec(entry.name, params), base=base)
 
 
 def replace_linears(model: Any, ctx: QuantContext, make: Callable[[Any], Any]) -> list[str]:
@@ -105,4 +128,4 @@ def all_fields(config: Any) -> dict[str, Any]:
     return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
 
 
-from . import bnb, floating  # noqa: E402,F401  (register the presets)
+from . import bnb, floating, simulated  # noqa: E402,F401  (register the presets)

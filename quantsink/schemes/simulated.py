@@ -1,0 +1,310 @@
+"""Simulated (fake) quantization: weights + activations + KV cache, each optional.
+
+No CPU kernel library offers int8/int4 activation and KV-cache quantization in
+the forms we need, so, as LLMC, QuaRot, SmoothQuant and qllm-eval evaluate them,
+tensors are quantized and immediately de-quantized (``quant.fake_quant``) and the
+matmuls run in the model's float dtype.  Every record says ``simulated: true``.
+
+Where each part acts (small wrapper modules, optimum-quanto style):
+
+* weights: each ``ctx.filter_fn``-selected ``nn.Linear`` (default: all but
+  ``lm_head``) becomes a ``QuantLinear`` holding its fake-quantized weight;
+* activations: ``QuantLinear.input_quantizer`` quantizes the Linear's input
+  (site ``<fqn>.input_quantizer``, e.g. ``model.layers.3.mlp.down_proj.input_quantizer``:
+  a stats hook there sees the quantized activations);
+* KV cache: ``k_proj`` / ``v_proj`` of every attention module get an
+  ``output_quantizer``: keys are quantized BEFORE the rotary embedding.
+
+Positions that ``ctx`` keeps in full precision (``keep_fp_positions`` / ``keep_fp``)
+pass through every activation and KV quantizer unchanged and are left out of
+dynamic ranges and static calibration ranges.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import nn
+
+from ..errors import QuantsinkError
+from ..quant import fake_quant, qparams, quant_dequant
+from . import QuantContext, Scheme, register
+
+
+class KeepFp:
+    """Shared by every quantizer of one model: the ``(B, T)`` keep mask of the current forward,
+    set by a forward pre-hook on the model from its input ids."""
+
+    def __init__(self, mask_fn: Any):
+        self.mask_fn = mask_fn
+        self.mask: torch.Tensor | None = None
+
+    def hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        past = kwargs.get("past_key_values")
+        offset = past.get_seq_length() if past is not None and hasattr(past, "get_seq_length") else 0
+        self.mask = None if ids is None else self.mask_fn(ids, offset)
+
+    def rows(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The mask when it matches ``x``'s ``(B, T)`` (else None)."""
+        mask = self.mask
+        return mask.to(x.device) if mask is not None and mask.shape == x.shape[:-1] else None
+
+
+class ActQuantizer(nn.Module):
+    """Input quantizer of a Linear: dynamic (per sequence or per token) or static per-tensor."""
+
+    def __init__(self, bits: int, sym: bool, mode: str, gran: str, keep: KeepFp):
+        super().__init__()
+        self.bits, self.sym, self.mode, self.gran, self.keep = bits, sym, mode, gran, keep
+        self.observing = False
+        self.register_buffer("lo", torch.tensor(0.0))  # static range, 0 included
+        self.register_buffer("hi", torch.tensor(0.0))
+        self.calibrated = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C)
+        keep = self.keep.rows(x)  # (B, T) or None
+        if self.observing:
+            masked = x if keep is None else x.masked_fill(keep[..., None], 0)
+            self.lo = torch.minimum(self.lo, masked.min().float())
+            self.hi = torch.maximum(self.hi, masked.max().float())
+            return x
+        if self.mode == "dynamic":
+            return fake_quant(x, self.bits, sym=self.sym, gran={"tensor": "tensor", "token": "row"}[self.gran],
+                              keep=keep)
+        if not self.calibrated:
+            raise QuantsinkError("static activation quantizer used before calibration")
+        scale, zero = qparams(self.lo, self.hi, self.bits, self.sym)
+        out = quant_dequant(x, scale, zero, self.bits, self.sym)
+        return out if keep is None else torch.where(keep[..., None], x, out)
+
+    def extra_repr(self) -> str:
+        return f"int{self.bits} {'sym' if self.sym else 'asym'} {self.mode} per-{self.gran}"
+
+
+class KVQuantizer(nn.Module):
+    """Output quantizer of k_proj / v_proj ``(B, T, H*D)``: per token (groups of ``group``
+    channels, default one head) or per channel (over blocks of ``group`` tokens, default the window)."""
+
+    def __init__(self, bits: int, sym: bool, gran: str, group: int | None, keep: KeepFp):
+        super().__init__()
+        self.bits, self.sym, self.gran, self.group, self.keep = bits, sym, gran, group, keep
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, H*D)
+        gran = {"token": "row", "channel": "column"}[self.gran]
+        return fake_quant(x, self.bits, sym=self.sym, gran=gran, group=self.group, keep=self.keep.rows(x))
+
+    def extra_repr(self) -> str:
+        return f"int{self.bits} {'sym' if self.sym else 'asym'} per-{self.gran} group={self.group}"
+
+
+class QuantLinear(nn.Linear):
+    """A Linear with a fake-quantized weight, an ``input_quantizer`` and an ``output_quantizer``."""
+
+    def __init__(self, linear: nn.Linear, weight: torch.Tensor):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias = linear.bias
+        self.input_quantizer: nn.Module = nn.Identity()
+        self.output_quantizer: nn.Module = nn.Identity()
+        self.weight_quantized = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.output_quantizer(nn.functional.linear(self.input_quantizer(x), self.weight, self.bias))
+
+
+def quantizers(model: nn.Module, kind: type = nn.Module) -> dict[str, nn.Module]:
+    """``{fqn: quantizer}`` of every activation / KV quantizer in ``model`` (of type ``kind``)."""
+    return {fqn: m for fqn, m in model.named_modules() if isinstance(m, (ActQuantizer, KVQuantizer))
+            and isinstance(m, kind)}
+
+
+def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Attention modules found generically: those with ``k_proj`` and ``v_proj`` Linear children."""
+    return [(fqn, m) for fqn, m in model.named_modules()
+            if isinstance(getattr(m, "k_proj", None), nn.Linear) and isinstance(getattr(m, "v_proj", None), nn.Linear)]
+
+
+def head_dim(model: nn.Module, attention: nn.Module) -> int:
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return getattr(attention, "head_dim", None) or getattr(config, "head_dim", None) or \
+        config.hidden_size // config.num_attention_heads
+
+
+@dataclass(frozen=True)
+class Simulated(Scheme):
+    """Composed fake quantization; ``None`` bits leave a part in float.
+
+    Weights: ``w_gran`` channel (one range per output channel), group (blocks of
+    ``w_group`` input channels) or tensor.  Activations (Linear inputs): dynamic
+    per-tensor (one range per sequence), dynamic per-token, or static per-tensor
+    (ranges calibrated on the calibration windows).  KV: keys (``k_gran``) and
+    values (``v_gran``) per token (groups of ``kv_group`` channels, default one
+    head) or per channel (blocks of ``kv_group`` tokens, default the window).
+    """
+
+    w_bits: int | None = None
+    w_gran: Literal["channel", "group", "tensor"] = "channel"
+    w_group: int = 128
+    w_sym: bool = True
+    act_bits: int | None = None
+    act_mode: Literal["static", "dynamic"] = "dynamic"
+    act_gran: Literal["tensor", "token"] = "tensor"
+    act_sym: bool = True
+    kv_bits: int | None = None
+    k_gran: Literal["token", "channel"] = "token"
+    v_gran: Literal["token", "channel"] = "token"
+    kv_group: int | None = None
+    kv_sym: bool = False
+    simulated: ClassVar[bool] = True
+    backend: ClassVar[str] = "torch"
+
+    def __post_init__(self) -> None:
+        for part in ("w_bits", "act_bits", "kv_bits"):
+            bits = getattr(self, part)
+            if bits is not None and not 2 <= bits <= 8:
+                raise ValueError(f"{part} must be in 2..8 (or none), got {bits}")
+        if self.w_bits is None and self.act_bits is None and self.kv_bits is None:
+            raise ValueError("nothing to quantize: set w_bits, act_bits or kv_bits")
+        if self.act_mode == "static" and self.act_gran != "tensor":
+            raise ValueError("act_mode=static supports act_gran=tensor only (use act_mode=dynamic for per-token)")
+        if self.w_group < 1 or (self.kv_group is not None and self.kv_group < 1):
+            raise ValueError("group sizes must be >= 1")
+
+    @property
+    def bits(self) -> float:
+        return float(self.w_bits or 32)
+
+    def spec_key(self, key: str) -> str:
+        """``group`` names the group size of the part this preset quantizes group-wise."""
+        if key != "group":
+            return key
+        grouped_w = self.w_bits is not None and self.w_gran == "group"
+        if grouped_w and self.kv_bits is not None:
+            return key  # ambiguous: build() will list w_group and kv_group
+        return "w_group" if grouped_w else "kv_group"
+
+    def backend_version(self) -> str:
+        return torch.__version__
+
+    def parts(self) -> dict[str, str | None]:
+        sym = {True: "sym", False: "asym"}
+        w = self.w_bits and (f"int{self.w_bits} {sym[self.w_sym]} per-{self.w_gran}"
+                             + (f" g{self.w_group}" if self.w_gran == "group" else ""))
+        a = self.act_bits and f"int{self.act_bits} {sym[self.act_sym]} {self.act_mode} per-{self.act_gran}"
+        kv = self.kv_bits and (f"int{self.kv_bits} {sym[self.kv_sym]} keys per-{self.k_gran}, values per-"
+                               f"{self.v_gran}, group {self.kv_group or 'default'}; k_proj/v_proj outputs "
+                               f"(keys quantized before the rotary embedding)")
+        return {"weights": w or None, "activations": a or None, "kv": kv or None}
+
+    def record(self) -> dict[str, Any]:
+        return {**super().record(), "parts": self.parts()}
+
+    def apply(self, model: Any, ctx: QuantContext) -> Any:
+        keep = KeepFp(ctx.keep_fp_mask)
+        model.register_forward_pre_hook(keep.hook, with_kwargs=True)
+        wrapped = self._wrap_linears(model, ctx, keep)
+        kv_sites = self._attach_kv(model, keep) if self.kv_bits else []
+        ctx.notes.update(quantized_modules=len(wrapped), kv_sites=len(kv_sites), simulated=True,
+                         keep_fp_positions=list(ctx.keep_fp_positions), keep_fp_hook=ctx.keep_fp is not None,
+                         parts=self.parts())
+        if self.act_bits and self.act_mode == "static":
+            ctx.notes["calibration"] = calibrate(model, ctx)
+        return model
+
+    def _wrap_linears(self, model: nn.Module, ctx: QuantContext, keep: KeepFp) -> list[str]:
+        targets = [(fqn, m) for fqn, m in model.named_modules() if fqn and ctx.filter_fn(m, fqn)
+                   and isinstance(m, nn.Linear)]
+        for fqn, lin in targets:
+            q = wrap(model, fqn, lin)
+            if self.w_bits:
+                q.weight.data = self.quantize_weight(q.weight.data)
+                q.weight_quantized = True
+            if self.act_bits:
+                q.input_quantizer = ActQuantizer(self.act_bits, self.act_sym, self.act_mode, self.act_gran, keep)
+        return [fqn for fqn, _ in targets]
+
+    def quantize_weight(self, w: torch.Tensor) -> torch.Tensor:  # (out, in)
+        gran = {"channel": "row", "group": "row", "tensor": "tensor"}[self.w_gran]
+        group = self.w_group if self.w_gran == "group" else None
+        return fake_quant(w, self.w_bits, sym=self.w_sym, gran=gran, group=group)
+
+    def _attach_kv(self, model: nn.Module, keep: KeepFp) -> list[str]:
+        sites = []
+        for fqn, attn in attention_modules(model):
+            group = self.kv_group
+            for name, gran in (("k_proj", self.k_gran), ("v_proj", self.v_gran)):
+                q = wrap(model, f"{fqn}.{name}", getattr(attn, name))
+                token_group = group or head_dim(model, attn)
+                q.output_quantizer = KVQuantizer(self.kv_bits, self.kv_sym, gran,
+                                                 token_group if gran == "token" else group, keep)
+                sites.append(f"{fqn}.{name}.output_quantizer")
+        if not sites:
+            raise QuantsinkError("KV quantization found no attention module with k_proj/v_proj Linear children; "
+                                 "this model fuses its projections (not supported yet)")
+        return sites
+
+
+def wrap(model: nn.Module, fqn: str, linear: nn.Linear) -> QuantLinear:
+    """Replace ``fqn`` by a ``QuantLinear`` (idempotent) and return it."""
+    if isinstance(linear, QuantLinear):
+        return linear
+    parent_name, _, child = fqn.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    q = QuantLinear(linear, linear.weight.data)
+    setattr(parent, child, q)
+    return q
+
+
+@torch.inference_mode()
+def calibrate(model: nn.Module, ctx: QuantContext, batch_tokens: int = 2048) -> dict[str, Any]:
+    """Static ranges: run the calibration windows with every ActQuantizer observing
+    (float activations; weights and KV already quantized), then freeze the ranges."""
+    if ctx.calibration is None:
+        raise QuantsinkError("static activation quantization needs calibration windows (none were given)")
+    windows = ctx.calibration()
+    acts = quantizers(model, ActQuantizer)
+    for q in acts.values():
+        q.observing = True
+    device = model.get_input_embeddings().weight.device
+    ids = windows.input_ids  # (N, T)
+    per = max(1, batch_tokens // ids.shape[1])
+    try:
+        for start in range(0, len(ids), per):
+            rows = slice(start, start + per)
+            model(input_ids=ids[rows].to(device), attention_mask=windows.attention_mask[rows].to(device),
+                  use_cache=False)
+    finally:
+        for q in acts.values():
+            q.observing = False
+            q.calibrated = True
+    return {"windows": int(ids.shape[0]), "tokens": int(windows.attention_mask.sum()),
+            "ids_sha256": hashlib.sha256(ids.cpu().numpy().tobytes()).hexdigest()[:16],
+            "ranges": "per-tensor min/max over all calibration tokens (0 included), kept positions excluded",
+            "observed_in": "float activations (weights and KV already quantized)"}
+
+
+def _preset(name: str, help: str, **fields: Any) -> None:
+    register(Simulated(name=name, **fields), help + " (simulated)")
+
+
+_W8 = dict(w_bits=8, w_gran="channel", w_sym=True)
+_A8 = dict(act_bits=8, act_sym=True)
+_KV = dict(k_gran="token", v_gran="token", kv_sym=False)
+_preset("w8a8", "int8 per-channel weights + int8 static per-tensor activations", **_W8, **_A8,
+        act_mode="static", act_gran="tensor")
+_preset("w8a8-dyn", "int8 per-channel weights + int8 dynamic per-tensor activations", **_W8, **_A8,
+        act_mode="dynamic", act_gran="tensor")
+_preset("w8a8-tok", "int8 per-channel weights + int8 dynamic per-token activations", **_W8, **_A8,
+        act_mode="dynamic", act_gran="token")
+_preset("w4a16", "int4 asymmetric g128 weights only", w_bits=4, w_gran="group", w_group=128, w_sym=False)
+_preset("w4a8", "int4 asymmetric g128 weights + int8 dynamic per-token activations", w_bits=4, w_gran="group",
+        w_group=128, w_sym=False, **_A8, act_mode="dynamic", act_gran="token")
+_preset("kv8", "int8 asymmetric per-token (per-head) KV cache", kv_bits=8, **_KV)
+_preset("kv4", "int4 asymmetric per-token (per-head) KV cache", kv_bits=4, **_KV)
+_preset("w8a8-kv8", "w8a8 (static per-tensor activations) + int8 KV cache", **_W8, **_A8, act_mode="static",
+        act_gran="tensor", kv_bits=8, **_KV)
