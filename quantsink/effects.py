@@ -28,6 +28,7 @@ from .paired import DEFAULT_RESAMPLES, paired_delta, per_token_stat, ppl_stat, v
 from .results import find_record, write_record
 
 SINK_FP = "sink-fp"
+NEGLIGIBLE = 1e-3  # a delta_ppl CI within +-0.1% of the unmitigated ppl is no verdict (float rounding)
 D_SINK = ("NLL per scored token with the scheme applied everywhere minus with the sink position "
           "(position 0) kept in full precision by sink-fp; nats/token")
 
@@ -52,9 +53,11 @@ def mitigation_effect(base: dict[str, Any], mitigated: dict[str, Any], seed: int
     return {"baseline": _summary(base), "delta_ppl": ppl["delta"], "ci95": ppl["ci95"],
             "delta_kl": kl["delta"], "delta_kl_ci95": kl["ci95"],
             "delta_top1": m["top1_agreement"] - b["top1_agreement"],
-            "verdict": verdict(ppl["ci95"], ppl["n_windows"]),
+            "verdict": verdict(ppl["ci95"], ppl["n_windows"], negligible=NEGLIGIBLE * b["ppl"]),
             "resamples": resamples, "seed": seed, "n_windows": ppl["n_windows"], "method": ppl["method"],
-            "rule": "helps if the delta_ppl CI is below 0, hurts if above 0, else inconclusive"}
+            "negligible_ppl": NEGLIGIBLE * b["ppl"],
+            "rule": (f"helps if the delta_ppl CI lies below -negligible_ppl ({NEGLIGIBLE:.1%} of the unmitigated "
+                     f"ppl), hurts if above +negligible_ppl, else inconclusive")}
 
 
 def d_sink(full: dict[str, Any], sink_fp: dict[str, Any], seed: int,

@@ -13,7 +13,7 @@ not tokens, are the unit: tokens within a window are not independent.
 Verdict on ``delta = mitigated - unmitigated`` of a lower-is-better metric:
 ``helps`` when the whole CI is below 0, ``hurts`` when it is above 0,
 ``inconclusive`` otherwise (or with fewer than 2 windows, where a bootstrap
-says nothing).  With few windows the percentile CI is optimistic (too narrow).
+says nothing); optionally a ``negligible`` margin around 0 that the CI must clear.  With few windows the percentile CI is optimistic (too narrow).
 """
 
 from __future__ import annotations
@@ -60,13 +60,18 @@ def paired_delta(a: Sequence[float], b: Sequence[float], n_scored: Sequence[int]
             "n_windows": len(a_), "method": "paired percentile bootstrap over windows"}
 
 
-def verdict(ci95: Sequence[float], n_windows: int) -> str:
-    """``helps`` / ``hurts`` / ``inconclusive`` for a lower-is-better delta's CI."""
+def verdict(ci95: Sequence[float], n_windows: int, negligible: float = 0.0) -> str:
+    """``helps`` / ``hurts`` / ``inconclusive`` for a lower-is-better delta's CI.
+
+    ``negligible`` >= 0: a CI entirely within ``[-negligible, +negligible]`` of 0 on
+    the wrong side still says nothing useful (e.g. float rounding): helps needs
+    ``hi < -negligible``, hurts needs ``lo > negligible``.
+    """
     lo, hi = ci95
     if n_windows < 2 or not (math.isfinite(lo) and math.isfinite(hi)):
         return "inconclusive"
-    if hi < 0:
+    if hi < -negligible:
         return "helps"
-    if lo > 0:
+    if lo > negligible:
         return "hurts"
     return "inconclusive"

@@ -75,7 +75,7 @@ def test_bad_specs_are_usage_errors(bad):
 
 @pytest.mark.parametrize("scheme", ["int8", "nf4", "fp32", "bf16"])
 def test_sink_fp_refuses_schemes_without_token_quantization(scheme):
-    with pytest.raises(UsageError, match="quantizes neither"):
+    with pytest.raises(UsageError, match="cannot|no such"):
         parse_mitigations("sink-fp")[0].check(parse_scheme(scheme))
 
 
@@ -282,3 +282,72 @@ def test_sink_fp_detect_keeps_the_detected_positions(tiny):
     assert ctx.keep_fp_positions == (0, 2) and env.notes["positions"] == [2]
     ctx = SinkFP(name="sink-fp", k=3).quant_context(QuantContext(), Env())
     assert ctx.keep_fp_positions == (0, 1, 2)
+
+
+# ---------------------------------------------------------------- sink-fp with the simulated schemes
+
+
+def _site_io(model, ids):
+    """{fqn: (quantizer input, quantizer output)} of every activation / KV quantizer, one forward."""
+    from quantsink.schemes.simulated import quantizers
+
+    seen = {}
+    hooks = [q.register_forward_hook(lambda m, a, o, f=f: seen.__setitem__(f, (a[0], o)))
+             for f, q in quantizers(model).items()]
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+def _float_io(model, ids, sites):
+    """The float model's tensors at the same sites: Linear inputs (activations) or outputs (KV)."""
+    seen = {}
+    hooks = []
+    for site in sites:
+        fqn, _, kind = site.rpartition(".")
+        mod = model.get_submodule(fqn)
+        if kind == "input_quantizer":
+            hooks.append(mod.register_forward_pre_hook(lambda m, a, s=site: seen.__setitem__(s, a[0])))
+        else:
+            hooks.append(mod.register_forward_hook(lambda m, a, o, s=site: seen.__setitem__(s, o)))
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+def _candidate(tiny, scheme, mitigation):
+    stack = stack_of(mitigation, tiny, scheme=scheme)
+    ctx = QuantContext(calibration=lambda: stack.windows(windows(seed=9)))
+    model, ctx = stack.prepare(copy.deepcopy(tiny), ctx)
+    return parse_scheme(scheme).apply(model, ctx), ctx
+
+
+@pytest.mark.parametrize("scheme", ["w8a8-dyn:w_bits=none", "w8a8-tok:w_bits=none", "w8a8:w_bits=none",
+                                    "kv4", "w8a8-kv8:w_bits=none"])
+def test_sink_fp_leaves_position_0_bit_identical_to_float_at_every_quantized_input(tiny, scheme):
+    ids = windows().input_ids
+    ids[:, 0] = 5  # one token everywhere: its states grow large in no particular way, it is just position 0
+    for mitigation, identical in (("sink-fp", True), ("none", False)):
+        model, ctx = _candidate(tiny, scheme, mitigation)
+        quant = _site_io(model, ids)
+        ref = _float_io(tiny, ids, list(quant))
+        assert quant and set(ref) == set(quant)
+        same0 = [torch.equal(out[:, 0], ref[site][:, 0]) for site, (_, out) in quant.items()]
+        assert all(same0) if identical else not all(same0)
+        assert any(not torch.equal(out[:, 1:], inp[:, 1:]) for inp, out in quant.values())  # the rest is quantized
+    assert ctx.keep_fp_positions == ()
+
+
+def test_sink_fp_keeps_position_0_out_of_static_calibration_ranges(tiny):
+    from quantsink.schemes.simulated import ActQuantizer, quantizers
+
+    ranges = {}
+    for mitigation in ("none", "sink-fp"):
+        model, _ = _candidate(tiny, "w8a8:w_bits=none", mitigation)
+        ranges[mitigation] = {f: float(q.hi - q.lo) for f, q in quantizers(model, ActQuantizer).items()}
+    assert all(ranges["sink-fp"][f] <= ranges["none"][f] for f in ranges["none"])
+    assert any(ranges["sink-fp"][f] < ranges["none"][f] for f in ranges["none"])

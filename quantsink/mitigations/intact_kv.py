@@ -61,7 +61,8 @@ class IntactKV(Mitigation):
             output.logits = torch.cat([prefix, output.logits], 1)  # (B, T, V)
             return output
 
-        handles = [model.register_forward_pre_hook(pre, with_kwargs=True),
+        # prepend: run before the scheme's own pre-hooks, so they see the ids and cache the model gets
+        handles = [model.register_forward_pre_hook(pre, with_kwargs=True, prepend=True),
                    model.register_forward_hook(post, with_kwargs=True)]
         env.notes.update(prefix_length=p, prefix="sink positions" if env.sink_positions else
                          "first token (no BOS or sink token: the first token is the sink)",

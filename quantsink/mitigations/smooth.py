@@ -24,7 +24,6 @@ import torch
 from ..errors import QuantsinkError
 from ..schemes import default_filter
 from . import Env, Mitigation, register
-from .sink_fp import quantizes_tokens
 
 
 class ScaledOutput(torch.nn.Module):
@@ -153,9 +152,9 @@ class Smooth(Mitigation):
                                  f"a smoothed module's output is used elsewhere; this model cannot be smoothed")
         env.notes.update(groups={p: ls for p, ls in groups.items()}, folded_into=folded,
                          calibration_windows=len(windows), float_max_logit_diff=diff)
-        if not quantizes_tokens(env.scheme):
-            env.notes["note"] = ("the scheme quantizes no activations: smoothing only moves range into the "
-                                 "weights (no benefit expected)")
+        if not getattr(env.scheme, "act_bits", None):
+            env.notes["note"] = ("no-op in effect: the scheme quantizes no Linear inputs, and smoothing leaves "
+                                 "every Linear's output (so the K/V values) unchanged up to float rounding")
         return model
 
 
