@@ -351,3 +351,24 @@ def test_sink_fp_keeps_position_0_out_of_static_calibration_ranges(tiny):
         ranges[mitigation] = {f: float(q.hi - q.lo) for f, q in quantizers(model, ActQuantizer).items()}
     assert all(ranges["sink-fp"][f] <= ranges["none"][f] for f in ranges["none"])
     assert any(ranges["sink-fp"][f] < ranges["none"][f] for f in ranges["none"])
+
+
+def test_intact_kv_with_sink_fp_keeps_the_right_absolute_positions(tiny):
+    """The candidate sees positions p.. through the reference's prefix cache; the scheme's keep mask
+    must use absolute positions (cache offset), so sink-fp:k=2 keeps absolute position 1 = its first row."""
+    from quantsink.schemes.simulated import quantizers
+
+    model, _ = _candidate(tiny, "kv4", "sink-fp:k=2,intact-kv")
+    stack = stack_of("sink-fp:k=2,intact-kv", tiny, scheme="kv4")
+    w = stack.windows(windows())
+    seen = {}
+    hooks = [q.register_forward_hook(lambda m, a, o, f=f: seen.__setitem__(f, (a[0], o)))
+             for f, q in quantizers(model).items()]
+    with stack.attach(model), torch.no_grad():
+        model(input_ids=w.input_ids, attention_mask=w.attention_mask, use_cache=False)
+    for h in hooks:
+        h.remove()
+    assert seen
+    for inp, out in seen.values():
+        assert inp.shape[1] == w.input_ids.shape[1] - 1  # the prefix came from the reference
+        assert torch.equal(out[:, 0], inp[:, 0]) and not torch.equal(out[:, 1:], inp[:, 1:])
