@@ -27,7 +27,7 @@ def cells(schemes: list[str], mitigations: list[str], float_checks: list[str]) -
     return out + [("fp32", m) for m in float_checks]
 
 
-def run_cell(config, session):
+def run_cell(config, session, store_only=False):
     from quantsink.mitigations import canonical_mitigation
     from quantsink.results import find_record
     from quantsink.run import config_run_id, run
@@ -38,6 +38,8 @@ def run_cell(config, session):
     needs = "mitigation_effect" if config.mitigation != "none" else None
     if found is not None and (needs is None or needs in found):
         return found, True
+    if store_only:
+        raise LookupError("not in the results store (not run yet)")
     return run(config, session=session), False
 
 
@@ -86,6 +88,7 @@ def main() -> None:
     parser.add_argument("--calib-windows", type=int, default=2)
     parser.add_argument("--results", default="results/runs")
     parser.add_argument("--out", default=None, help="write the markdown tables here")
+    parser.add_argument("--store-only", action="store_true", help="tabulate stored records only; run nothing")
     args = parser.parse_args()
 
     from quantsink.cli import quiet_libraries
@@ -105,9 +108,10 @@ def main() -> None:
                                results=args.results)
             t0 = time.perf_counter()
             try:
-                record, reused = run_cell(config, session)
+                record, reused = run_cell(config, session, args.store_only)
             except Exception as err:  # noqa: BLE001 - one failing cell must not lose the grid
-                traceback.print_exc()
+                if not args.store_only:
+                    traceback.print_exc()
                 rows.append({"scheme": scheme, "mitigation": mitigation, "error": f"{type(err).__name__}: {err}"})
                 continue
             ref, proto = record["reference"]["ppl"], record["protocol"]
