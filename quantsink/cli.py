@@ -101,6 +101,10 @@ def _fmt(value: Any, digits: int = 4) -> str:
 
 
 def result_table(record: dict[str, Any]) -> Table:
+    if record.get("mitigation_effect"):
+        from .effects import effect_table
+
+        return effect_table(record)
     ref, cand = record["reference"], record["candidate"]
     scheme = record["scheme"]
     label = scheme["spec"] + (" (simulated)" if scheme["simulated"] else "")
@@ -123,6 +127,10 @@ def result_table(record: dict[str, Any]) -> Table:
                 delta = got[key] - ref_task[key]
                 table.add_row(f"lm-eval {task} {key}", _fmt(ref_task[key]), _fmt(got[key]),
                               f"{delta:+.4g} ({delta / ref_task[key]:+.2%})" if ref_task[key] else f"{delta:+.4g}")
+    if "d_sink" in record:
+        ds = record["d_sink"]
+        table.add_row("d_sink (nats/token)", "", f"{ds['nats_per_token']:+.4g}",
+                      f"95% CI [{ds['ci95'][0]:+.3g}, {ds['ci95'][1]:+.3g}]")
     return table
 
 
@@ -178,12 +186,15 @@ def _registry_table(kind: str) -> Table:
     table = Table(title=f"{kind}")
     table.add_column("name")
     table.add_column("aliases")
+    kinds = kind == "mitigations"  # post-hoc / needs-training
+    if kinds:
+        table.add_column("kind")
     table.add_column("description")
     table.add_column("full config")
     for entry in registry:
         params = entry.obj.record().get("params", {}) if hasattr(entry.obj, "record") else {}
         config = ", ".join(f"{k}={v}" for k, v in params.items())
-        table.add_row(entry.name, ", ".join(entry.aliases), entry.help, config)
+        table.add_row(entry.name, ", ".join(entry.aliases), *([entry.obj.kind] if kinds else []), entry.help, config)
     return table
 
 

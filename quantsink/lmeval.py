@@ -271,13 +271,14 @@ def task_result(results: dict[str, Any], task: str) -> dict[str, Any]:
 
 
 def quantsink_bpb(model: Any, tokenizer: Any, texts: Sequence[str], *, length: int, batch_tokens: int,
-                  mitigations: Sequence[Any] = ()) -> dict[str, Any]:
-    """quantsink's evaluator on lm-eval's documents and windows (mitigations' windows applied)."""
+                  mitigations: Any = None) -> dict[str, Any]:
+    """quantsink's evaluator on lm-eval's documents and windows (mitigations' windows applied;
+    ``mitigations`` is the run's ``MitigationStack``)."""
     from .evaluate import run_pass
 
     windows = document_windows(texts, tokenizer, length)
-    for mitigation in mitigations:
-        windows = mitigation.transform_windows(windows, tokenizer)
+    if mitigations is not None:
+        windows = mitigations.windows(windows)
     result = run_pass(model, windows, batch_tokens=batch_tokens)
     nll = float(result.nll.sum())
     return {"quantsink_bits_per_byte": nll / math.log(2) / float(result.nbytes.sum()),
@@ -285,16 +286,14 @@ def quantsink_bpb(model: Any, tokenizer: Any, texts: Sequence[str], *, length: i
 
 
 def evaluate_model(model: Any, tokenizer: Any, names: Sequence[str], *, limit: int | None, max_length: int,
-                   batch_tokens: int, mitigations: Sequence[Any] = ()) -> dict[str, dict[str, Any]]:
+                   batch_tokens: int, mitigations: Any = None) -> dict[str, dict[str, Any]]:
     """Per task: lm-eval's metrics and, for rolling tasks, quantsink's bits per byte on the same documents."""
     import time
 
     manager = task_manager(names)
     tasks = load_tasks(names, manager)
-    seen = lm_eval_model(model, tokenizer, mitigations)
-    with contextlib.ExitStack() as stack:
-        for mitigation in mitigations:
-            stack.enter_context(mitigation.attach(model))
+    seen = lm_eval_model(model, tokenizer, mitigations.mitigations if mitigations is not None else [])
+    with mitigations.attach(model) if mitigations is not None else contextlib.nullcontext():
         t0 = time.perf_counter()
         results = simple_evaluate(seen, tokenizer, tasks, manager, limit=limit, max_length=max_length,
                                   batch_rows=max(1, batch_tokens // max_length))

@@ -24,7 +24,7 @@ from .corpus import Corpus, TokenStream, Windows, load_corpus, sliding_windows, 
 from .errors import QuantsinkError
 from .evaluate import PassResult, ReferenceHead
 from .hooks import stats_pass, stats_settings
-from .mitigations import Mitigation, parse_mitigations
+from .mitigations import MitigationStack, canonical_mitigation, parse_mitigations
 from .models import LoadedModel, load_model
 from .registry import Registry
 from .results import SCHEMA_VERSION, write_record
@@ -64,7 +64,7 @@ class Prepared:
 
     config: RunConfig
     scheme: Scheme
-    mitigations: list[Mitigation]
+    mitigations: MitigationStack
     loaded: LoadedModel
     corpus: Corpus
     windows: Windows
@@ -158,6 +158,8 @@ def lm_eval_windows(config: RunConfig, corpus: Corpus, tokenizer: Any) -> Window
 def prepare(config: RunConfig, session: Session) -> Prepared:
     scheme = parse_scheme(config.scheme)  # validate names before any slow step
     mitigations = parse_mitigations(config.mitigation)
+    for mitigation in mitigations:
+        mitigation.check(scheme)  # refuse what cannot apply, with a one-line reason
     protocol_of = PROTOCOLS.get(config.protocol)
     timing: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -173,7 +175,9 @@ def prepare(config: RunConfig, session: Session) -> Prepared:
         "kl": "exact KL(reference || candidate) over the full vocabulary, mean per scored token",
         "evaluator_version": EVALUATOR_VERSION,
     }
-    return Prepared(config, scheme, mitigations, loaded, corpus, made.windows, made.calibration, protocol, timing)
+    stack = MitigationStack.of(mitigations, reference=loaded.model, tokenizer=loaded.tokenizer, scheme=scheme,
+                               calibration=made.calibration)
+    return Prepared(config, scheme, stack, loaded, corpus, made.windows, made.calibration, protocol, timing)
 
 
 def reference_key(prep: Prepared) -> str:
@@ -197,25 +201,20 @@ def reference_pass(prep: Prepared, progress: Progress) -> tuple[PassResult, bool
 
 def build_candidate(prep: Prepared) -> tuple[Any, dict[str, Any]]:
     """Copy the reference, apply mitigations' model transforms, then the scheme."""
-    ctx = QuantContext(calibration=prep.calibration)
+    ctx = QuantContext(calibration=lambda: prep.mitigations.windows(prep.calibration()))
     model = copy.deepcopy(prep.loaded.model)
-    for mitigation in prep.mitigations:
-        model = mitigation.prepare(model, ctx)
-        ctx = mitigation.quant_context(ctx)
+    model, ctx = prep.mitigations.prepare(model, ctx)
     model = prep.scheme.apply(model, ctx)
     model.eval()
     return model, ctx.notes
 
 
 def candidate_pass(prep: Prepared, model: Any, reference: PassResult, progress: Progress) -> PassResult:
-    windows = prep.windows
-    for mitigation in prep.mitigations:
-        windows = mitigation.transform_windows(windows, prep.loaded.tokenizer)
-    from contextlib import ExitStack
-
-    with ExitStack() as stack:
-        for mitigation in prep.mitigations:
-            stack.enter_context(mitigation.attach(model))
+    windows = prep.mitigations.windows(prep.windows)
+    if not torch.equal(windows.scored[:, 1:].sum(1), prep.windows.scored[:, 1:].sum(1)):
+        raise QuantsinkError("a mitigation changed which tokens are scored; the candidate cannot be "
+                             "paired with the reference (a bug in that mitigation)")
+    with prep.mitigations.attach(model):
         result = stats_pass(prep.config, model, windows, reference=reference.targets,
                             reference_head=ReferenceHead.of(prep.loaded.model),
                             batch_tokens=prep.config.batch_tokens, progress=progress("candidate", len(windows)))
@@ -279,7 +278,7 @@ def make_record(prep: Prepared, reference: PassResult, ref_cached: bool, candida
                    "n_documents": len(prep.corpus.documents), "n_tokens": prep.protocol["tokens"]},
         "protocol": prep.protocol,
         "scheme": {**prep.scheme.record(), "applied": notes},
-        "mitigation": [m.record() for m in prep.mitigations],
+        "mitigation": prep.mitigations.record(),
         "reference": {**reference.summary(), "cached": ref_cached},
         "candidate": candidate.summary(),
         "stats": stats_record(reference, candidate),
@@ -290,13 +289,30 @@ def make_record(prep: Prepared, reference: PassResult, ref_cached: bool, candida
 
 def run(config: RunConfig, *, session: Session | None = None, progress: Progress = _no_progress,
         write: bool = True) -> dict[str, Any]:
-    """Evaluate ``config.scheme`` against the reference; return (and write) the record."""
+    """Evaluate ``config.scheme`` against the reference; return (and write) the record.
+
+    The record also carries ``mitigation_effect`` (vs the same scheme without
+    mitigation) and ``d_sink`` (activation/KV schemes); the passes they need
+    are reused from the results store or run and stored (``effects.annotate``).
+    """
+    from .effects import annotate
+
     session = session or Session()
+    config = config.replace(mitigation=canonical_mitigation(config.mitigation))
+    record = evaluate(config, session, progress)
+    annotate(record, config, lambda variant: evaluate(variant, session, progress), write=write)
+    if write:
+        record["path"] = str(write_record(record, config.results))
+    return record
+
+
+def evaluate(config: RunConfig, session: Session, progress: Progress = _no_progress) -> dict[str, Any]:
+    """One reference-vs-candidate comparison -> the bare record (nothing written)."""
     prep = prepare(config, session)
     if config.lm_eval:
         from . import lmeval
 
-        lmeval.check(lmeval.task_names(config.lm_eval), prep.mitigations)  # refuse before any pass
+        lmeval.check(lmeval.task_names(config.lm_eval), prep.mitigations.mitigations)  # refuse before any pass
     timing = dict(prep.timing)
     t0 = time.perf_counter()
     reference, ref_cached = reference_pass(prep, progress)
@@ -320,8 +336,6 @@ def run(config: RunConfig, *, session: Session | None = None, progress: Progress
         record["reference"]["lm_eval"] = downstream["reference"]
         record["reference"]["lm_eval_cached"] = downstream["reference_cached"]
         record["candidate"]["lm_eval"] = downstream["candidate"]
-    if write:
-        record["path"] = str(write_record(record, config.results))
     return record
 
 

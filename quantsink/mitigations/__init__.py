@@ -1,20 +1,40 @@
 """Mitigations: frozen configs parsed from spec strings, composable (``a,b``).
 
-A mitigation may transform the model before quantizing (``prepare``), change
-the windows (``transform_windows``, e.g. a prepended sink token), tell the
-scheme which positions to keep in full precision (``quant_context``), and hook
-the candidate while it runs (``attach``).  Each says whether it works on a
-trained model (``post-hoc``) or ``needs-training``.
+A mitigation may refuse a scheme it cannot apply to (``check``), change the
+windows (``transform_windows``, e.g. a prepended sink token; calibration
+windows go through it too), transform the model before quantizing
+(``prepare``), tell the scheme which positions to keep in full precision
+(``quant_context``), and hook the candidate while it runs (``attach``).
+Every hook gets an ``Env``: the float reference, the tokenizer, the (already
+transformed) calibration windows, the scheme, and a ``notes`` dict where the
+mitigation records what it actually did (it lands in the run record).
+Each says whether it works on a trained model (``post-hoc``) or ``needs-training``.
+
+Order in a run: windows -> prepare -> quant_context -> scheme.apply -> attach,
+each step over the mitigations in the order given.
 """
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, ContextManager
+from typing import Any, Callable, ClassVar, ContextManager, Iterator
 
+from ..errors import UsageError
 from ..registry import Registry
 from ..spec import Spec, build, params_of, split_specs
+
+
+@dataclass
+class Env:
+    """What a mitigation's hooks may use, and where each records what it did."""
+
+    reference: Any = None  # the float reference model: read it, never modify it
+    tokenizer: Any = None
+    calibration: Callable[[], Any] | None = None  # calibration Windows, after every transform_windows
+    scheme: Any = None
+    notes: dict[str, Any] = field(default_factory=dict)
+    sink_positions: tuple[int, ...] = ()  # of the windows the candidate sees (after every transform)
 
 
 @dataclass(frozen=True)
@@ -22,21 +42,29 @@ class Mitigation:
     name: str = field(default="", metadata={"spec": False})
     kind: ClassVar[str] = "post-hoc"
 
-    def prepare(self, model: Any, ctx: Any) -> Any:
+    def check(self, scheme: Any) -> None:
+        """Raise ``UsageError`` (one line, saying why) when this cannot apply to ``scheme``."""
+
+    def transform_windows(self, windows: Any, env: Env) -> Any:
+        return windows
+
+    def prepare(self, model: Any, env: Env) -> Any:
         """Transform the (copied) model before the scheme quantizes it."""
         return model
 
-    def transform_windows(self, windows: Any, tokenizer: Any) -> Any:
-        return windows
-
-    def quant_context(self, ctx: Any) -> Any:
+    def quant_context(self, ctx: Any, env: Env) -> Any:
         return ctx
 
-    def attach(self, model: Any) -> ContextManager[Any]:
+    def attach(self, model: Any, env: Env) -> ContextManager[Any]:
         return nullcontext()
 
+    def spec(self) -> str:
+        defaults = MITIGATIONS.get(self.name)
+        changed = [(k, str(v)) for k, v in params_of(self).items() if getattr(defaults, k) != v]
+        return str(Spec(self.name, tuple(changed)))
+
     def record(self) -> dict[str, Any]:
-        return {"name": self.name, "kind": self.kind, "params": params_of(self)}
+        return {"name": self.name, "spec": self.spec(), "kind": self.kind, "params": params_of(self)}
 
 
 MITIGATIONS: Registry[Mitigation] = Registry("mitigation")
@@ -44,11 +72,75 @@ MITIGATIONS.register("none", Mitigation(name="none"), help="no mitigation")
 
 
 def parse_mitigations(text: str) -> list[Mitigation]:
-    """``"none"`` -> []; ``"a,b:x=1"`` -> [a, b] (validated)."""
+    """``"none"`` -> []; ``"a,b:x=1"`` -> [a, b] (validated; each at most once)."""
     out = []
     for spec in split_specs(text or "none"):
         entry = MITIGATIONS.entry(spec.name)
         if entry.name == "none":
             continue
         out.append(build(type(entry.obj), Spec(entry.name, spec.params), base=entry.obj))
+    names = [m.name for m in out]
+    if len(set(names)) != len(names):
+        raise UsageError(f"--mitigation {text!r}: a mitigation is given twice; give each once")
     return out
+
+
+def canonical_mitigation(text: str) -> str:
+    """The canonical spelling of a mitigation list (``"none"`` when empty), for run identity."""
+    return ",".join(m.spec() for m in parse_mitigations(text)) or "none"
+
+
+@dataclass
+class MitigationStack:
+    """The mitigations of one run, applied in order, each with its own ``Env`` notes."""
+
+    mitigations: list[Mitigation]
+    envs: list[Env]
+
+    @classmethod
+    def of(cls, mitigations: list[Mitigation], *, reference: Any, tokenizer: Any, scheme: Any,
+           calibration: Callable[[], Any] | None) -> "MitigationStack":
+        stack = cls(list(mitigations), [])
+
+        def transformed_calibration() -> Any:
+            return stack.windows(calibration()) if calibration else None
+
+        stack.envs = [Env(reference, tokenizer, transformed_calibration if calibration else None, scheme)
+                      for _ in mitigations]
+        for mitigation in mitigations:
+            mitigation.check(scheme)
+        return stack
+
+    def __iter__(self) -> Iterator[tuple[Mitigation, Env]]:
+        return iter(zip(self.mitigations, self.envs))
+
+    def windows(self, windows: Any) -> Any:
+        for mitigation, env in self:
+            windows = mitigation.transform_windows(windows, env)
+        for env in self.envs:
+            env.sink_positions = tuple(windows.sink_positions)
+        return windows
+
+    def prepare(self, model: Any, ctx: Any) -> tuple[Any, Any]:
+        for mitigation, env in self:
+            model = mitigation.prepare(model, env)
+        for mitigation, env in self:
+            ctx = mitigation.quant_context(ctx, env)
+        return model, ctx
+
+    @contextmanager
+    def attach(self, model: Any) -> Iterator[None]:
+        with ExitStack() as stack:
+            for mitigation, env in self:
+                stack.enter_context(mitigation.attach(model, env))
+            yield
+
+    def record(self) -> list[dict[str, Any]]:
+        return [{**m.record(), "applied": env.notes} for m, env in self]
+
+
+def register(default: Mitigation, help: str = "") -> Mitigation:
+    return MITIGATIONS.register(default.name, default, help=help)
+
+
+from . import clip, intact_kv, sink_fp, sink_token, smooth  # noqa: E402,F401  (register them)

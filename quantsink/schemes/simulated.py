@@ -44,7 +44,7 @@ class KeepFp:
 
     def hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
-        past = kwargs.get("past_key_values")
+        past = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers >= 5.2x names it `cache`
         offset = past.get_seq_length() if past is not None and hasattr(past, "get_seq_length") else 0
         self.mask = None if ids is None else self.mask_fn(ids, offset)
 
