@@ -72,7 +72,7 @@ def sweep_command(
     axes = {**grid.axes, **Grid.from_mapping({k: v for k, v in cli_axes.items() if v is not None}, "command line").axes}
     grid = dataclasses.replace(grid, axes=axes)
     results = results or options.get("results") or RunConfig.results
-    jobs = jobs or int(options.get("jobs", 1))
+    jobs = jobs if jobs is not None else int(options.get("jobs", 1))
     if jobs < 1:
         raise UsageError("--jobs must be at least 1")
     configs = grid.configs({**common, "results": results})
@@ -151,14 +151,14 @@ class SweepProgress:
 
 
 def _run_sweep(planned: list[Any], results: str, jobs: int) -> None:
-    from .sweep import Store, sweep
+    from . import sweep as sweeps
 
-    store = Store(Path(results))
+    store = sweeps.Store(Path(results))
     done = sum(store.has_record(p.run_id) for p in planned)
     out.print(f"{len(planned)} runs in the grid; {done} already in {results} (skipped); "
               f"{len(planned) - done} to run with {jobs} worker(s)", highlight=False)
     with SweepProgress(len(planned) - done, enabled=err.is_terminal) as progress:
-        summary = sweep(planned, results, jobs=jobs, emit=progress)
+        summary = sweeps.sweep(planned, results, jobs=jobs, emit=progress, run_fn=sweeps.default_run)
     out.print(f"sweep: {len(summary.done)} ran, {summary.skipped} skipped (already recorded), "
               f"{len(summary.failed)} failed, {summary.elsewhere} done by another sweep"
               + (f", {summary.retried} earlier failures retried" if summary.retried else ""), highlight=False)
