@@ -11,8 +11,8 @@ the record, never stored twice:
 * ``drain_before`` / ``drain_after``: mean over layers and KV heads of the value-state drain.
 * ``peak_before`` / ``peak_after``: the largest residual-state peak ratio over layers.
 * ``heads_woken``: heads dormant in the reference and active in the candidate
-  (``stats.changes.heads_woken`` when the record lists them; else dormant
-  fraction >= 0.5 in the reference and < 0.5 in the candidate).
+  (``stats.changes.woken`` when the record lists them, e.g. ``"L20H5"``; else
+  dormant fraction >= 0.5 in the reference and < 0.5 in the candidate).
 * ``effect`` / ``effect_ci``/ ``verdict``: the record's ``mitigation_effect``
   (mitigated minus unmitigated perplexity, paired bootstrap 95% CI).
 * ``d_sink`` / ``d_sink_ci``: the record's sink damage in nats per token.
@@ -101,14 +101,15 @@ def _max(values: Iterable[float | None]) -> float | None:
 
 def woken_heads(record: dict[str, Any], tau: float = 0.5) -> list[tuple[int, int]] | None:
     """(layer, head) pairs woken by the candidate: dormant in the reference, active after."""
-    listed = _get(record, "stats", "changes", "heads_woken")
-    if isinstance(listed, list):
-        pairs = [_pair(item) for item in listed]
-        return [p for p in pairs if p is not None]
     before = _get(record, "stats", "reference", "heads", "dormant_fraction")
     after = _get(record, "stats", "candidate", "heads", "dormant_fraction")
     if not isinstance(before, list) or not isinstance(after, list):
-        return None
+        return None  # no attention statistics: unknown, not zero
+    changes = _get(record, "stats", "changes") or {}
+    listed = next((changes[k] for k in ("woken", "heads_woken") if isinstance(changes.get(k), list)), None)
+    if listed is not None:
+        pairs = [_pair(item) for item in listed]
+        return [p for p in pairs if p is not None]
     return [(layer, head) for layer, (b_row, a_row) in enumerate(zip(before, after))
             for head, (b, a) in enumerate(zip(b_row, a_row))
             if _num(b) is not None and _num(a) is not None and b >= tau > a]

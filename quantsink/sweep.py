@@ -361,7 +361,7 @@ def default_run(config: RunConfig, *, session: Any, progress: Any) -> dict[str, 
     """The real run: ``quantsink.run.run`` with a per-worker Session (models loaded once)."""
     from .run import run
 
-    return run(config, session=session, progress=progress, write=False)
+    return run(config, session=session, progress=progress, write=True)  # also stores any variant runs it needed
 
 
 def _ordered(pending: list[PlannedRun], current: str | None, worker: int) -> list[PlannedRun]:
@@ -450,13 +450,13 @@ def execute(p: PlannedRun, store: Store, sweep: str, emit: Emit, run_fn: RunFn,
 
     t0 = time.perf_counter()
     try:
-        record = run_fn(p.config, session=session, progress=progress)
-        if record.get("run_id") != p.run_id:
+        record = run_fn(p.config.replace(results=str(store.root)), session=session, progress=progress)
+        record.pop("path", None)
+        if not store.has_record(str(record.get("run_id"))):  # the real run has written it already
             write_record(record, store.root)
+        if record.get("run_id") != p.run_id:
             raise QuantsinkError(f"record run_id {record.get('run_id')} != planned {p.run_id}: "
                                  f"quantsink.run.planned_run_id is out of sync with run_id (a bug)")
-        record.pop("path", None)
-        write_record(record, store.root)
         store.failure(p.run_id).unlink(missing_ok=True)
         emit("end", worker, p.index, "done", time.perf_counter() - t0, "")
     except Exception as error:  # noqa: BLE001 - any run's failure is recorded, the grid goes on

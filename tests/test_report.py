@@ -31,10 +31,12 @@ def test_row_derives_deltas_from_the_record():
 def test_woken_heads_prefers_the_records_list_in_any_common_shape():
     record = make_record(woken=((1, 1),))
     assert woken_heads(record) == [(1, 1)]
-    for listed in ([[3, 2]], [{"layer": 3, "head": 2}], ["L3H2"]):
-        record["stats"]["changes"]["heads_woken"] = listed
+    for key, listed in (("heads_woken", [[3, 2]]), ("heads_woken", [{"layer": 3, "head": 2}]), ("woken", ["L3H2"])):
+        record["stats"]["changes"] = {key: listed}
         assert woken_heads(record) == [(3, 2)]
     assert woken_heads(make_record(stats=False)) is None
+    record["stats"]["reference"]["heads"]["dormant_fraction"] = None  # no attention stats: unknown, not 0
+    assert woken_heads(record) is None
 
 
 def test_mitigation_effect_and_d_sink_pass_through_with_their_cis():
