@@ -184,13 +184,12 @@ def environment(device: Any) -> dict[str, Any]:
             "device": str(device), "cuda": torch.version.cuda, "os": platform.platform()}
 
 
-def run_id_for(config: RunConfig, model_sha: str, corpus_sha: str) -> str:
-    """The run's identity: its numbers-determining config + model and corpus hashes + code version."""
-    return stable_hash(config.identity(), model_sha, corpus_sha, __version__, EVALUATOR_VERSION)
+def config_run_id(config: RunConfig, model_sha256: str, corpus_sha256: str) -> str:
+    return stable_hash(config.identity(), model_sha256, corpus_sha256, __version__, EVALUATOR_VERSION)
 
 
 def run_id(prep: Prepared) -> str:
-    return run_id_for(prep.config, prep.loaded.info.sha256, prep.corpus.sha256)
+    return config_run_id(prep.config, prep.loaded.info.sha256, prep.corpus.sha256)
 
 
 def planned_run_id(config: RunConfig, session: Session | None = None) -> str:
@@ -203,7 +202,7 @@ def planned_run_id(config: RunConfig, session: Session | None = None) -> str:
     from .models import model_sha256
 
     corpus = (session or Session()).corpus(config.corpus)
-    return run_id_for(config, model_sha256(config.model), corpus.sha256)
+    return config_run_id(config, model_sha256(config.model), corpus.sha256)
 
 
 def make_record(prep: Prepared, reference: PassResult, ref_cached: bool, candidate: PassResult,
