@@ -156,11 +156,12 @@ def _run_sweep(planned: list[Any], results: str, jobs: int) -> None:
     store = sweeps.Store(Path(results))
     done = sum(store.has_record(p.run_id) for p in planned)
     out.print(f"{len(planned)} runs in the grid; {done} already in {results} (skipped); "
-              f"{len(planned) - done} to run with {jobs} worker(s)", highlight=False)
+              f"{len(planned) - done} to run with {jobs} worker(s)", highlight=False, soft_wrap=True)
     with SweepProgress(len(planned) - done, enabled=err.is_terminal) as progress:
         summary = sweeps.sweep(planned, results, jobs=jobs, emit=progress, run_fn=sweeps.default_run)
     out.print(f"sweep: {len(summary.done)} ran, {summary.skipped} skipped (already recorded), "
-              f"{len(summary.failed)} failed, {summary.elsewhere} done by another sweep"
+              f"{len(summary.failed)} failed, {summary.elsewhere} recorded meanwhile "
+              f"(as a variant another run needed, or by another sweep)"
               + (f", {summary.retried} earlier failures retried" if summary.retried else ""), highlight=False)
     if summary.failed:
         table = Table(title="failed runs (recorded as <run_id>.failed; the next sweep retries them)")
