@@ -205,7 +205,7 @@ def fmt(value: Any, digits: int | None) -> str:
 
 def md_escape(text: str) -> str:
     """Safe in a markdown table cell: no raw html, no column breaks."""
-    return html.escape(text).replace("|", "&#124;").replace("\n", " ")
+    return html.escape(text, quote=False).replace("|", "&#124;").replace("\n", " ")
 
 
 def to_markdown(frame: Any, failures: list[dict[str, Any]]) -> str:
@@ -417,7 +417,7 @@ th{background:#f0f0f0;cursor:pointer;position:sticky;top:0;user-select:none}td.t
 th.asc::after{content:" \\25B2"}th.desc::after{content:" \\25BC"}
 tr:nth-child(even){background:#fafafa}.helps{color:#2e7d32;font-weight:600}.hurts{color:#c62828;font-weight:600}
 .wrap{overflow-x:auto;max-height:720px}.note{color:#666;font-size:12px}figure{margin:12px 0}
-img{max-width:100%;border:1px solid #ddd}.fail td{background:#fff3f3}
+img{max-width:100%;border:1px solid #ddd}.fail td{background:#fff3f3;white-space:normal}
 """
 
 JS = """
