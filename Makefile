@@ -39,11 +39,10 @@ test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
 leaderboard: setup
-	$(BIN)/quantsink sweep grids/default.yaml
-	$(MAKE) report
+	$(BIN)/quantsink sweep grids/default.yaml; status=$$?; $(MAKE) report && exit $$status
 
 report: setup
-	$(BIN)/quantsink report --results results/runs --out results
+	$(BIN)/quantsink report --results results/runs --out results --readme README.md
 
 check-html:
 	$(BIN)/python scripts/check_html.py results/leaderboard.html --screenshot results/leaderboard.png

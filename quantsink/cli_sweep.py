@@ -183,9 +183,11 @@ def _run_sweep(planned: list[Any], results: str, jobs: int) -> None:
 def report_command(
     results: str = typer.Option("results/runs", help="Directory of run records."),
     out_dir: Path = typer.Option(Path("results"), "--out", help="Where the leaderboard files go."),
+    readme: Optional[Path] = typer.Option(None, help="Also put the markdown table between the "
+                                          "<!-- leaderboard:start/end --> markers of this file."),
 ) -> None:
     """Leaderboard (md, csv, json, self-contained html with plots) from every record in --results."""
-    from .report import write_report
+    from .report import update_readme, write_report
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -194,6 +196,9 @@ def report_command(
         err.print(f"[yellow]warning:[/yellow] {warning.message}", highlight=False, soft_wrap=True)
     for path in written.paths:
         out.print(f"wrote {path}", highlight=False)
+    if readme is not None:
+        changed = update_readme(readme, (out_dir / "leaderboard.md").read_text(encoding="utf-8"))
+        out.print(f"{'updated' if changed else 'unchanged'}: {readme}", highlight=False)
     out.print(f"{written.n_rows} rows from {written.n_records} records"
               + (f", {written.n_failures} failed runs listed" if written.n_failures else "")
               + (f", {written.n_skipped} files skipped" if written.n_skipped else ""), highlight=False)

@@ -509,6 +509,25 @@ def _notes_html(skipped: list[str], superseded: int) -> str:
 # --------------------------------------------------------------------------- entry point
 
 
+README_START, README_END = "<!-- leaderboard:start -->", "<!-- leaderboard:end -->"
+
+
+def update_readme(path: str | Path, markdown: str) -> bool:
+    """Replace the text between the leaderboard markers of a README (-> whether it changed)."""
+    from .errors import QuantsinkError
+    from .models import atomic_write_text
+
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    start, end = text.find(README_START), text.find(README_END)
+    if start < 0 or end < start:
+        raise QuantsinkError(f"{path}: no '{README_START}' ... '{README_END}' markers to put the table between")
+    new = text[:start + len(README_START)] + "\n" + markdown + text[end:]
+    if new != text:
+        atomic_write_text(path, new)
+    return new != text
+
+
 @dataclass
 class Written:
     paths: list[Path] = field(default_factory=list)

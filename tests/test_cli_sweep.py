@@ -134,3 +134,18 @@ def test_html_renders_in_headless_chromium_with_table_plots_and_sorting(tmp_path
     dom = check_html.rendered(page, f"#sort=-{col}")
     values = [float(cells[col]) for cells in dom.cells]
     assert len(values) == 21 and values == sorted(values, reverse=True)  # the page's sorter ran
+
+
+def test_report_puts_the_table_between_the_readme_markers(tmp_path):
+    write_grid(tmp_path / "runs")
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n\n<!-- leaderboard:start -->\nold table\n<!-- leaderboard:end -->\n\nafter\n")
+    args = ["report", "--results", str(tmp_path / "runs"), "--out", str(tmp_path / "out"), "--readme", str(readme)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    text = readme.read_text()
+    assert "old table" not in text and "| tiny-gemma |" in text and text.endswith("<!-- leaderboard:end -->\n\nafter\n")
+    assert "unchanged" in runner.invoke(app, args).output  # idempotent
+    readme.write_text("no markers")
+    bad = runner.invoke(app, args)
+    assert bad.exit_code == 1 and "markers" in bad.output
