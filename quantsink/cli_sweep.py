@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import types
 import typing
 import warnings
 from pathlib import Path
@@ -28,7 +29,7 @@ def with_common_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
     def option(f: dataclasses.Field) -> inspect.Parameter:
         hint = _cli_type(hints[f.name])
-        if typing.get_origin(hint) in (typing.Union, getattr(__import__("types"), "UnionType")):
+        if typing.get_origin(hint) in (typing.Union, types.UnionType):  # `int | None` -> int
             hint = next(a for a in typing.get_args(hint) if a is not type(None))
         default = "RunConfig default" if f.default is None else repr(f.default)
         return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[hint],
