@@ -24,6 +24,7 @@ How a sweep stays correct when killed, restarted or run twice at once:
 * the record is written atomically (``results.write_record``) *before* the lock
   is released, and a claimant re-checks the store after claiming, so a run is
   never written twice;
+* a file ``<run_id>.json`` that is not a valid record is renamed ``.json.invalid`` and re-run;
 * a failing run writes ``<run_id>.failed`` (JSON, not a record: readers of
   ``*.json`` never see it) with its error; it is retried by the next sweep, not
   by the one that recorded it;
@@ -537,6 +538,9 @@ def sweep(planned: list[PlannedRun], results: str | Path, *, jobs: int = 1, run_
     store = Store(Path(results))
     store.root.mkdir(parents=True, exist_ok=True)
     todo = [p for p in planned if not store.has_valid_record(p.run_id)]
+    for p in todo:  # a file there that is no valid record (corrupt, newer schema): keep it aside, re-run
+        if store.has_record(p.run_id):
+            store.record(p.run_id).replace(store.root / f"{p.run_id}.json.invalid")
     retried = sum(store.failure(p.run_id).exists() for p in todo)
     summary = Summary(total=len(planned), skipped=len(planned) - len(todo), retried=retried)
     labels = {p.index: p.label for p in planned}

@@ -271,3 +271,15 @@ def test_store_ignores_failure_of_other_sweeps(tmp_path):
     p = _planned(tmp_path, "s1")[0]
     store.write_failure(p, RuntimeError("x"), "sweepA", 1.0)
     assert store.failed_in(p.run_id, "sweepA") and not store.failed_in(p.run_id, "sweepB")
+
+
+def test_invalid_record_file_is_set_aside_and_the_run_redone(tmp_path):
+    results = tmp_path / "runs"
+    planned = _planned(results, "s1")
+    results.mkdir()
+    (results / f"{planned[0].run_id}.json").write_text("{truncated")
+    with pytest.warns(UserWarning, match="corrupt"):
+        summary = sweep(planned, results, run_fn=sweep_fakes.fake_run)
+    assert summary.ok and len(summary.done) == 2
+    assert json.loads((results / f"{planned[0].run_id}.json").read_text())["run_id"] == planned[0].run_id
+    assert (results / f"{planned[0].run_id}.json.invalid").read_text() == "{truncated"
