@@ -1,6 +1,10 @@
 # Two commands do everything on a fresh machine (both idempotent):
 #   make demo   -> set up .venv, then `quantsink eval --scheme int8` on smollm2-135m (offline)
 #   make test   -> set up .venv, then run the test suite
+#   make leaderboard -> sweep grids/default.yaml into results/runs (resumable; ~30 min on 2 cores),
+#                       then write results/leaderboard.{md,csv,json,html}
+#   make check-html  -> render results/leaderboard.html in headless Chromium and check it
+#                       (needs Debian's chromium: apt-get update && apt-get install -y chromium)
 PYTHON ?= python3
 VENV   ?= .venv
 # CPU build from this machine's disk; GPU users: make setup TORCH_SPEC="torch==2.13.0 --index-url ..." or preinstall torch
@@ -11,7 +15,7 @@ export HF_HUB_OFFLINE = 1
 export HF_DATASETS_OFFLINE = 1
 export TRANSFORMERS_VERBOSITY = error
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast bench leaderboard report check-html clean
 
 setup: $(STAMP)
 
@@ -33,6 +37,15 @@ test: setup
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
+
+leaderboard: setup
+	$(BIN)/quantsink sweep grids/default.yaml; status=$$?; $(MAKE) report && exit $$status
+
+report: setup
+	$(BIN)/quantsink report --results results/runs --out results --readme README.md
+
+check-html:
+	$(BIN)/python scripts/check_html.py results/leaderboard.html --screenshot results/leaderboard.png
 
 bench: setup
 	$(BIN)/python scripts/bench_eval.py

@@ -21,7 +21,9 @@ from .models import cache_root
 
 
 def reference_path(key: str) -> Path:
-    return cache_root() / "reference" / f"{key}.safetensors"
+    """``$QUANTSINK_REFERENCE_CACHE`` (default ``$QUANTSINK_CACHE/reference``) / key.safetensors."""
+    root = os.environ.get("QUANTSINK_REFERENCE_CACHE")
+    return (Path(root) if root else cache_root() / "reference") / f"{key}.safetensors"
 
 
 def save_pass(path: Path, result: PassResult) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import types
 import typing
 import warnings
 from pathlib import Path
@@ -28,7 +29,7 @@ def with_common_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
     def option(f: dataclasses.Field) -> inspect.Parameter:
         hint = _cli_type(hints[f.name])
-        if typing.get_origin(hint) in (typing.Union, getattr(__import__("types"), "UnionType")):
+        if typing.get_origin(hint) in (typing.Union, types.UnionType):  # `int | None` -> int
             hint = next(a for a in typing.get_args(hint) if a is not type(None))
         default = "RunConfig default" if f.default is None else repr(f.default)
         return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[hint],
@@ -72,7 +73,7 @@ def sweep_command(
     axes = {**grid.axes, **Grid.from_mapping({k: v for k, v in cli_axes.items() if v is not None}, "command line").axes}
     grid = dataclasses.replace(grid, axes=axes)
     results = results or options.get("results") or RunConfig.results
-    jobs = jobs or int(options.get("jobs", 1))
+    jobs = jobs if jobs is not None else int(options.get("jobs", 1))
     if jobs < 1:
         raise UsageError("--jobs must be at least 1")
     configs = grid.configs({**common, "results": results})
@@ -105,7 +106,7 @@ class SweepProgress:
         from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                    TimeRemainingColumn)
 
-        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(bar_width=24), MofNCompleteColumn(),
                             TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
                             console=err, disable=not enabled)
         self.grid = self.bar.add_task("grid", total=total)
@@ -151,16 +152,17 @@ class SweepProgress:
 
 
 def _run_sweep(planned: list[Any], results: str, jobs: int) -> None:
-    from .sweep import Store, sweep
+    from . import sweep as sweeps
 
-    store = Store(Path(results))
+    store = sweeps.Store(Path(results))
     done = sum(store.has_record(p.run_id) for p in planned)
     out.print(f"{len(planned)} runs in the grid; {done} already in {results} (skipped); "
-              f"{len(planned) - done} to run with {jobs} worker(s)", highlight=False)
+              f"{len(planned) - done} to run with {jobs} worker(s)", highlight=False, soft_wrap=True)
     with SweepProgress(len(planned) - done, enabled=err.is_terminal) as progress:
-        summary = sweep(planned, results, jobs=jobs, emit=progress)
+        summary = sweeps.sweep(planned, results, jobs=jobs, emit=progress, run_fn=sweeps.default_run)
     out.print(f"sweep: {len(summary.done)} ran, {summary.skipped} skipped (already recorded), "
-              f"{len(summary.failed)} failed, {summary.elsewhere} done by another sweep"
+              f"{len(summary.failed)} failed, {summary.elsewhere} recorded meanwhile "
+              f"(as a variant another run needed, or by another sweep)"
               + (f", {summary.retried} earlier failures retried" if summary.retried else ""), highlight=False)
     if summary.failed:
         table = Table(title="failed runs (recorded as <run_id>.failed; the next sweep retries them)")
@@ -182,9 +184,11 @@ def _run_sweep(planned: list[Any], results: str, jobs: int) -> None:
 def report_command(
     results: str = typer.Option("results/runs", help="Directory of run records."),
     out_dir: Path = typer.Option(Path("results"), "--out", help="Where the leaderboard files go."),
+    readme: Optional[Path] = typer.Option(None, help="Also put the markdown table between the "
+                                          "<!-- leaderboard:start/end --> markers of this file."),
 ) -> None:
     """Leaderboard (md, csv, json, self-contained html with plots) from every record in --results."""
-    from .report import write_report
+    from .report import update_readme, write_report
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -193,6 +197,9 @@ def report_command(
         err.print(f"[yellow]warning:[/yellow] {warning.message}", highlight=False, soft_wrap=True)
     for path in written.paths:
         out.print(f"wrote {path}", highlight=False)
+    if readme is not None:
+        changed = update_readme(readme, (out_dir / "leaderboard.md").read_text(encoding="utf-8"))
+        out.print(f"{'updated' if changed else 'unchanged'}: {readme}", highlight=False)
     out.print(f"{written.n_rows} rows from {written.n_records} records"
               + (f", {written.n_failures} failed runs listed" if written.n_failures else "")
               + (f", {written.n_skipped} files skipped" if written.n_skipped else ""), highlight=False)

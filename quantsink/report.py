@@ -11,8 +11,8 @@ the record, never stored twice:
 * ``drain_before`` / ``drain_after``: mean over layers and KV heads of the value-state drain.
 * ``peak_before`` / ``peak_after``: the largest residual-state peak ratio over layers.
 * ``heads_woken``: heads dormant in the reference and active in the candidate
-  (``stats.changes.heads_woken`` when the record lists them; else dormant
-  fraction >= 0.5 in the reference and < 0.5 in the candidate).
+  (``stats.changes.woken`` when the record lists them, e.g. ``"L20H5"``; else
+  dormant fraction >= 0.5 in the reference and < 0.5 in the candidate).
 * ``effect`` / ``effect_ci``/ ``verdict``: the record's ``mitigation_effect``
   (mitigated minus unmitigated perplexity, paired bootstrap 95% CI).
 * ``d_sink`` / ``d_sink_ci``: the record's sink damage in nats per token.
@@ -101,14 +101,15 @@ def _max(values: Iterable[float | None]) -> float | None:
 
 def woken_heads(record: dict[str, Any], tau: float = 0.5) -> list[tuple[int, int]] | None:
     """(layer, head) pairs woken by the candidate: dormant in the reference, active after."""
-    listed = _get(record, "stats", "changes", "heads_woken")
-    if isinstance(listed, list):
-        pairs = [_pair(item) for item in listed]
-        return [p for p in pairs if p is not None]
     before = _get(record, "stats", "reference", "heads", "dormant_fraction")
     after = _get(record, "stats", "candidate", "heads", "dormant_fraction")
     if not isinstance(before, list) or not isinstance(after, list):
-        return None
+        return None  # no attention statistics: unknown, not zero
+    changes = _get(record, "stats", "changes") or {}
+    listed = next((changes[k] for k in ("woken", "heads_woken") if isinstance(changes.get(k), list)), None)
+    if listed is not None:
+        pairs = [_pair(item) for item in listed]
+        return [p for p in pairs if p is not None]
     return [(layer, head) for layer, (b_row, a_row) in enumerate(zip(before, after))
             for head, (b, a) in enumerate(zip(b_row, a_row))
             if _num(b) is not None and _num(a) is not None and b >= tau > a]
@@ -204,7 +205,7 @@ def fmt(value: Any, digits: int | None) -> str:
 
 def md_escape(text: str) -> str:
     """Safe in a markdown table cell: no raw html, no column breaks."""
-    return html.escape(text).replace("|", "&#124;").replace("\n", " ")
+    return html.escape(text, quote=False).replace("|", "&#124;").replace("\n", " ")
 
 
 def to_markdown(frame: Any, failures: list[dict[str, Any]]) -> str:
@@ -416,7 +417,7 @@ th{background:#f0f0f0;cursor:pointer;position:sticky;top:0;user-select:none}td.t
 th.asc::after{content:" \\25B2"}th.desc::after{content:" \\25BC"}
 tr:nth-child(even){background:#fafafa}.helps{color:#2e7d32;font-weight:600}.hurts{color:#c62828;font-weight:600}
 .wrap{overflow-x:auto;max-height:720px}.note{color:#666;font-size:12px}figure{margin:12px 0}
-img{max-width:100%;border:1px solid #ddd}.fail td{background:#fff3f3}
+img{max-width:100%;border:1px solid #ddd}.fail td{background:#fff3f3;white-space:normal}
 """
 
 JS = """
@@ -506,6 +507,25 @@ def _notes_html(skipped: list[str], superseded: int) -> str:
 
 
 # --------------------------------------------------------------------------- entry point
+
+
+README_START, README_END = "<!-- leaderboard:start -->", "<!-- leaderboard:end -->"
+
+
+def update_readme(path: str | Path, markdown: str) -> bool:
+    """Replace the text between the leaderboard markers of a README (-> whether it changed)."""
+    from .errors import QuantsinkError
+    from .models import atomic_write_text
+
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    start, end = text.find(README_START), text.find(README_END)
+    if start < 0 or end < start:
+        raise QuantsinkError(f"{path}: no '{README_START}' ... '{README_END}' markers to put the table between")
+    new = text[:start + len(README_START)] + "\n" + markdown + text[end:]
+    if new != text:
+        atomic_write_text(path, new)
+    return new != text
 
 
 @dataclass

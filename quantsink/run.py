@@ -249,9 +249,15 @@ def run_id(prep: Prepared) -> str:
 
 
 def planned_run_id(config: RunConfig, session: Session | None = None) -> str:
-    """``run_id`` computed before running: hashes the model file and corpus, loads no model."""
+    """``run_id`` computed before running: hashes the model file and corpus, loads no model.
+
+    Must apply the same normalisation of ``config`` that ``run`` applies before
+    it computes the record's ``run_id`` (a sweep relies on the two agreeing;
+    ``tests/test_sweep_tiny.py`` checks it).
+    """
     from .models import model_sha256
 
+    config = config.replace(mitigation=canonical_mitigation(config.mitigation))
     corpus = (session or Session()).corpus(config.corpus)
     return run_id_for(config, model_sha256(config.model), corpus.sha256)
 

@@ -24,6 +24,7 @@ How a sweep stays correct when killed, restarted or run twice at once:
 * the record is written atomically (``results.write_record``) *before* the lock
   is released, and a claimant re-checks the store after claiming, so a run is
   never written twice;
+* a file ``<run_id>.json`` that is not a valid record is renamed ``.json.invalid`` and re-run;
 * a failing run writes ``<run_id>.failed`` (JSON, not a record: readers of
   ``*.json`` never see it) with its error; it is retried by the next sweep, not
   by the one that recorded it;
@@ -64,20 +65,19 @@ def common_fields() -> list[str]:
 
 
 def split_axis(axis: str, value: Any) -> tuple[str, ...]:
-    """One axis of a grid -> its entries.  A string is comma-separated (``key=value``
-    parts stay with their spec); a YAML list gives one entry per item.
-    Mitigations compose with ``+`` (and, inside a list item, with commas)."""
+    """One axis of a grid -> its entries.  A string is comma-separated (a spec's ``key=value``
+    parts stay with it); a YAML list gives one entry per item.  ``+`` composes mitigations."""
     if isinstance(value, str):
-        items = [str(spec) for spec in split_specs(value)] if axis in ("schemes", "mitigations") \
-            else [v.strip() for v in value.split(",") if v.strip()]
-        items = [v.replace("+", ",") for v in items] if axis == "mitigations" else items
-        items = [",".join(str(s) for s in split_specs(v)) for v in items] if axis == "mitigations" else items
+        items = ([str(spec) for spec in split_specs(value)] if axis in ("schemes", "mitigations")
+                 else [v.strip() for v in value.split(",")])
     elif isinstance(value, list) and value and all(isinstance(v, (str, int, float)) for v in value):
-        items = [str(v).strip().replace("+", ",") if axis == "mitigations" else str(v).strip() for v in value]
+        items = [str(v).strip() for v in value]
     else:
         raise UsageError(f"grid key {axis!r}: give a list of names or a comma-separated string")
+    if axis == "mitigations":
+        items = [v.replace("+", ",") for v in items]
     if not items or not all(items):
-        raise UsageError(f"grid key {axis!r} is empty: name at least one entry")
+        raise UsageError(f"grid key {axis!r} has an empty entry: name at least one, no empty ones")
     return tuple(dict.fromkeys(items))
 
 
@@ -126,9 +126,8 @@ class Grid:
                             config = RunConfig(**common, model=model, corpus=corpus,
                                                scheme=scheme, mitigation=mitigation)
                             seen.setdefault(config, None)
-        configs = list(seen)
-        first = {key: i for i, key in reversed(list(enumerate((c.model, c.corpus) for c in configs)))}
-        return sorted(configs, key=lambda c: first[(c.model, c.corpus)])
+        groups = list(dict.fromkeys((c.model, c.corpus) for c in seen))
+        return sorted(seen, key=lambda c: groups.index((c.model, c.corpus)))  # stable: grid order within
 
 
 def _subgrid(data: Any, where: str) -> dict[str, tuple[str, ...]]:
@@ -229,7 +228,7 @@ def owner_alive(owner: dict[str, Any]) -> bool:
     return owner.get("start") is None or start is None or start == owner["start"]
 
 
-def _read_owner(path: Path) -> dict[str, Any] | None:
+def _read_json(path: Path) -> dict[str, Any] | None:
     try:
         data = json.loads(path.read_text())
         return data if isinstance(data, dict) else {}
@@ -257,7 +256,7 @@ def try_lock(path: Path, grace_s: float = 10.0) -> bool:
 def _break_if_stale(path: Path, grace_s: float) -> bool:
     """Remove a lock whose owner is dead.  A second lock (``.break``) serialises breakers,
     so a lock re-created by a live process between our check and unlink is never removed."""
-    owner = _read_owner(path)
+    owner = _read_json(path)
     if owner is None:
         return True  # released meanwhile
     if _stale(path, owner, grace_s) is False:
@@ -270,7 +269,7 @@ def _break_if_stale(path: Path, grace_s: float) -> bool:
             breaker.unlink(missing_ok=True)
         return False
     try:
-        owner = _read_owner(path)
+        owner = _read_json(path)
         if owner is not None and _stale(path, owner, grace_s):
             path.unlink(missing_ok=True)
         return True
@@ -292,7 +291,7 @@ def _mtime(path: Path) -> float:
 
 
 def release(path: Path) -> None:
-    owner = _read_owner(path)
+    owner = _read_json(path)
     if owner is not None and owner.get("pid") == os.getpid():
         path.unlink(missing_ok=True)
 
@@ -325,7 +324,7 @@ class Store:
         return find_record(self.root, run_id) is not None
 
     def failed_in(self, run_id: str, sweep: str) -> bool:
-        data = _read_owner(self.failure(run_id))
+        data = _read_json(self.failure(run_id))
         return bool(data) and data.get("sweep") == sweep
 
     def warm(self, group: str) -> bool:
@@ -351,7 +350,7 @@ def iter_failures(results_dir: str | Path) -> Iterable[dict[str, Any]]:
     """Failure files of runs that have no record (a later success supersedes them)."""
     root = Path(results_dir)
     for path in sorted(root.glob("*.failed")) if root.is_dir() else []:
-        data = _read_owner(path)
+        data = _read_json(path)
         if data and data.get("kind") == "quantsink-failure" and not (root / f"{path.stem}.json").exists():
             yield data
 
@@ -363,7 +362,7 @@ def default_run(config: RunConfig, *, session: Any, progress: Any) -> dict[str, 
     """The real run: ``quantsink.run.run`` with a per-worker Session (models loaded once)."""
     from .run import run
 
-    return run(config, session=session, progress=progress, write=False)
+    return run(config, session=session, progress=progress, write=True)  # also stores any variant runs it needed
 
 
 def _ordered(pending: list[PlannedRun], current: str | None, worker: int) -> list[PlannedRun]:
@@ -452,13 +451,13 @@ def execute(p: PlannedRun, store: Store, sweep: str, emit: Emit, run_fn: RunFn,
 
     t0 = time.perf_counter()
     try:
-        record = run_fn(p.config, session=session, progress=progress)
-        if record.get("run_id") != p.run_id:
+        record = run_fn(p.config.replace(results=str(store.root)), session=session, progress=progress)
+        record.pop("path", None)
+        if not store.has_record(str(record.get("run_id"))):  # the real run has written it already
             write_record(record, store.root)
+        if record.get("run_id") != p.run_id:
             raise QuantsinkError(f"record run_id {record.get('run_id')} != planned {p.run_id}: "
                                  f"quantsink.run.planned_run_id is out of sync with run_id (a bug)")
-        record.pop("path", None)
-        write_record(record, store.root)
         store.failure(p.run_id).unlink(missing_ok=True)
         emit("end", worker, p.index, "done", time.perf_counter() - t0, "")
     except Exception as error:  # noqa: BLE001 - any run's failure is recorded, the grid goes on
@@ -498,11 +497,12 @@ def run_parallel(todo: list[PlannedRun], results: str | Path, *, sweep: str, emi
     for proc in procs:
         proc.start()
     try:
-        while any(proc.is_alive() for proc in procs) or not events.empty():
+        while True:
             try:
                 emit(*events.get(timeout=0.2))
             except queue_mod.Empty:
-                pass
+                if not any(proc.is_alive() for proc in procs):
+                    break  # a finished worker has flushed its events before it exits
     finally:
         for proc in procs:
             if proc.is_alive():
@@ -538,6 +538,9 @@ def sweep(planned: list[PlannedRun], results: str | Path, *, jobs: int = 1, run_
     store = Store(Path(results))
     store.root.mkdir(parents=True, exist_ok=True)
     todo = [p for p in planned if not store.has_valid_record(p.run_id)]
+    for p in todo:  # a file there that is no valid record (corrupt, newer schema): keep it aside, re-run
+        if store.has_record(p.run_id):
+            store.record(p.run_id).replace(store.root / f"{p.run_id}.json.invalid")
     retried = sum(store.failure(p.run_id).exists() for p in todo)
     summary = Summary(total=len(planned), skipped=len(planned) - len(todo), retried=retried)
     labels = {p.index: p.label for p in planned}

@@ -52,12 +52,9 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Reference caches go to a per-session temp dir; embedded models keep the user cache (converted once)."""
-    import quantsink.cache as cache
-
-    root = tmp_path_factory.getbasetemp() / "reference-cache"
-    monkeypatch.setattr(cache, "reference_path", lambda key: root / f"{key}.safetensors")
+def _private_reference_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test starts with an empty reference cache; embedded models keep the user cache (converted once)."""
+    monkeypatch.setenv("QUANTSINK_REFERENCE_CACHE", str(tmp_path / "reference-cache"))
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,7 @@
 Behaviour is driven by the scheme name and environment variables, so it survives
 ``spawn``: ``QS_FAKE_LOG`` (append ``start|end run_id pid time`` lines),
 ``QS_FAKE_SLEEP`` (seconds per run), ``QS_FAKE_KILL`` (a scheme at which the process
-exits mid-run, like a kill), and schemes containing ``fail`` raise unless
+exits mid-run, like a kill), and schemes containing ``fail`` (or equal to ``QS_FAKE_FAIL``) raise unless
 ``QS_FAKE_HEAL`` is set.
 """
 
@@ -40,7 +40,8 @@ def fake_run(config: RunConfig, *, session: Any, progress: Any) -> dict[str, Any
     if os.environ.get("QS_FAKE_KILL") and config.scheme == os.environ["QS_FAKE_KILL"]:
         sys.stdout.flush()
         os._exit(3)  # no cleanup, no finally: what SIGKILL leaves behind
-    if "fail" in config.scheme and not os.environ.get("QS_FAKE_HEAL"):
+    failing = "fail" in config.scheme or config.scheme == os.environ.get("QS_FAKE_FAIL")
+    if failing and not os.environ.get("QS_FAKE_HEAL"):
         raise QuantsinkError(f"scheme {config.scheme} exploded")
     tick(1)
     _log("end", run_id)

@@ -18,7 +18,9 @@ def session():
 def records(session, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
     base = RunConfig(corpus="python-code", window=256, max_tokens=1024, results=str(out), stats=False)
-    return {s: run(base.replace(scheme=s), session=session) for s in ("fp32", "int8", "nf4")}
+    with pytest.MonkeyPatch.context() as patch:  # module-scoped: an empty reference cache of its own
+        patch.setenv("QUANTSINK_REFERENCE_CACHE", str(tmp_path_factory.mktemp("reference-cache")))
+        return {s: run(base.replace(scheme=s), session=session) for s in ("fp32", "int8", "nf4")}
 
 
 def test_perplexity_orders_fp32_int8_nf4(records):

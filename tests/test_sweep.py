@@ -96,6 +96,10 @@ def test_default_grid_file_names_only_registered_entries():
     configs = grid.configs()
     assert {c.model for c in configs} == {"smollm2-135m", "gemma3-270m"}
     assert {c.corpus for c in configs} == {"python-docs", "python-code"}
+    assert len(configs) == 4 * 35 and all(c.max_tokens == 1024 and c.window == 256 for c in configs)
+    for key in {(c.model, c.corpus, c.scheme) for c in configs}:  # mitigated runs reuse none / sink-fp
+        order = [c.mitigation for c in configs if (c.model, c.corpus, c.scheme) == key]
+        assert order[0] == "none" and (len(order) == 1 or order[1] == "sink-fp")
     missing = sorted({c.scheme.split(":")[0] for c in configs if c.scheme.split(":")[0] not in SCHEMES}
                      | {m for c in configs for m in c.mitigation.split(",") if m not in MITIGATIONS})
     if missing:
@@ -267,3 +271,15 @@ def test_store_ignores_failure_of_other_sweeps(tmp_path):
     p = _planned(tmp_path, "s1")[0]
     store.write_failure(p, RuntimeError("x"), "sweepA", 1.0)
     assert store.failed_in(p.run_id, "sweepA") and not store.failed_in(p.run_id, "sweepB")
+
+
+def test_invalid_record_file_is_set_aside_and_the_run_redone(tmp_path):
+    results = tmp_path / "runs"
+    planned = _planned(results, "s1")
+    results.mkdir()
+    (results / f"{planned[0].run_id}.json").write_text("{truncated")
+    with pytest.warns(UserWarning, match="corrupt"):
+        summary = sweep(planned, results, run_fn=sweep_fakes.fake_run)
+    assert summary.ok and len(summary.done) == 2
+    assert json.loads((results / f"{planned[0].run_id}.json").read_text())["run_id"] == planned[0].run_id
+    assert (results / f"{planned[0].run_id}.json.invalid").read_text() == "{truncated"

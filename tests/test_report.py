@@ -1,0 +1,146 @@
+"""Report on synthetic records: derived columns, escaping, skipped files, failures, formats."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+
+import pandas as pd
+import pytest
+
+from quantsink.report import leaderboard, row, woken_heads, write_report
+from quantsink.results import SCHEMA_VERSION, write_record
+from synthetic_records import make_record, write_grid
+
+EVIL = "<script>alert('x')</script>"
+
+
+def test_row_derives_deltas_from_the_record():
+    record = make_record(ppl_ref=10.0, ppl=12.5, woken=((2, 1), (4, 3)))
+    r = row(record)
+    assert r["ppl_ratio"] == pytest.approx(1.25)
+    assert r["delta_bpb"] == pytest.approx(record["candidate"]["bits_per_byte"] - record["reference"]["bits_per_byte"])
+    sink_ref = record["stats"]["reference"]["heads"]["sink_score"]
+    assert r["sink_before"] == pytest.approx(sum(map(sum, sink_ref)) / (len(sink_ref) * len(sink_ref[0])))
+    assert r["peak_before"] == pytest.approx(300.0) and r["peak_after"] == pytest.approx(200.0)
+    assert r["heads_woken"] == 2
+    assert r["verdict"] is None and r["effect"] is None and r["d_sink"] is None
+
+
+def test_woken_heads_prefers_the_records_list_in_any_common_shape():
+    record = make_record(woken=((1, 1),))
+    assert woken_heads(record) == [(1, 1)]
+    for key, listed in (("heads_woken", [[3, 2]]), ("heads_woken", [{"layer": 3, "head": 2}]), ("woken", ["L3H2"])):
+        record["stats"]["changes"] = {key: listed}
+        assert woken_heads(record) == [(3, 2)]
+    assert woken_heads(make_record(stats=False)) is None
+    record["stats"]["reference"]["heads"]["dormant_fraction"] = None  # no attention stats: unknown, not 0
+    assert woken_heads(record) is None
+
+
+def test_mitigation_effect_and_d_sink_pass_through_with_their_cis():
+    effect = {"delta_ppl": -3.0, "delta_kl": -0.1, "ci95": [-4.0, -2.0], "verdict": "helps"}
+    r = row(make_record(mitigation="sink-fp", effect=effect, d_sink={"value": 0.3, "ci95": [0.2, 0.4]}))
+    assert (r["verdict"], r["effect"], r["effect_ci"]) == ("helps", -3.0, (-4.0, -2.0))
+    assert (r["d_sink"], r["d_sink_ci"]) == (0.3, (0.2, 0.4))
+    assert r["mitigation"] == "sink-fp"
+
+
+def test_records_without_stats_leave_cells_empty():
+    r = row(make_record(stats=False))
+    assert all(r[k] is None for k in ("sink_before", "sink_after", "heads_woken", "peak_before", "drain_after"))
+
+
+def test_newest_record_of_a_row_wins():
+    old = make_record(ppl=20.0, created_at="2026-01-01T00:00:00+00:00")
+    new = make_record(ppl=15.0, created_at="2026-06-01T00:00:00+00:00")
+    frame, kept, superseded = leaderboard([new, old])
+    assert len(frame) == 1 and frame["ppl"].iloc[0] == 15.0 and superseded == 1 and kept[0] is new
+
+
+def test_write_report_all_formats(tmp_path):
+    records = write_grid(tmp_path / "runs")
+    written = write_report(tmp_path / "runs", tmp_path / "out")
+    assert written.n_rows == len(records) == 20 and written.n_skipped == 0
+    assert sorted(p.name for p in written.paths) == ["leaderboard.csv", "leaderboard.html", "leaderboard.json",
+                                                     "leaderboard.md"]
+    csv = pd.read_csv(tmp_path / "out" / "leaderboard.csv")
+    assert len(csv) == 20 and {"ppl_ratio", "verdict", "d_sink", "heads_woken", "protocol", "backend"} <= set(csv.columns)
+    assert sorted(csv["verdict"].dropna().unique()) == ["helps", "inconclusive"]
+    data = json.loads((tmp_path / "out" / "leaderboard.json").read_text())  # strict JSON: no NaN
+    assert len(data["rows"]) == 20
+    helps = [r for r in data["rows"] if r["verdict"] == "helps"]
+    assert len(helps) == 4 and all(r["effect_ci"] == [r["effect"] - 0.5, r["effect"] + 0.5] for r in helps)
+    md = (tmp_path / "out" / "leaderboard.md").read_text()
+    assert md.count("\n| ") == 21 and "Protocol: 4x128 tok" in md  # header + 20 rows
+    page = (tmp_path / "out" / "leaderboard.html").read_text()
+    assert page.count("<img ") == 5 and page.count("data:image/png;base64,") == 5
+    assert "http://" not in page and "https://" not in page
+
+
+def test_everything_shown_is_escaped(tmp_path):
+    write_record(make_record(model=EVIL, corpus="a|b", scheme="int8", mitigation=f"{EVIL}"), tmp_path / "runs")
+    (tmp_path / "runs" / "x.failed").write_text(json.dumps(
+        {"kind": "quantsink-failure", "run_id": "x", "config": {"model": EVIL, "scheme": "s"}, "error": EVIL,
+         "error_type": "QuantsinkError"}))
+    write_report(tmp_path / "runs", tmp_path / "out")
+    page = (tmp_path / "out" / "leaderboard.html").read_text()
+    assert EVIL not in page and page.count("<script") == 1  # only the page's own sorter
+    assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;" in page
+    md = (tmp_path / "out" / "leaderboard.md").read_text()
+    assert "<script" not in md and "a&#124;b" in md
+    assert "Failed runs (1)" in md and "Failed runs (1)" in page
+
+
+def test_corrupt_and_newer_schema_files_are_skipped_with_a_warning(tmp_path):
+    runs = tmp_path / "runs"
+    write_record(make_record(), runs)
+    (runs / "corrupt.json").write_text("{not json")
+    newer = make_record(scheme="nf4")
+    newer["schema_version"] = SCHEMA_VERSION + 1
+    write_record(newer, runs)
+    with pytest.warns(UserWarning) as caught:
+        written = write_report(runs, tmp_path / "out")
+    messages = " ".join(str(w.message) for w in caught)
+    assert "corrupt" in messages and "newer" in messages
+    assert written.n_rows == 1 and written.n_skipped == 2
+    assert "skipped: " in (tmp_path / "out" / "leaderboard.html").read_text()
+
+
+def test_failure_superseded_by_a_later_record_is_not_listed(tmp_path):
+    runs = tmp_path / "runs"
+    record = make_record()
+    write_record(record, runs)
+    (runs / f"{record['run_id']}.failed").write_text(json.dumps({"kind": "quantsink-failure", "error": "old"}))
+    assert write_report(runs, tmp_path / "out").n_failures == 0
+
+
+def test_empty_results_give_an_empty_leaderboard(tmp_path):
+    written = write_report(tmp_path / "nothing", tmp_path / "out")
+    assert written.n_rows == 0
+    assert "No records." in (tmp_path / "out" / "leaderboard.md").read_text()
+    assert "No data for this plot" in (tmp_path / "out" / "leaderboard.html").read_text()
+
+
+def test_plots_decode_as_png(tmp_path):
+    import base64
+    import re
+
+    from PIL import Image
+
+    write_grid(tmp_path / "runs")
+    write_report(tmp_path / "runs", tmp_path / "out")
+    page = (tmp_path / "out" / "leaderboard.html").read_text()
+    for data in re.findall(r'src="data:image/png;base64,([^"]+)"', page):
+        image = Image.open(io.BytesIO(base64.b64decode(data)))
+        assert image.format == "PNG" and min(image.size) > 100
+
+
+def test_missing_metrics_do_not_break_the_report():
+    record = make_record()
+    record["candidate"]["kl"] = None
+    record["candidate"]["ppl"] = None
+    r = row(record)
+    assert r["ppl_ratio"] is None and r["kl"] is None
+    assert not any(isinstance(v, float) and math.isnan(v) for v in r.values())
