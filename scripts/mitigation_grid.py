@@ -119,8 +119,9 @@ def main() -> None:
             rows.append(row(record))
             print(json.dumps({"corpus": corpus, **rows[-1], "reused": reused,
                               "s": round(time.perf_counter() - t0, 1)}), flush=True)
-        order = {(s, m): i for i, (s, m) in enumerate((s, m) for s in split(args.schemes, ",") + ["fp32"]
-                                                      for m in split(args.mitigations, ";") + ["none"])}
+        names = list(dict.fromkeys(["none", *split(args.mitigations, ";"), *split(args.float_checks, ";")]))
+        order = {(s, m): i for i, (s, m) in enumerate((s, m) for s in [*split(args.schemes, ","), "fp32"]
+                                                      for m in names)}
         rows.sort(key=lambda r: order.get((r["scheme"], r["mitigation"]), len(order)))
         text.append(markdown(corpus, rows, ref or float("nan"), proto or {"n_windows": 0, "window": 0,
                                                                           "scored_tokens": 0}))
