@@ -142,7 +142,8 @@ class Simulated(Scheme):
     Weights: ``w_gran`` channel (one range per output channel), group (blocks of
     ``w_group`` input channels) or tensor.  Activations (Linear inputs): dynamic
     per-tensor (one range per sequence), dynamic per-token, or static per-tensor
-    (ranges calibrated on the calibration windows).  KV: keys (``k_gran``) and
+    (ranges calibrated on the calibration windows); per-token is always dynamic
+    (``act_gran=token`` sets ``act_mode=dynamic``).  KV: keys (``k_gran``) and
     values (``v_gran``) per token (groups of ``kv_group`` channels, default one
     head) or per channel (blocks of ``kv_group`` tokens, default the window).
     """
@@ -170,8 +171,10 @@ class Simulated(Scheme):
                 raise ValueError(f"{part} must be in 2..8 (or none), got {bits}")
         if self.w_bits is None and self.act_bits is None and self.kv_bits is None:
             raise ValueError("nothing to quantize: set w_bits, act_bits or kv_bits")
-        if self.act_mode == "static" and self.act_gran != "tensor":
-            raise ValueError("act_mode=static supports act_gran=tensor only (use act_mode=dynamic for per-token)")
+        if self.act_gran == "token" and self.act_mode == "static":
+            # a token's range is known only when the token arrives: per-token is always dynamic
+            # (so `w8a8:act_gran=token` means dynamic per-token; the record shows act_mode=dynamic)
+            object.__setattr__(self, "act_mode", "dynamic")
         if self.w_group < 1 or (self.kv_group is not None and self.kv_group < 1):
             raise ValueError("group sizes must be >= 1")
 
@@ -195,10 +198,15 @@ class Simulated(Scheme):
         sym = {True: "sym", False: "asym"}
         w = self.w_bits and (f"int{self.w_bits} {sym[self.w_sym]} per-{self.w_gran}"
                              + (f" g{self.w_group}" if self.w_gran == "group" else ""))
-        a = self.act_bits and f"int{self.act_bits} {sym[self.act_sym]} {self.act_mode} per-{self.act_gran}"
-        kv = self.kv_bits and (f"int{self.kv_bits} {sym[self.kv_sym]} keys per-{self.k_gran}, values per-"
-                               f"{self.v_gran}, group {self.kv_group or 'default'}; k_proj/v_proj outputs "
-                               f"(keys quantized before the rotary embedding)")
+        scope = {("dynamic", "tensor"): " (one range per sequence)",
+                 ("static", "tensor"): " (ranges from the calibration windows)"}.get((self.act_mode, self.act_gran), "")
+        a = self.act_bits and (f"int{self.act_bits} {sym[self.act_sym]} {self.act_mode} per-{self.act_gran}{scope}"
+                               " on the input of every selected Linear")
+        groups = {"token": f"groups of {self.kv_group or 'head_dim'} channels",
+                  "channel": f"over {f'blocks of {self.kv_group} tokens' if self.kv_group else 'the whole window'}"}
+        kv = self.kv_bits and (f"int{self.kv_bits} {sym[self.kv_sym]}; keys per-{self.k_gran} ({groups[self.k_gran]}), "
+                               f"values per-{self.v_gran} ({groups[self.v_gran]}); at the k_proj/v_proj outputs, "
+                               f"so keys are quantized BEFORE the rotary embedding")
         return {"weights": w or None, "activations": a or None, "kv": kv or None}
 
     def record(self) -> dict[str, Any]:
@@ -217,6 +225,8 @@ class Simulated(Scheme):
         return model
 
     def _wrap_linears(self, model: nn.Module, ctx: QuantContext, keep: KeepFp) -> list[str]:
+        if not (self.w_bits or self.act_bits):
+            return []
         targets = [(fqn, m) for fqn, m in model.named_modules() if fqn and ctx.filter_fn(m, fqn)
                    and isinstance(m, nn.Linear)]
         for fqn, lin in targets:
@@ -225,7 +235,8 @@ class Simulated(Scheme):
                 q.weight.data = self.quantize_weight(q.weight.data)
                 q.weight_quantized = True
             if self.act_bits:
-                q.input_quantizer = ActQuantizer(self.act_bits, self.act_sym, self.act_mode, self.act_gran, keep)
+                q.input_quantizer = ActQuantizer(self.act_bits, self.act_sym, self.act_mode, self.act_gran,
+                                                 keep).to(q.weight.device)  # its range buffers follow the layer
         return [fqn for fqn, _ in targets]
 
     def quantize_weight(self, w: torch.Tensor) -> torch.Tensor:  # (out, in)

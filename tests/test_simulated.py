@@ -1,0 +1,305 @@
+"""Simulated schemes: presets, spec round-trips, wrappers on a tiny Llama, keep-fp positions, calibration."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+
+from quantsink.corpus import Windows
+from quantsink.errors import UsageError
+from quantsink.schemes import SCHEMES, QuantContext, parse_scheme
+from quantsink.schemes.simulated import ActQuantizer, KVQuantizer, QuantLinear, Simulated, quantizers
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+PRESETS = ["w8a8", "w8a8-dyn", "w8a8-tok", "w4a16", "w4a8", "kv8", "kv4", "w8a8-kv8"]
+VOCAB = 128
+PEAK = 5  # the planted massive-activation channel
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=False)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # plant an extreme token: id 3 lives in channel 5, which norms amplify x30
+        embed = model.model.embed_tokens.weight  # (V, C)
+        embed[:, PEAK] = 0
+        embed[3] = 0
+        embed[3, PEAK] = 1
+        for layer in model.model.layers:
+            layer.input_layernorm.weight[PEAK] = 30
+            layer.post_attention_layernorm.weight[PEAK] = 30
+    return model
+
+
+def windows_of(ids: torch.Tensor) -> Windows:
+    ones = torch.ones_like(ids)
+    return Windows(ids, ones, ones.bool(), ones.sum(1))
+
+
+def ids_with_sink(n: int = 2, t: int = 24, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, VOCAB, (n, t), generator=g)  # (B, T)
+    ids[:, 0] = 3  # the extreme token sits at position 0
+    return ids
+
+
+def quantize(model, spec: str, **ctx_fields):
+    ctx = QuantContext(calibration=lambda: windows_of(ids_with_sink(4, 24, seed=99)), **ctx_fields)
+    return parse_scheme(spec).apply(copy.deepcopy(model), ctx), ctx
+
+
+def logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(input_ids=ids, use_cache=False).logits
+
+
+def test_presets_registered_simulated_and_round_trip():
+    for name in PRESETS:
+        scheme = parse_scheme(name)
+        assert isinstance(scheme, Simulated) and scheme.simulated
+        assert parse_scheme(scheme.spec()) == scheme
+        record = scheme.record()
+        assert record["simulated"] is True and set(record["params"]) >= {"w_bits", "act_bits", "kv_bits"}
+        assert record["bits"] == scheme.bits
+    assert parse_scheme("w4a16").bits == 4.0 and parse_scheme("kv8").bits == 32.0
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("w8a8:act_bits=6,act_gran=token", dict(act_bits=6, act_gran="token", act_mode="dynamic", w_bits=8)),
+    ("kv4:group=64", dict(kv_group=64, kv_bits=4)),
+    ("w4a16:group=32", dict(w_group=32, w_bits=4)),
+    ("w8a8-dyn:w_bits=none", dict(w_bits=None, act_bits=8)),
+    ("kv8:k_gran=channel,kv_sym=true", dict(k_gran="channel", kv_sym=True)),
+])
+def test_overrides_through_spec_strings(text, expected):
+    scheme = parse_scheme(text)
+    for key, value in expected.items():
+        assert getattr(scheme, key) == value
+    assert parse_scheme(scheme.spec()) == scheme  # the recorded spec rebuilds the same config
+
+
+@pytest.mark.parametrize("text", ["w8a8:act_bits=9", "w8a8:act_bits=1", "kv4:kv_group=0", "w8a8:act_gran=row",
+                                  "w8a8:bogus=1", "w4a16:w_bits=none", "kv4:kv_bits=none"])
+def test_bad_overrides_are_usage_errors(text):
+    with pytest.raises(UsageError):
+        parse_scheme(text)
+
+
+def test_group_alias_follows_the_preset():
+    """``group`` names the preset's own grouped part, whatever else the spec adds."""
+    scheme = parse_scheme("w4a16:kv_bits=8,group=64")
+    assert scheme.w_group == 64 and scheme.kv_group is None
+    assert parse_scheme("kv8:w_bits=4,w_gran=group,group=32").kv_group == 32
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_every_preset_runs_on_tiny_model(tiny_llama, name):
+    model, ctx = quantize(tiny_llama, name)
+    ids = ids_with_sink()
+    out, ref = logits(model, ids), logits(tiny_llama, ids)
+    assert out.shape == ref.shape and torch.isfinite(out).all()
+    assert not torch.equal(out, ref)  # something was quantized
+    scheme = parse_scheme(name)
+    n_linear = 7 * 2  # q k v o gate up down per layer; lm_head left alone
+    assert ctx.notes["quantized_modules"] == (n_linear if scheme.w_bits or scheme.act_bits else 0)
+    assert ctx.notes["kv_sites"] == (4 if scheme.kv_bits else 0)
+    assert not isinstance(model.lm_head, QuantLinear)
+    assert len(quantizers(model, ActQuantizer)) == (n_linear if scheme.act_bits else 0)
+    if scheme.act_mode == "static" and scheme.act_bits:
+        assert len(ctx.notes["calibration"]["ids_sha256"]) == 16
+
+
+def test_weights_are_fake_quantized_on_the_grid(tiny_llama):
+    model, _ = quantize(tiny_llama, "w4a16")
+    w = model.model.layers[0].mlp.down_proj.weight  # (out, in), in = 128: one group per row
+    for row in w[:4]:
+        assert len(torch.unique(row)) <= 16
+    model, _ = quantize(tiny_llama, "w8a8-dyn:act_bits=none")
+    w = model.model.layers[0].self_attn.q_proj.weight
+    ref = tiny_llama.model.layers[0].self_attn.q_proj.weight
+    step = ref.abs().amax(1, keepdim=True) / 127
+    assert ((w - ref).abs() <= step / 2 + 1e-7).all()
+
+
+def test_quantized_activations_visible_at_input_quantizer(tiny_llama):
+    model, _ = quantize(tiny_llama, "w8a8-dyn:act_bits=4")
+    seen = {}
+    site = model.model.layers[1].mlp.down_proj.input_quantizer
+    handle = site.register_forward_hook(lambda m, a, o: seen.update(x=a[0], y=o))
+    try:
+        logits(model, ids_with_sink())
+    finally:
+        handle.remove()
+    assert seen["y"].shape == seen["x"].shape
+    assert len(torch.unique(seen["y"][0])) <= 15  # one int4 grid per sequence
+
+
+def test_sink_position_kept_bit_identical(tiny_llama):
+    """With position 0 kept, its logits equal the weight-only model's (causal: position 0 sees only itself)."""
+    ids = ids_with_sink()
+    for spec, float_acts in [("w8a8-dyn", "w8a8-dyn:act_bits=none"), ("w8a8", "w8a8-dyn:act_bits=none"),
+                             ("w8a8-tok:act_bits=4", "w8a8-dyn:act_bits=none"), ("kv4", None),
+                             ("w8a8-kv8", "w8a8-dyn:act_bits=none")]:
+        kept, _ = quantize(tiny_llama, spec, keep_fp_positions=(0,))
+        target = tiny_llama if float_acts is None else quantize(tiny_llama, float_acts)[0]
+        assert torch.equal(logits(kept, ids)[:, 0], logits(target, ids)[:, 0]), spec
+        assert not torch.equal(logits(kept, ids)[:, 1:], logits(target, ids)[:, 1:]), spec
+
+
+def test_keeping_the_sink_helps_per_tensor(tiny_llama):
+    ids = ids_with_sink()
+    ref = logits(tiny_llama, ids)
+    err = {}
+    for keep in [(), (0,)]:
+        model, _ = quantize(tiny_llama, "w8a8-dyn:w_bits=none,act_bits=6", keep_fp_positions=keep)
+        err[keep] = (logits(model, ids) - ref)[:, 1:].abs().mean()
+    assert err[(0,)] < err[()] / 2
+
+
+def test_keep_fp_mask_hook_sees_input_ids(tiny_llama):
+    """A callable keep_fp (e.g. detected extreme tokens) marks positions by their ids."""
+    ids = ids_with_sink()
+    ids[0, 5] = 3  # a second extreme token, mid-sequence
+    model, ctx = quantize(tiny_llama, "w8a8-dyn:w_bits=none,act_bits=4", keep_fp=lambda x: x == 3)
+    assert ctx.notes["keep_fp_hook"] is True
+    seen = {}
+    site = model.model.layers[0].self_attn.q_proj.input_quantizer
+    handle = site.register_forward_hook(lambda m, a, o: seen.update(x=a[0], y=o))
+    try:
+        logits(model, ids)
+    finally:
+        handle.remove()
+    keep = ids == 3
+    assert torch.equal(seen["y"][keep], seen["x"][keep])
+    assert not torch.equal(seen["y"][~keep], seen["x"][~keep])
+
+
+def test_static_calibration_excludes_kept_positions(tiny_llama):
+    calib = ids_with_sink(4, 24, seed=99)  # what quantize() calibrates on
+    seen = []
+    site = tiny_llama.model.layers[0].self_attn.q_proj
+    handle = site.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    try:
+        logits(tiny_llama, calib)
+    finally:
+        handle.remove()
+    x = seen[0]  # (B, T, C) float input of layer 0's q_proj
+    full, _ = quantize(tiny_llama, "w8a8:w_bits=none")
+    kept, ctx = quantize(tiny_llama, "w8a8:w_bits=none", keep_fp_positions=(0,))
+    a = full.model.layers[0].self_attn.q_proj.input_quantizer
+    b = kept.model.layers[0].self_attn.q_proj.input_quantizer
+    assert torch.isclose(a.hi, x.max()) and torch.isclose(b.hi, x[:, 1:].max())
+    assert torch.isclose(b.lo, x[:, 1:].min())
+    assert b.hi < a.hi / 10  # the planted peak at position 0 no longer sets the range
+    assert ctx.notes["calibration"]["windows"] == 4 and ctx.notes["keep_fp_positions"] == [0]
+
+
+def test_static_ranges_are_the_calibration_extremes():
+    keep_state = type("K", (), {"rows": lambda self, x: None})()
+    q = ActQuantizer(8, True, "static", "tensor", keep_state)
+    q.observing = True
+    q(torch.tensor([[[-2.0, 1.0]]]))
+    q(torch.tensor([[[0.5, 3.0]]]))
+    q.observing, q.calibrated = False, True
+    assert (q.lo.item(), q.hi.item()) == (-2.0, 3.0)
+    y = q(torch.tensor([[[3.0, 100.0]]]))
+    assert torch.allclose(y, torch.tensor([[[3.0, 3.0]]]))  # clamped to the calibrated range
+
+
+def test_static_without_calibration_is_an_error(tiny_llama):
+    from quantsink.errors import QuantsinkError
+
+    with pytest.raises(QuantsinkError):
+        parse_scheme("w8a8").apply(copy.deepcopy(tiny_llama), QuantContext())
+
+
+def test_kv_quantizer_granularity(tiny_llama):
+    model, _ = quantize(tiny_llama, "kv4:k_gran=channel,kv_group=8")
+    k = model.model.layers[0].self_attn.k_proj.output_quantizer
+    assert isinstance(k, KVQuantizer) and k.gran == "channel" and k.group == 8  # blocks of 8 tokens
+    model, _ = quantize(tiny_llama, "kv4:k_gran=channel")
+    attn = model.model.layers[0].self_attn
+    assert attn.k_proj.output_quantizer.group is None  # per channel over the whole window
+    assert attn.v_proj.output_quantizer.group == 16  # per token: one head (head_dim 16) per range
+    x = torch.randn(2, 24, 32)
+    y = attn.v_proj.output_quantizer(x)
+    for head in range(2):
+        assert len(torch.unique(y[0, 3, head * 16:(head + 1) * 16])) <= 16
+
+
+def test_results_do_not_depend_on_batching(tiny_llama):
+    model, _ = quantize(tiny_llama, "w8a8-kv8:act_mode=dynamic")
+    ids = ids_with_sink(3)
+    together = logits(model, ids)
+    alone = torch.cat([logits(model, ids[i:i + 1]) for i in range(3)])
+    assert torch.allclose(together, alone, atol=1e-5)
+
+
+def test_list_schemes_shows_every_preset():
+    names = [entry.name for entry in SCHEMES]
+    for name in PRESETS:
+        assert name in names
+        assert "kv_bits" in SCHEMES.get(name).record()["params"]
+
+
+@pytest.fixture(scope="module")
+def smollm2_code():
+    """smollm2-135m and 2 windows of 256 tokens of stdlib code; 2 calibration windows after them."""
+    import importlib
+
+    from quantsink.config import RunConfig
+
+    R = importlib.import_module("quantsink.run")
+    config = RunConfig(corpus="python-code", max_tokens=512, window=256, calib_windows=2)
+    return R, config, R.Session()
+
+
+@pytest.mark.slow
+def test_smollm2_w8a8_record_and_disjoint_calibration(smollm2_code, tmp_path):
+    import hashlib
+
+    from quantsink.corpus import tokenize
+
+    R, config, session = smollm2_code
+    record = R.run(config.replace(scheme="w8a8", results=str(tmp_path)), session=session)
+    scheme, cand, ref = record["scheme"], record["candidate"], record["reference"]
+    assert scheme["simulated"] is True and scheme["params"]["act_mode"] == "static"
+    assert ref["ppl"] < cand["ppl"] < 10 * ref["ppl"] and 0 < cand["kl"] and 0 < cand["top1_agreement"] < 1
+    # calibration windows are the stream tokens right after the evaluation tokens, and hashed into the record
+    prep = R.prepare(config, session)
+    calib, used = prep.calibration(), prep.protocol["tokens"]
+    stream = tokenize(prep.corpus, prep.loaded.tokenizer, limit=used + 2 * 256)
+    assert prep.windows.input_ids.flatten().tolist() == stream.ids[:used]
+    assert calib.input_ids.flatten().tolist() == stream.ids[used:used + 512]
+    applied = scheme["applied"]["calibration"]
+    assert applied["windows"] == 2
+    assert applied["ids_sha256"] == hashlib.sha256(calib.input_ids.numpy().tobytes()).hexdigest()[:16]
+
+
+@pytest.mark.slow
+def test_smollm2_sink_dominates_per_tensor_activations(smollm2_code):
+    """FACTS.md: dynamic per-tensor int8 activations hurt; keeping token 0 in float recovers most of it;
+    per-token activations and kv8 stay close to the reference."""
+    from quantsink.evaluate import run_pass
+
+    R, config, session = smollm2_code
+    prep = R.prepare(config, session)
+    model = prep.loaded.model
+
+    def ppl(spec: str, keep: tuple[int, ...] = ()) -> float:
+        ctx = QuantContext(calibration=prep.calibration, keep_fp_positions=keep)
+        return run_pass(parse_scheme(spec).apply(copy.deepcopy(model), ctx), prep.windows).summary()["ppl"]
+
+    ref = run_pass(model, prep.windows).summary()["ppl"]
+    dyn, kept = ppl("w8a8-dyn:w_bits=none"), ppl("w8a8-dyn:w_bits=none", keep=(0,))
+    assert dyn > 1.5 * ref and kept < ref + 0.5 * (dyn - ref)
+    assert ppl("w8a8-tok") < 1.1 * ref
+    assert ppl("kv8") < 1.01 * ref
