@@ -23,7 +23,8 @@ FLOAT_CHECKS = ("none", "clip-residual", "sink-token")  # on fp32: what the miti
 
 
 def cells(schemes: list[str], mitigations: list[str], float_checks: list[str]) -> list[tuple[str, str]]:
-    out = [(s, m) for s in schemes for m in mitigations]
+    """Mitigation-major (a stopped grid still covers every scheme for the first mitigations)."""
+    out = [(s, m) for m in mitigations for s in schemes]
     return out + [("fp32", m) for m in float_checks]
 
 
@@ -118,6 +119,10 @@ def main() -> None:
             rows.append(row(record))
             print(json.dumps({"corpus": corpus, **rows[-1], "reused": reused,
                               "s": round(time.perf_counter() - t0, 1)}), flush=True)
+        names = list(dict.fromkeys(["none", *split(args.mitigations, ";"), *split(args.float_checks, ";")]))
+        order = {(s, m): i for i, (s, m) in enumerate((s, m) for s in [*split(args.schemes, ","), "fp32"]
+                                                      for m in names)}
+        rows.sort(key=lambda r: order.get((r["scheme"], r["mitigation"]), len(order)))
         text.append(markdown(corpus, rows, ref or float("nan"), proto or {"n_windows": 0, "window": 0,
                                                                           "scored_tokens": 0}))
         if args.out:

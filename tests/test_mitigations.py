@@ -372,3 +372,13 @@ def test_intact_kv_with_sink_fp_keeps_the_right_absolute_positions(tiny):
     for inp, out in seen.values():
         assert inp.shape[1] == w.input_ids.shape[1] - 1  # the prefix came from the reference
         assert torch.equal(out[:, 0], inp[:, 0]) and not torch.equal(out[:, 1:], inp[:, 1:])
+
+
+def test_intact_kv_leaves_the_prefix_out_of_static_calibration(tiny):
+    from quantsink.schemes.simulated import ActQuantizer, quantizers
+
+    model, ctx = _candidate(tiny, "w8a8:w_bits=none", "intact-kv")
+    plain, _ = _candidate(tiny, "w8a8:w_bits=none", "sink-fp")
+    assert ctx.keep_fp_positions == (0,)
+    ranges = lambda m: {f: (float(q.lo), float(q.hi)) for f, q in quantizers(m, ActQuantizer).items()}  # noqa: E731
+    assert ranges(model) == ranges(plain)

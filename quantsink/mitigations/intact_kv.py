@@ -6,12 +6,15 @@ sink token; without one, the first token, which is where a model without BOS
 puts its sink) and returns its KV cache.  The quantized model then runs on the
 rest of the window with that cache, so it attends to an exact sink.  The
 logits at the prefix positions are the reference's (the prefix is computed in
-full precision, as in IntactKV).  Cost: one reference forward over ``p``
-tokens per window, no second pass over the windows.
+full precision, as in IntactKV).  Since the quantized model never processes
+the prefix, static calibration leaves those positions out of its ranges
+(``keep_fp_positions``).  Cost: one reference forward over ``p`` tokens per
+window, no second pass over the windows.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -40,6 +43,14 @@ def reference_prefix(reference: Any, input_ids: torch.Tensor, mask: torch.Tensor
 
 @dataclass(frozen=True)
 class IntactKV(Mitigation):
+
+    def quant_context(self, ctx: Any, env: Env) -> Any:
+        """The quantized model never processes the prefix: leave it out of static calibration ranges
+        (at evaluation those positions are not in its input, so nothing else changes)."""
+        sinks = env.calibration().sink_positions if env.calibration else env.sink_positions
+        keep = sorted(set(ctx.keep_fp_positions) | set(range(prefix_length(tuple(sinks)))))
+        env.notes["calibration"] = "prefix positions left out of static calibration ranges"
+        return dataclasses.replace(ctx, keep_fp_positions=tuple(keep))
 
     @contextmanager
     def attach(self, model: Any, env: Env) -> Iterator[None]:

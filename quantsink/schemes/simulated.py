@@ -198,10 +198,15 @@ class Simulated(Scheme):
         sym = {True: "sym", False: "asym"}
         w = self.w_bits and (f"int{self.w_bits} {sym[self.w_sym]} per-{self.w_gran}"
                              + (f" g{self.w_group}" if self.w_gran == "group" else ""))
-        a = self.act_bits and f"int{self.act_bits} {sym[self.act_sym]} {self.act_mode} per-{self.act_gran}"
-        kv = self.kv_bits and (f"int{self.kv_bits} {sym[self.kv_sym]} keys per-{self.k_gran}, values per-"
-                               f"{self.v_gran}, group {self.kv_group or 'default'}; k_proj/v_proj outputs "
-                               f"(keys quantized before the rotary embedding)")
+        scope = {("dynamic", "tensor"): " (one range per sequence)",
+                 ("static", "tensor"): " (ranges from the calibration windows)"}.get((self.act_mode, self.act_gran), "")
+        a = self.act_bits and (f"int{self.act_bits} {sym[self.act_sym]} {self.act_mode} per-{self.act_gran}{scope}"
+                               " on the input of every selected Linear")
+        groups = {"token": f"groups of {self.kv_group or 'head_dim'} channels",
+                  "channel": f"over {f'blocks of {self.kv_group} tokens' if self.kv_group else 'the whole window'}"}
+        kv = self.kv_bits and (f"int{self.kv_bits} {sym[self.kv_sym]}; keys per-{self.k_gran} ({groups[self.k_gran]}), "
+                               f"values per-{self.v_gran} ({groups[self.v_gran]}); at the k_proj/v_proj outputs, "
+                               f"so keys are quantized BEFORE the rotary embedding")
         return {"weights": w or None, "activations": a or None, "kv": kv or None}
 
     def record(self) -> dict[str, Any]:
@@ -230,7 +235,8 @@ class Simulated(Scheme):
                 q.weight.data = self.quantize_weight(q.weight.data)
                 q.weight_quantized = True
             if self.act_bits:
-                q.input_quantizer = ActQuantizer(self.act_bits, self.act_sym, self.act_mode, self.act_gran, keep)
+                q.input_quantizer = ActQuantizer(self.act_bits, self.act_sym, self.act_mode, self.act_gran,
+                                                 keep).to(q.weight.device)  # its range buffers follow the layer
         return [fqn for fqn, _ in targets]
 
     def quantize_weight(self, w: torch.Tensor) -> torch.Tensor:  # (out, in)
