@@ -255,8 +255,19 @@ def simple_evaluate(model: Any, tokenizer: Any, tasks: dict[str, Any], manager: 
 
 def scored_documents(results: dict[str, Any], task: str) -> list[str]:
     """The texts lm-eval scored for a rolling task, in document order."""
-    samples = sorted(results["samples"][task], key=lambda s: s["doc_id"])
+    samples = sorted(results["samples"][task], key=lambda s: int(s["doc_id"]))
     return [s["arguments"][0][0] if "arguments" in s else s["doc"]["text"] for s in samples]
+
+
+def scored_bytes(results: dict[str, Any], task: str) -> int | None:
+    """The UTF-8 bytes lm-eval divided by (its per-document ``bits_per_byte`` items), or None.
+
+    For the local tasks these are the bytes of the scored text; a hub task may count
+    other bytes (wikitext counts the page before detokenization)."""
+    try:
+        return sum(int(s["bits_per_byte"][1]) for s in results["samples"][task])
+    except (KeyError, TypeError, IndexError, ValueError):
+        return None
 
 
 def task_result(results: dict[str, Any], task: str) -> dict[str, Any]:
@@ -271,8 +282,11 @@ def task_result(results: dict[str, Any], task: str) -> dict[str, Any]:
 
 
 def quantsink_bpb(model: Any, tokenizer: Any, texts: Sequence[str], *, length: int, batch_tokens: int,
-                  mitigations: Sequence[Any] = ()) -> dict[str, Any]:
-    """quantsink's evaluator on lm-eval's documents and windows (mitigations' windows applied)."""
+                  nbytes: int | None = None, mitigations: Sequence[Any] = ()) -> dict[str, Any]:
+    """quantsink's evaluator on lm-eval's documents and windows (mitigations' windows applied).
+
+    ``nbytes``: the byte count lm-eval used (default: the bytes of ``texts``), so the two
+    bits-per-byte figures share their denominator and differ only by the summed NLL."""
     from .evaluate import run_pass
 
     windows = document_windows(texts, tokenizer, length)
@@ -280,8 +294,8 @@ def quantsink_bpb(model: Any, tokenizer: Any, texts: Sequence[str], *, length: i
         windows = mitigation.transform_windows(windows, tokenizer)
     result = run_pass(model, windows, batch_tokens=batch_tokens)
     nll = float(result.nll.sum())
-    return {"quantsink_bits_per_byte": nll / math.log(2) / float(result.nbytes.sum()),
-            "quantsink_seconds": result.seconds, "quantsink_tokens": windows.n_tokens}
+    return {"quantsink_bits_per_byte": nll / math.log(2) / float(nbytes or result.nbytes.sum()),
+            "quantsink_nll": nll, "quantsink_seconds": result.seconds, "quantsink_tokens": windows.n_tokens}
 
 
 def evaluate_model(model: Any, tokenizer: Any, names: Sequence[str], *, limit: int | None, max_length: int,
@@ -305,7 +319,8 @@ def evaluate_model(model: Any, tokenizer: Any, names: Sequence[str], *, limit: i
                      "lm_eval_seconds_all_tasks": seconds, "protocol": PROTOCOL}
             if task.OUTPUT_TYPE == "loglikelihood_rolling" and "bits_per_byte" in entry:
                 entry.update(quantsink_bpb(model, tokenizer, scored_documents(results, name), length=max_length,
-                                           batch_tokens=batch_tokens, mitigations=mitigations))
+                                           batch_tokens=batch_tokens, nbytes=scored_bytes(results, name),
+                                           mitigations=mitigations))
                 entry["bpb_rel_diff"] = entry["quantsink_bits_per_byte"] / entry["bits_per_byte"] - 1
             out[name] = entry
     return out
