@@ -14,7 +14,7 @@ candidate (mitigations attached) and on the reference, and stores per task under
 Local tasks (``python-docs``, ``python-code``) are lm-eval YAML files shipped in
 ``quantsink/tasks/`` (package data; ``tasks/`` at the repo root links to it).  Their
 data files are generated at run time from ``quantsink.corpus`` into
-``$QUANTSINK_CACHE/lm_eval_tasks/<task>-v<version>-<corpus sha>/`` (deterministic,
+``$QUANTSINK_CACHE/lm_eval_tasks/<task>-v<version>-<corpus sha>-<yaml hash>/`` (deterministic,
 never from a hub).  Any other name is looked up among lm-eval's built-in tasks
 (wikitext, hellaswag, ...), which need the hub: offline they fail in one line.
 
@@ -63,11 +63,13 @@ class LocalTask:
         return {"params": {"corpus": self.corpus, "version": self.config()["metadata"]["version"],
                            "source": "quantsink/tasks"}}
 
+    def text(self) -> str:
+        return resources.files("quantsink").joinpath("tasks", f"{self.name}.yaml").read_text(encoding="utf-8")
+
     def config(self) -> dict[str, Any]:
         import yaml
 
-        text = resources.files("quantsink").joinpath("tasks", f"{self.name}.yaml").read_text(encoding="utf-8")
-        return yaml.safe_load(text)
+        return yaml.safe_load(self.text())
 
 
 @dataclass(frozen=True)
@@ -115,8 +117,8 @@ def _atomic_write(path: Path, text: str) -> None:
 def materialize(task: LocalTask) -> Path:
     """Write the task's YAML and JSONL data under the cache; return the directory.
 
-    The directory name pins the task version and the corpus sha256, so a file,
-    once written, never changes; rewriting it gives the same bytes.
+    The directory name pins the task version, the corpus sha256 and the YAML's
+    hash, so a file, once written, never changes; rewriting it gives the same bytes.
     """
     import yaml
 
@@ -125,7 +127,8 @@ def materialize(task: LocalTask) -> Path:
     config = task.config()
     corpus = load_corpus(config["metadata"]["quantsink"]["corpus"])
     version = config["metadata"]["version"]
-    folder = cache_root() / "lm_eval_tasks" / f"{task.name}-v{version}-{corpus.sha256[:12]}"
+    key = f"{task.name}-v{version}-{corpus.sha256[:12]}-{stable_hash(task.text(), length=8)}"
+    folder = cache_root() / "lm_eval_tasks" / key
     data = folder / f"{task.name}.jsonl"
     spec = folder / f"{task.name}.yaml"
     if spec.is_file() and data.is_file():
@@ -240,6 +243,11 @@ def document_windows(texts: Sequence[str], tokenizer: Any, length: int) -> Windo
                            pad=pad)
 
 
+def rows_per_batch(batch_tokens: int, length: int) -> int:
+    """Windows per forward: what ``evaluate.batches`` gives quantsink's rows of ``length + 1``."""
+    return max(1, batch_tokens // (length + 1))
+
+
 def simple_evaluate(model: Any, tokenizer: Any, tasks: dict[str, Any], manager: Any, *, limit: int | None,
                     max_length: int, batch_rows: int) -> dict[str, Any]:
     """``lm_eval.simple_evaluate`` with ``HFLM(pretrained=model)``; the raw results dict."""
@@ -311,7 +319,7 @@ def evaluate_model(model: Any, tokenizer: Any, names: Sequence[str], *, limit: i
             stack.enter_context(mitigation.attach(model))
         t0 = time.perf_counter()
         results = simple_evaluate(seen, tokenizer, tasks, manager, limit=limit, max_length=max_length,
-                                  batch_rows=max(1, batch_tokens // max_length))
+                                  batch_rows=rows_per_batch(batch_tokens, max_length))
         seconds = time.perf_counter() - t0
         out = {}
         for name, task in tasks.items():

@@ -8,7 +8,7 @@ the one that reaches N tokens) are scored twice:
 1. quantsink: ``--protocol lm-eval`` windows (``corpus.rolling_windows``) and the
    reference pass ``evaluate.run_pass(model, windows, keep_targets=True)``;
 2. lm-eval: ``lm_eval.simple_evaluate`` with ``HFLM(pretrained=<the same model object>,
-   max_length=W, batch_size=<the same rows per batch>)`` on quantsink's local
+   max_length=W, batch_size=<the same windows per forward>)`` on quantsink's local
    ``loglikelihood_rolling`` task over the same documents (``limit`` = their count).
 
 Timed: quantsink = building the windows (tokenizing) + the pass; lm-eval = the whole
@@ -76,10 +76,13 @@ def main() -> None:
     parser.add_argument("--corpus", default="python-docs", choices=["python-docs", "python-code"])
     parser.add_argument("--batch-tokens", type=int, default=2048)
     parser.add_argument("--repeat", type=int, default=2, help="alternating runs of each; the best time counts")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
 
     import torch
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from quantsink import lmeval
     from quantsink.config import RunConfig
     from quantsink.corpus import load_corpus
@@ -112,7 +115,7 @@ def main() -> None:
         manager = lmeval.task_manager(names)
         tasks = lmeval.load_tasks(names, manager)
         results = lmeval.simple_evaluate(model, tokenizer, tasks, manager, limit=n_docs, max_length=args.window,
-                                         batch_rows=max(1, args.batch_tokens // args.window))
+                                         batch_rows=lmeval.rows_per_batch(args.batch_tokens, args.window))
         lm_eval_times.append(time.perf_counter() - t0)
         lm_eval_bpb = results["results"][args.corpus]["bits_per_byte,none"]
         assert lmeval.scored_documents(results, args.corpus) == list(corpus.documents[:n_docs])
