@@ -174,13 +174,24 @@ def load_tasks(names: Sequence[str], manager: Any) -> dict[str, Any]:
 # --------------------------------------------------------------------------- mitigations
 
 
+
+def changes_input(mitigation: Any) -> bool:
+    """Its declared ``changes_input``; undeclared, whether it overrides ``transform_windows``."""
+    declared = getattr(mitigation, "changes_input", None)
+    if declared is not None:
+        return bool(declared)
+    from .mitigations import Mitigation
+
+    return getattr(type(mitigation), "transform_windows", None) is not Mitigation.transform_windows
+
+
 def lm_eval_model(model: Any, tokenizer: Any, mitigations: Sequence[Any]) -> Any:
     """The model lm-eval should see: input-changing mitigations wrapped in, or a refusal."""
     for mitigation in mitigations:
-        if not getattr(mitigation, "changes_input", False):
+        if not changes_input(mitigation):
             continue
         wrap = getattr(mitigation, "wrap_for_lm_eval", None)
-        wrapped = wrap(model, tokenizer) if wrap else None
+        wrapped = wrap(model, tokenizer) if wrap and model is not None else None
         if wrapped is None:
             raise QuantsinkError(
                 f"--lm-eval cannot apply mitigation {mitigation.name!r}: it changes the model's input and "
@@ -193,11 +204,38 @@ def lm_eval_model(model: Any, tokenizer: Any, mitigations: Sequence[Any]) -> Any
 def check(names: Sequence[str], mitigations: Sequence[Any]) -> None:
     """Fail fast (before any model pass) on task names and mitigations lm-eval cannot see."""
     for mitigation in mitigations:
-        if getattr(mitigation, "changes_input", False) and getattr(mitigation, "wrap_for_lm_eval", None) is None:
+        if changes_input(mitigation) and getattr(mitigation, "wrap_for_lm_eval", None) is None:
             lm_eval_model(None, None, [mitigation])
     for name in names:
         if name in TASKS and TASKS.get(name).local:
             TASKS.get(name).config()
+
+
+def prepend_token(model: Any, token_id: int) -> Any:
+    """A model wrapper for lm-eval (what a prepended-sink mitigation's ``wrap_for_lm_eval`` can
+    return): ``token_id`` goes before every input row inside ``forward`` and its logits are
+    dropped, so lm-eval scores the model as the mitigation runs it.  (B, T) -> logits (B, T, V)"""
+    import torch
+
+    class PrependToken(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner, self.config = model, model.config
+
+        @property
+        def device(self) -> Any:
+            return self.inner.device
+
+        def tie_weights(self, *args: Any, **kwargs: Any) -> None:
+            pass  # HFLM calls it; the wrapped model is tied (or not) already
+
+        def forward(self, input_ids: torch.Tensor, **kwargs: Any) -> Any:
+            sink = torch.full_like(input_ids[:, :1], int(token_id))  # (B, 1)
+            out = self.inner(input_ids=torch.cat([sink, input_ids], 1), use_cache=False)  # (B, T+1, V)
+            out.logits = out.logits[:, 1:]  # (B, T, V)
+            return out
+
+    return PrependToken()
 
 
 # --------------------------------------------------------------------------- running

@@ -225,6 +225,48 @@ if "test-input-changer" not in MITIGATIONS:
     MITIGATIONS.register("test-input-changer", InputChanger(name="test-input-changer"), help="tests only")
 
 
+@dataclass(frozen=True)
+class Undeclared(Mitigation):
+    """Overrides transform_windows without saying whether it changes the input: treated as if it does."""
+
+    def transform_windows(self, windows: Any, tokenizer: Any) -> Any:
+        return windows
+
+
+@dataclass(frozen=True)
+class PrependSink(Mitigation):
+    """A prepended sink token (id 2) in quantsink's windows and, through the wrapper, in lm-eval's."""
+
+    changes_input: ClassVar[bool] = True
+
+    def transform_windows(self, windows: Any, tokenizer: Any) -> Any:
+        from quantsink.corpus import Windows
+
+        n = len(windows)
+        col = torch.full((n, 1), 2, dtype=torch.long)
+        return Windows(torch.cat([col, windows.input_ids], 1),
+                       torch.cat([torch.ones_like(col), windows.attention_mask], 1),
+                       torch.cat([torch.zeros((n, 1), dtype=torch.bool), windows.scored], 1), windows.nbytes)
+
+    def wrap_for_lm_eval(self, model: Any, tokenizer: Any) -> Any:
+        return lmeval.prepend_token(model, 2)
+
+
+def test_undeclared_input_change_is_refused() -> None:
+    assert lmeval.changes_input(Undeclared(name="u")) and not lmeval.changes_input(Mitigation(name="m"))
+    with pytest.raises(QuantsinkError, match="'u'"):
+        lmeval.check(["python-docs"], [Undeclared(name="u")])
+
+
+def test_wrapped_input_change_reaches_lm_eval(tiny: LoadedModel) -> None:
+    kwargs = dict(limit=2, max_length=64, batch_tokens=512)
+    plain = lmeval.evaluate_model(tiny.model, tiny.tokenizer, ["python-docs"], **kwargs)["python-docs"]
+    sunk = lmeval.evaluate_model(tiny.model, tiny.tokenizer, ["python-docs"], mitigations=[PrependSink(name="s")],
+                                 **kwargs)["python-docs"]
+    assert abs(sunk["bpb_rel_diff"]) < 1e-5  # lm-eval saw the sink token quantsink's windows have
+    assert sunk["bits_per_byte"] != plain["bits_per_byte"]
+
+
 def session_with(loaded: LoadedModel) -> Any:
     from quantsink.run import Session
 
