@@ -21,8 +21,9 @@ never from a hub).  Any other name is looked up among lm-eval's built-in tasks
 Mitigations that change the model's input (``changes_input = True``, e.g. a
 prepended sink token) must offer ``wrap_for_lm_eval(model, tokenizer)``, a model
 whose ``forward(input_ids)`` applies the change inside and returns logits aligned
-with ``input_ids``; otherwise ``--lm-eval`` refuses rather than report an
-unmitigated number.  Mitigations' ``attach`` hooks stay attached while lm-eval runs.
+with ``input_ids`` (``prepend_token`` is one for a prepended sink token); otherwise
+``--lm-eval`` refuses rather than report an unmitigated number.  A mitigation that
+overrides ``transform_windows`` without declaring ``changes_input`` counts as changing it.  Mitigations' ``attach`` hooks stay attached while lm-eval runs.
 """
 
 from __future__ import annotations
