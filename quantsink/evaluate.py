@@ -108,14 +108,18 @@ class _Accumulator:
     def add(self, first: int, logits: torch.Tensor, windows: Windows, hidden: torch.Tensor | None) -> None:
         mask = windows.scored[:, 1:].to(logits.device)  # (B, T-1) targets scored
         where = mask.nonzero()[:, 0].cpu() + first  # window index of each scored position
-        logq = logits[:, :-1][mask].float().log_softmax(-1)  # (S, V)
-        target = windows.input_ids[:, 1:].to(logits.device)[mask]  # (S,)
-        self.nll.index_add_(0, where, -logq.gather(1, target[:, None])[:, 0].double().cpu())
-        span = slice(self.cursor, self.cursor + len(target))
+        # log_softmax is row-wise: over all rows it gives bit-for-bit the values it gives on the
+        # scored rows alone, and it saves copying the scored logits out first
+        logq_all = logits.float().log_softmax(-1)[:, :-1]  # (B, T-1, V)
+        target = windows.input_ids[:, 1:].to(logits.device)  # (B, T-1)
+        nll = -logq_all.gather(2, target[..., None])[..., 0][mask]  # (S,)
+        self.nll.index_add_(0, where, nll.double().cpu())
+        span = slice(self.cursor, self.cursor + len(nll))
         self.cursor = span.stop
         if hidden is not None:
             self.hidden.append(hidden[:, :-1][mask].float().cpu())  # (S, H)
         if self.reference is not None:
+            logq = logq_all[mask]  # (S, V)
             logp = self.head.logp(self.reference.hidden[span]).to(logq.device)  # (S, V)
             kl = (logp.exp() * (logp - logq)).sum(1)  # (S,)
             self.kl.index_add_(0, where, kl.double().cpu())

@@ -14,15 +14,16 @@ candidate (mitigations attached) and on the reference, and stores per task under
 Local tasks (``python-docs``, ``python-code``) are lm-eval YAML files shipped in
 ``quantsink/tasks/`` (package data; ``tasks/`` at the repo root links to it).  Their
 data files are generated at run time from ``quantsink.corpus`` into
-``$QUANTSINK_CACHE/lm_eval_tasks/<task>-v<version>-<corpus sha>/`` (deterministic,
+``$QUANTSINK_CACHE/lm_eval_tasks/<task>-v<version>-<corpus sha>-<yaml hash>/`` (deterministic,
 never from a hub).  Any other name is looked up among lm-eval's built-in tasks
 (wikitext, hellaswag, ...), which need the hub: offline they fail in one line.
 
 Mitigations that change the model's input (``changes_input = True``, e.g. a
 prepended sink token) must offer ``wrap_for_lm_eval(model, tokenizer)``, a model
 whose ``forward(input_ids)`` applies the change inside and returns logits aligned
-with ``input_ids``; otherwise ``--lm-eval`` refuses rather than report an
-unmitigated number.  Mitigations' ``attach`` hooks stay attached while lm-eval runs.
+with ``input_ids`` (``prepend_token`` is one for a prepended sink token); otherwise
+``--lm-eval`` refuses rather than report an unmitigated number.  A mitigation that
+overrides ``transform_windows`` without declaring ``changes_input`` counts as changing it.  Mitigations' ``attach`` hooks stay attached while lm-eval runs.
 """
 
 from __future__ import annotations
@@ -63,11 +64,13 @@ class LocalTask:
         return {"params": {"corpus": self.corpus, "version": self.config()["metadata"]["version"],
                            "source": "quantsink/tasks"}}
 
+    def text(self) -> str:
+        return resources.files("quantsink").joinpath("tasks", f"{self.name}.yaml").read_text(encoding="utf-8")
+
     def config(self) -> dict[str, Any]:
         import yaml
 
-        text = resources.files("quantsink").joinpath("tasks", f"{self.name}.yaml").read_text(encoding="utf-8")
-        return yaml.safe_load(text)
+        return yaml.safe_load(self.text())
 
 
 @dataclass(frozen=True)
@@ -115,8 +118,8 @@ def _atomic_write(path: Path, text: str) -> None:
 def materialize(task: LocalTask) -> Path:
     """Write the task's YAML and JSONL data under the cache; return the directory.
 
-    The directory name pins the task version and the corpus sha256, so a file,
-    once written, never changes; rewriting it gives the same bytes.
+    The directory name pins the task version, the corpus sha256 and the YAML's
+    hash, so a file, once written, never changes; rewriting it gives the same bytes.
     """
     import yaml
 
@@ -125,7 +128,8 @@ def materialize(task: LocalTask) -> Path:
     config = task.config()
     corpus = load_corpus(config["metadata"]["quantsink"]["corpus"])
     version = config["metadata"]["version"]
-    folder = cache_root() / "lm_eval_tasks" / f"{task.name}-v{version}-{corpus.sha256[:12]}"
+    key = f"{task.name}-v{version}-{corpus.sha256[:12]}-{stable_hash(task.text(), length=8)}"
+    folder = cache_root() / "lm_eval_tasks" / key
     data = folder / f"{task.name}.jsonl"
     spec = folder / f"{task.name}.yaml"
     if spec.is_file() and data.is_file():
@@ -171,13 +175,24 @@ def load_tasks(names: Sequence[str], manager: Any) -> dict[str, Any]:
 # --------------------------------------------------------------------------- mitigations
 
 
+
+def changes_input(mitigation: Any) -> bool:
+    """Its declared ``changes_input``; undeclared, whether it overrides ``transform_windows``."""
+    declared = getattr(mitigation, "changes_input", None)
+    if declared is not None:
+        return bool(declared)
+    from .mitigations import Mitigation
+
+    return getattr(type(mitigation), "transform_windows", None) is not Mitigation.transform_windows
+
+
 def lm_eval_model(model: Any, tokenizer: Any, mitigations: Sequence[Any]) -> Any:
     """The model lm-eval should see: input-changing mitigations wrapped in, or a refusal."""
     for mitigation in mitigations:
-        if not getattr(mitigation, "changes_input", False):
+        if not changes_input(mitigation):
             continue
         wrap = getattr(mitigation, "wrap_for_lm_eval", None)
-        wrapped = wrap(model, tokenizer) if wrap else None
+        wrapped = wrap(model, tokenizer) if wrap and model is not None else None
         if wrapped is None:
             raise QuantsinkError(
                 f"--lm-eval cannot apply mitigation {mitigation.name!r}: it changes the model's input and "
@@ -190,11 +205,38 @@ def lm_eval_model(model: Any, tokenizer: Any, mitigations: Sequence[Any]) -> Any
 def check(names: Sequence[str], mitigations: Sequence[Any]) -> None:
     """Fail fast (before any model pass) on task names and mitigations lm-eval cannot see."""
     for mitigation in mitigations:
-        if getattr(mitigation, "changes_input", False) and getattr(mitigation, "wrap_for_lm_eval", None) is None:
+        if changes_input(mitigation) and getattr(mitigation, "wrap_for_lm_eval", None) is None:
             lm_eval_model(None, None, [mitigation])
     for name in names:
         if name in TASKS and TASKS.get(name).local:
             TASKS.get(name).config()
+
+
+def prepend_token(model: Any, token_id: int) -> Any:
+    """A model wrapper for lm-eval (what a prepended-sink mitigation's ``wrap_for_lm_eval`` can
+    return): ``token_id`` goes before every input row inside ``forward`` and its logits are
+    dropped, so lm-eval scores the model as the mitigation runs it.  (B, T) -> logits (B, T, V)"""
+    import torch
+
+    class PrependToken(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner, self.config = model, model.config
+
+        @property
+        def device(self) -> Any:
+            return self.inner.device
+
+        def tie_weights(self, *args: Any, **kwargs: Any) -> None:
+            pass  # HFLM calls it; the wrapped model is tied (or not) already
+
+        def forward(self, input_ids: torch.Tensor, **kwargs: Any) -> Any:
+            sink = torch.full_like(input_ids[:, :1], int(token_id))  # (B, 1)
+            out = self.inner(input_ids=torch.cat([sink, input_ids], 1), use_cache=False)  # (B, T+1, V)
+            out.logits = out.logits[:, 1:]  # (B, T, V)
+            return out
+
+    return PrependToken()
 
 
 # --------------------------------------------------------------------------- running
@@ -240,6 +282,11 @@ def document_windows(texts: Sequence[str], tokenizer: Any, length: int) -> Windo
                            pad=pad)
 
 
+def rows_per_batch(batch_tokens: int, length: int) -> int:
+    """Windows per forward: what ``evaluate.batches`` gives quantsink's rows of ``length + 1``."""
+    return max(1, batch_tokens // (length + 1))
+
+
 def simple_evaluate(model: Any, tokenizer: Any, tasks: dict[str, Any], manager: Any, *, limit: int | None,
                     max_length: int, batch_rows: int) -> dict[str, Any]:
     """``lm_eval.simple_evaluate`` with ``HFLM(pretrained=model)``; the raw results dict."""
@@ -255,8 +302,19 @@ def simple_evaluate(model: Any, tokenizer: Any, tasks: dict[str, Any], manager: 
 
 def scored_documents(results: dict[str, Any], task: str) -> list[str]:
     """The texts lm-eval scored for a rolling task, in document order."""
-    samples = sorted(results["samples"][task], key=lambda s: s["doc_id"])
+    samples = sorted(results["samples"][task], key=lambda s: int(s["doc_id"]))
     return [s["arguments"][0][0] if "arguments" in s else s["doc"]["text"] for s in samples]
+
+
+def scored_bytes(results: dict[str, Any], task: str) -> int | None:
+    """The UTF-8 bytes lm-eval divided by (its per-document ``bits_per_byte`` items), or None.
+
+    For the local tasks these are the bytes of the scored text; a hub task may count
+    other bytes (wikitext counts the page before detokenization)."""
+    try:
+        return sum(int(s["bits_per_byte"][1]) for s in results["samples"][task])
+    except (KeyError, TypeError, IndexError, ValueError):
+        return None
 
 
 def task_result(results: dict[str, Any], task: str) -> dict[str, Any]:
@@ -271,9 +329,12 @@ def task_result(results: dict[str, Any], task: str) -> dict[str, Any]:
 
 
 def quantsink_bpb(model: Any, tokenizer: Any, texts: Sequence[str], *, length: int, batch_tokens: int,
-                  mitigations: Any = None) -> dict[str, Any]:
-    """quantsink's evaluator on lm-eval's documents and windows (mitigations' windows applied;
-    ``mitigations`` is the run's ``MitigationStack``)."""
+                  nbytes: int | None = None, mitigations: Any = None) -> dict[str, Any]:
+    """quantsink's evaluator on lm-eval's documents and windows (the run's ``MitigationStack``
+    windows applied).
+
+    ``nbytes``: the byte count lm-eval used (default: the bytes of ``texts``), so the two
+    bits-per-byte figures share their denominator and differ only by the summed NLL."""
     from .evaluate import run_pass
 
     windows = document_windows(texts, tokenizer, length)
@@ -281,8 +342,8 @@ def quantsink_bpb(model: Any, tokenizer: Any, texts: Sequence[str], *, length: i
         windows = mitigations.windows(windows)
     result = run_pass(model, windows, batch_tokens=batch_tokens)
     nll = float(result.nll.sum())
-    return {"quantsink_bits_per_byte": nll / math.log(2) / float(result.nbytes.sum()),
-            "quantsink_seconds": result.seconds, "quantsink_tokens": windows.n_tokens}
+    return {"quantsink_bits_per_byte": nll / math.log(2) / float(nbytes or result.nbytes.sum()),
+            "quantsink_nll": nll, "quantsink_seconds": result.seconds, "quantsink_tokens": windows.n_tokens}
 
 
 def evaluate_model(model: Any, tokenizer: Any, names: Sequence[str], *, limit: int | None, max_length: int,
@@ -296,7 +357,7 @@ def evaluate_model(model: Any, tokenizer: Any, names: Sequence[str], *, limit: i
     with mitigations.attach(model) if mitigations is not None else contextlib.nullcontext():
         t0 = time.perf_counter()
         results = simple_evaluate(seen, tokenizer, tasks, manager, limit=limit, max_length=max_length,
-                                  batch_rows=max(1, batch_tokens // max_length))
+                                  batch_rows=rows_per_batch(batch_tokens, max_length))
         seconds = time.perf_counter() - t0
         out = {}
         for name, task in tasks.items():
@@ -304,7 +365,8 @@ def evaluate_model(model: Any, tokenizer: Any, names: Sequence[str], *, limit: i
                      "lm_eval_seconds_all_tasks": seconds, "protocol": PROTOCOL}
             if task.OUTPUT_TYPE == "loglikelihood_rolling" and "bits_per_byte" in entry:
                 entry.update(quantsink_bpb(model, tokenizer, scored_documents(results, name), length=max_length,
-                                           batch_tokens=batch_tokens, mitigations=mitigations))
+                                           batch_tokens=batch_tokens, nbytes=scored_bytes(results, name),
+                                           mitigations=mitigations))
                 entry["bpb_rel_diff"] = entry["quantsink_bits_per_byte"] / entry["bits_per_byte"] - 1
             out[name] = entry
     return out

@@ -225,6 +225,34 @@ if "test-input-changer" not in MITIGATIONS:
     MITIGATIONS.register("test-input-changer", InputChanger(name="test-input-changer"), help="tests only")
 
 
+@dataclass(frozen=True)
+class Undeclared(Mitigation):
+    """Overrides transform_windows without saying whether it changes the input: treated as if it does."""
+
+    def transform_windows(self, windows: Any, tokenizer: Any) -> Any:
+        return windows
+
+
+def test_undeclared_input_change_is_refused() -> None:
+    assert lmeval.changes_input(Undeclared(name="u")) and not lmeval.changes_input(Mitigation(name="m"))
+    with pytest.raises(QuantsinkError, match="'u'"):
+        lmeval.check(["python-docs"], [Undeclared(name="u")])
+
+
+def test_sink_token_reaches_lm_eval_through_its_wrapper(tiny: LoadedModel) -> None:
+    kwargs = dict(limit=2, max_length=64, batch_tokens=512)
+    plain = lmeval.evaluate_model(tiny.model, tiny.tokenizer, ["python-docs"], **kwargs)["python-docs"]
+    from quantsink.mitigations import MitigationStack
+    from quantsink.mitigations.sink_token import SinkToken
+
+    stack = MitigationStack.of([SinkToken(name="sink-token", token=2)], reference=tiny.model,
+                               tokenizer=tiny.tokenizer, scheme=None, calibration=None)
+    sunk = lmeval.evaluate_model(tiny.model, tiny.tokenizer, ["python-docs"], mitigations=stack,
+                                 **kwargs)["python-docs"]
+    assert abs(sunk["bpb_rel_diff"]) < 1e-5  # lm-eval saw the sink token quantsink's windows have
+    assert sunk["bits_per_byte"] != plain["bits_per_byte"]
+
+
 def session_with(loaded: LoadedModel) -> Any:
     from quantsink.run import Session
 

@@ -13,7 +13,7 @@ as it is, and the record says it was a no-op.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -51,6 +51,13 @@ def prepend(windows: Windows, token_id: int) -> Windows:
 @dataclass(frozen=True)
 class SinkToken(Mitigation):
     token: int | str | None = None
+    changes_input: ClassVar[bool] = True
+
+    def wrap_for_lm_eval(self, model: Any, tokenizer: Any) -> Any:
+        """lm-eval sees the sink token too: prepended inside the model's forward."""
+        from ..lmeval import prepend_token
+
+        return prepend_token(model, resolve_token(tokenizer, self.token)[0])
 
     def transform_windows(self, windows: Windows, env: Env) -> Windows:
         token_id, text = resolve_token(env.tokenizer, self.token)
