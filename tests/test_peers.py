@@ -12,6 +12,10 @@
   ``w8a8`` calibrated on the same windows: quanto's static ranges are a running average
   of per-batch absmax, ours the max over the calibration set, so agreement is looser: 5%.
 
+Measured (torchao 0.18.0, optimum-quanto 0.2.7, smollm2-135m, 2 x 256 tokens of stdlib code,
+reference ppl 13.52): w4a16:group=64 17.7355 vs torchao 17.7369; w8a8-tok 13.82 vs torchao 14.29;
+w8a8 31.25 vs quanto 32.32 (2 calibration windows).
+
 They skip when the peer is absent (``pip install -e .[peers]``); quantsink never needs them.
 """
 
