@@ -243,6 +243,9 @@ def summarize(ws: WindowStats, *, k: float = DEFAULT_K, tau: float = DEFAULT_TAU
 def protocol(k: float, tau: float, n_windows: int, sink_positions: tuple[int, ...]) -> dict[str, Any]:
     return {
         "windows": n_windows, "k": k, "tau": tau, "sink_positions": list(sink_positions),
+        "stats_windows": "the first `windows` evaluation windows, in the same forward pass as the metrics, "
+                         "with eager attention (SDPA elsewhere); sliding-window layers: queries beyond the "
+                         "window cannot see key 0",
         "residual": "output of each decoder block; peak ratio ||h_0|| / median_{i>=1} ||h_i||, mean over windows",
         "massive": "max |h| over positions and channels (largest window), ratio to that window's median |h| "
                    "(median over every (T//64)-th position, all channels)",
