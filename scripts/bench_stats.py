@@ -1,7 +1,7 @@
 """Wall-time cost of the extreme-token stats over plain evaluation, on the same windows.
 
     python scripts/bench_stats.py [--model smollm2-135m] [--max-tokens 8192] [--window 512]
-                                  [--stats-windows 8] [--repeats 2]
+                                  [--stats-windows 8] [--repeats 2] [--warmup 1]
 
 Runs the evaluator's pass on the same windows alternately without stats and
 with the stats probes riding on it (eager attention on the first
@@ -34,6 +34,7 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--stats-windows", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=1, help="untimed plain passes first")
     args = parser.parse_args()
 
     import torch
@@ -65,7 +66,8 @@ def main() -> None:
             collector.summary()
 
     times: dict[str, list[float]] = {"plain": [], "eager_only": [], "stats": []}
-    plain()  # warm-up (allocator, thread pool)
+    for _ in range(args.warmup):  # allocator, thread pool
+        plain()
     for _ in range(args.repeats):
         for name, fn in (("plain", plain), ("eager_only", eager_only), ("stats", with_stats)):
             t0 = time.perf_counter()
