@@ -92,7 +92,7 @@ def inspect(config: RunConfig, compare_corpus: str | None = None, top: int = 10)
         other = prepare(config.replace(corpus=compare_corpus), session)
         probed = probe(other.loaded.model, other.windows.subset(slice(0, min(n, len(other.windows)))), config)
         report["compare"] = {"corpus": other.corpus.name, "stats": probed.stats,
-                             "heads": S.domain_dependence(ref.stats, probed.stats, top)}
+                             **S.domain_dependence(ref.stats, probed.stats, top)}
         maps[f"reference on {other.corpus.name}"] = probed.maps
     return report, maps
 
@@ -160,6 +160,8 @@ def compare_table(report: dict[str, Any]) -> Table:
     for h in comp["heads"]:
         table.add_row(h["head"], _f(h["sink_a"]), _f(h["sink_b"]), _f(h["delta"]), _f(h["dormant_a"]),
                       _f(h["dormant_b"]))
+    table.caption = (f"dormant on {report['corpus']} only: {', '.join(comp['dormant_only_a']) or 'none'}; "
+                     f"dormant on {comp['corpus']} only: {', '.join(comp['dormant_only_b']) or 'none'}")
     return table
 
 

@@ -115,7 +115,7 @@ def attach(model: nn.Module, hooks: dict[str, Hook], *, known: dict[str, nn.Modu
         for name, fn in hooks.items():
             module = known[name]
             if _kind(name) == "pre":
-                handles.append(module.register_forward_pre_hook(lambda m, args, fn=fn: fn(args[0])))
+                handles.append(module.register_forward_pre_hook(lambda m, args, fn=fn: fn(args[0]) if args else None))
             else:
                 handles.append(module.register_forward_hook(lambda m, args, out, fn=fn: fn(out)))
         yield
@@ -212,8 +212,8 @@ class StatsCollector:
         self.linear: dict[str, dict[str, Any]] = {}
         self.maps: torch.Tensor | None = None
         self._batch: _Batch | None = None
-        attn = self.sites["layers.0.attn"]
-        self.head_dim = _head_dim(attn, model)
+        self.head_dim = _head_dim(self.sites["layers.0.attn"], model)
+        self.home = model.get_input_embeddings().weight.device  # where per-layer reductions gather
 
     @property
     def boundaries(self) -> tuple[int, ...]:
@@ -258,15 +258,15 @@ class StatsCollector:
 
     def _on_block(self, out: Any) -> None:
         h = _first_tensor(out)  # (B, T, C)
-        self._batch.norms.append(S.token_norms(h))
-        self._batch.massive.append(S.massive_activation(h))
+        self._batch.norms.append(S.token_norms(h).to(self.home))
+        self._batch.massive.append({k: v.to(self.home) for k, v in S.massive_activation(h).items()})
 
     def _on_attention(self, out: Any, first: bool) -> None:
         probs = out[1] if isinstance(out, (tuple, list)) and len(out) > 1 else None  # (B, H, T, T)
         if not isinstance(probs, torch.Tensor):
             self._batch.key_attn.append(None)
             return
-        self._batch.key_attn.append(S.key_attention(probs))
+        self._batch.key_attn.append(S.key_attention(probs).to(self.home))
         if self.keep_maps and first:
             m = self.keep_maps
             self._batch.maps.append(probs[0, :, :m, :m].float().cpu())
@@ -276,7 +276,7 @@ class StatsCollector:
         if self.head_dim is None or v.shape[-1] % self.head_dim:
             return
         v = v.reshape(*v.shape[:-1], -1, self.head_dim)  # (B, T, KVH, D)
-        self._batch.v_norms.append(torch.linalg.vector_norm(v.float(), dim=-1))
+        self._batch.v_norms.append(torch.linalg.vector_norm(v.float(), dim=-1).to(self.home))
 
     def _on_linear(self, name: str, x: torch.Tensor) -> None:
         batch = self._batch

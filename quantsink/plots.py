@@ -56,10 +56,11 @@ def head_heatmaps(sides: dict[str, dict[str, Any]], key: str, path: Path, title:
     if len(panels) == 2:
         (a, ta), (b, tb) = panels
         panels.append((f"{b} - {a}", tb - ta))
+    shared = vmax or max(float(np.nanmax(t)) for t in tables.values())  # one scale for every side
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels) + 1, 6), squeeze=False)
     for i, (ax, (label, table)) in enumerate(zip(axes[0], panels)):
         diff = i == 2
-        limit = np.nanmax(np.abs(table)) if diff else (vmax or np.nanmax(table))
+        limit = np.nanmax(np.abs(table)) if diff else shared
         image = ax.imshow(table, aspect="auto", cmap="RdBu_r" if diff else "viridis",
                           vmin=-limit if diff else 0, vmax=limit or 1, interpolation="nearest")
         ax.set_title(label, fontsize=10)

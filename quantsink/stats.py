@@ -243,6 +243,9 @@ def summarize(ws: WindowStats, *, k: float = DEFAULT_K, tau: float = DEFAULT_TAU
 def protocol(k: float, tau: float, n_windows: int, sink_positions: tuple[int, ...]) -> dict[str, Any]:
     return {
         "windows": n_windows, "k": k, "tau": tau, "sink_positions": list(sink_positions),
+        "stats_windows": "the first `windows` evaluation windows, in the same forward pass as the metrics, "
+                         "with eager attention (SDPA elsewhere); sliding-window layers: queries beyond the "
+                         "window cannot see key 0",
         "residual": "output of each decoder block; peak ratio ||h_0|| / median_{i>=1} ||h_i||, mean over windows",
         "massive": "max |h| over positions and channels (largest window), ratio to that window's median |h| "
                    "(median over every (T//64)-th position, all channels)",
@@ -317,19 +320,18 @@ def changes(reference: dict[str, Any], candidate: dict[str, Any], top: int = TOP
     }
 
 
-def domain_dependence(a: dict[str, Any], b: dict[str, Any], top: int = TOP) -> list[dict[str, Any]]:
-    """Heads whose sink score or dormancy differ most between two corpora (one model, two summaries).
+def domain_dependence(a: dict[str, Any], b: dict[str, Any], top: int = TOP) -> dict[str, Any]:
+    """How one model's heads differ between two corpora (two summaries of the same model).
 
-    Sorted by ``|delta sink score| + |delta dormant fraction|``: the paper's
-    active-dormant claim (a head dormant on one domain, active on another).
+    ``heads``: the ``top`` heads by absolute sink-score difference; ``dormant_only_a``
+    / ``dormant_only_b``: heads dormant (fraction >= 0.5) on one corpus and active on
+    the other -- the paper's active-dormant claim (dormant on Wikipedia, active on GitHub).
     """
     sa, sb = _head_list(a["heads"]["sink_score"]), _head_list(b["heads"]["sink_score"])
     da, db = _head_list(a["heads"]["dormant_fraction"]), _head_list(b["heads"]["dormant_fraction"])
-
-    def gap(key: tuple[int, int]) -> float:
-        return abs(sa[key] - sb[key]) + abs(da.get(key, 0) - db.get(key, 0))
-
-    keys = sorted(set(sa) & set(sb), key=gap, reverse=True)[:top]
-    return [{"head": f"L{l}H{h}", "sink_a": sa[(l, h)], "sink_b": sb[(l, h)],
-             "delta": _r(sb[(l, h)] - sa[(l, h)]), "dormant_a": da.get((l, h)), "dormant_b": db.get((l, h))}
-            for l, h in keys]
+    keys = sorted(set(sa) & set(sb), key=lambda key: abs(sa[key] - sb[key]), reverse=True)[:top]
+    heads = [{"head": f"L{l}H{h}", "sink_a": sa[(l, h)], "sink_b": sb[(l, h)],
+              "delta": _r(sb[(l, h)] - sa[(l, h)]), "dormant_a": da.get((l, h)), "dormant_b": db.get((l, h))}
+             for l, h in keys]
+    only_a, only_b = _dormancy_flips(a, b)  # (dormant on a, active on b), (the reverse)
+    return {"heads": heads, "dormant_only_a": only_a, "dormant_only_b": only_b}

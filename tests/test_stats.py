@@ -122,7 +122,9 @@ def test_changes_reports_woken_heads_and_largest_shifts():
 def test_domain_dependence_ranks_the_head_that_differs():
     prose = S.summarize(_window_stats(sink=0.95, drain=0.2, peak=80.0))
     code = S.summarize(_window_stats(sink=0.50, drain=0.2, peak=80.0))
-    ranked = S.domain_dependence(prose, code, top=3)
+    found = S.domain_dependence(prose, code, top=3)
+    ranked = found["heads"]
     assert ranked[0]["head"] == "L1H0" and ranked[0]["delta"] == pytest.approx(-0.45)
     assert (ranked[0]["dormant_a"], ranked[0]["dormant_b"]) == (1.0, 0.0)
-    assert ranked[1]["delta"] == 0.0
+    assert ranked[1]["delta"] == 0.0 and len(ranked) == 3
+    assert found["dormant_only_a"] == ["L1H0"] and found["dormant_only_b"] == []
