@@ -214,10 +214,15 @@ def candidate_pass(prep: Prepared, model: Any, reference: PassResult, progress: 
     if not torch.equal(windows.scored[:, 1:].sum(1), prep.windows.scored[:, 1:].sum(1)):
         raise QuantsinkError("a mitigation changed which tokens are scored; the candidate cannot be "
                              "paired with the reference (a bug in that mitigation)")
+    hidden = [m.name for m in prep.mitigations.mitigations if m.hides_prefix]
+    config = prep.config.replace(stats=False) if hidden else prep.config
     with prep.mitigations.attach(model):
-        result = stats_pass(prep.config, model, windows, reference=reference.targets,
+        result = stats_pass(config, model, windows, reference=reference.targets,
                             reference_head=ReferenceHead.of(prep.loaded.model),
                             batch_tokens=prep.config.batch_tokens, progress=progress("candidate", len(windows)))
+    if hidden and prep.config.stats:
+        result.extra["stats_skipped"] = (f"candidate stats not collected: {', '.join(hidden)} feeds the sink "
+                                         f"prefix from the reference, so the candidate never processes it")
     if not torch.isfinite(result.nll).all() or not math.isfinite(float(result.kl.sum())):
         raise QuantsinkError(f"scheme {prep.scheme.spec()} produced NaN/inf log-likelihoods; "
                              f"use more bits or another granularity (nothing was written)")
@@ -265,8 +270,11 @@ def planned_run_id(config: RunConfig, session: Session | None = None) -> str:
 def stats_record(reference: PassResult, candidate: PassResult) -> dict[str, Any] | None:
     """``stats.reference``, ``stats.candidate`` and ``stats.changes`` (None with --no-stats)."""
     ref, cand = reference.extra.get("stats"), candidate.extra.get("stats")
-    if ref is None or cand is None:
+    if ref is None:
         return None
+    if cand is None:  # a mitigation hid positions from the candidate's probes
+        return {"reference": ref, "candidate": None, "changes": None,
+                "note": candidate.extra.get("stats_skipped", "candidate stats not collected")}
     return {"reference": ref, "candidate": cand, "changes": stats_changes(ref, cand)}
 
 

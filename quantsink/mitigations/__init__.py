@@ -41,6 +41,7 @@ class Env:
 class Mitigation:
     name: str = field(default="", metadata={"spec": False})
     kind: ClassVar[str] = "post-hoc"
+    hides_prefix: ClassVar[bool] = False  # the candidate never processes the sink prefix (no probes there)
 
     def check(self, scheme: Any) -> None:
         """Raise ``UsageError`` (one line, saying why) when this cannot apply to ``scheme``."""
@@ -110,6 +111,9 @@ class MitigationStack:
         for mitigation in mitigations:
             mitigation.check(scheme)
         return stack
+
+    def __len__(self) -> int:
+        return len(self.mitigations)
 
     def __iter__(self) -> Iterator[tuple[Mitigation, Env]]:
         return iter(zip(self.mitigations, self.envs))

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, ClassVar, Iterator
 
 import torch
 
@@ -43,6 +43,7 @@ def reference_prefix(reference: Any, input_ids: torch.Tensor, mask: torch.Tensor
 
 @dataclass(frozen=True)
 class IntactKV(Mitigation):
+    hides_prefix: ClassVar[bool] = True
 
     def quant_context(self, ctx: Any, env: Env) -> Any:
         """The quantized model never processes the prefix: leave it out of static calibration ranges
