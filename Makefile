@@ -1,7 +1,7 @@
 # Two commands do everything on a fresh machine (both idempotent):
 #   make demo   -> set up .venv, then `quantsink eval --scheme int8` on smollm2-135m (offline)
 #   make test   -> set up .venv, then run the test suite
-#   make leaderboard -> sweep grids/default.yaml into results/runs (resumable; ~30 min on 2 cores),
+#   make leaderboard -> sweep grids/default.yaml into results/grid (resumable; ~30 min on 2 cores),
 #                       then write results/leaderboard.{md,csv,json,html}
 #   make check-html  -> render results/leaderboard.html in headless Chromium and check it
 #                       (needs Debian's chromium: apt-get update && apt-get install -y chromium)
@@ -42,7 +42,7 @@ leaderboard: setup
 	$(BIN)/quantsink sweep grids/default.yaml; status=$$?; $(MAKE) report && exit $$status
 
 report: setup
-	$(BIN)/quantsink report --results results/runs --out results --readme README.md
+	$(BIN)/quantsink report --results results/grid --out results --readme README.md
 
 check-html:
 	$(BIN)/python scripts/check_html.py results/leaderboard.html --screenshot results/leaderboard.png
