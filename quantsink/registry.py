@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass
-from typing import Any, Callable, Generic, Iterator, TypeVar
+from typing import Any, Generic, Iterator, TypeVar
 
 from .errors import UsageError
 
@@ -75,13 +75,3 @@ class Registry(Generic[T]):
         hint = f" Did you mean {close[0]!r}?" if close else ""
         return (f"unknown {self.kind} {name!r}.{hint} "
                 f"Valid {self.kind}s: {', '.join(self.names())}.")
-
-
-def lazy(module: str, attr: str) -> Callable[..., Any]:
-    """A callable that imports ``module.attr`` on first use (heavy backends stay lazy)."""
-    def call(*args: Any, **kwargs: Any) -> Any:
-        import importlib
-
-        return getattr(importlib.import_module(module), attr)(*args, **kwargs)
-
-    return call

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import datetime as dt
 import math
-import os
 import platform
 import time
 from dataclasses import dataclass, field
@@ -351,7 +350,3 @@ def evaluate(config: RunConfig, session: Session, progress: Progress = _no_progr
         record["reference"]["lm_eval_cached"] = downstream["reference_cached"]
         record["candidate"]["lm_eval"] = downstream["candidate"]
     return record
-
-
-def threads_note() -> str:
-    return f"{torch.get_num_threads()} threads, {os.cpu_count()} cpus"
