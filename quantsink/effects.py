@@ -83,7 +83,8 @@ def annotate(record: dict[str, Any], config: RunConfig, evaluate: Callable[[RunC
     def get(mitigation: str) -> dict[str, Any]:
         if mitigation in memo:
             return memo[mitigation]
-        variant = config.replace(mitigation=mitigation)
+        # the paired statistics need only the variant's own passes: no lm-eval for it
+        variant = config.replace(mitigation=mitigation, lm_eval="", lm_eval_limit=None)
         from .run import run_id_for
 
         rid = run_id_for(variant, record["model"]["sha256"], record["corpus"]["sha256"])

@@ -200,7 +200,7 @@ def reference_pass(prep: Prepared, progress: Progress) -> tuple[PassResult, bool
 
 def build_candidate(prep: Prepared) -> tuple[Any, dict[str, Any]]:
     """Copy the reference, apply mitigations' model transforms, then the scheme."""
-    ctx = QuantContext(calibration=lambda: prep.mitigations.windows(prep.calibration()))
+    ctx = QuantContext(calibration=prep.mitigations.calibration)
     model = copy.deepcopy(prep.loaded.model)
     model, ctx = prep.mitigations.prepare(model, ctx)
     model = prep.scheme.apply(model, ctx)

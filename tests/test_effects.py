@@ -97,3 +97,19 @@ def test_effect_functions_refuse_nothing_silently():
         from quantsink.effects import _check_pairs
 
         _check_pairs(a, b)
+
+
+def test_variant_passes_skip_lm_eval_and_reuse_plain_records(tmp_path):
+    config = RunConfig(scheme="w8a8-dyn", mitigation="sink-fp", results=str(tmp_path),
+                       lm_eval="python-docs", lm_eval_limit=2)
+    seen = []
+
+    def evaluate(variant):
+        seen.append(variant)
+        return record(variant, LEVELS[variant.mitigation])
+
+    annotate(record(config, LEVELS["sink-fp"]), config, evaluate, write=True)
+    assert [(v.mitigation, v.lm_eval, v.lm_eval_limit) for v in seen] == [("none", "", None)]
+    # the stored unmitigated pass is the one a plain `--mitigation none` run (no lm-eval) would find
+    plain = config.replace(mitigation="none", lm_eval="", lm_eval_limit=None)
+    assert (tmp_path / f"{run_id_for(plain, 'm', 'c')}.json").is_file()

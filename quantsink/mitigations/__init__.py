@@ -97,19 +97,16 @@ class MitigationStack:
 
     mitigations: list[Mitigation]
     envs: list[Env]
+    calibration: Callable[[], Any] | None = None  # calibration windows, every transform_windows applied
 
     @classmethod
     def of(cls, mitigations: list[Mitigation], *, reference: Any, tokenizer: Any, scheme: Any,
            calibration: Callable[[], Any] | None) -> "MitigationStack":
+        """The stack for one run (``Mitigation.check`` against the scheme is the caller's, before any load)."""
         stack = cls(list(mitigations), [])
-
-        def transformed_calibration() -> Any:
-            return stack.windows(calibration()) if calibration else None
-
-        stack.envs = [Env(reference, tokenizer, transformed_calibration if calibration else None, scheme)
-                      for _ in mitigations]
-        for mitigation in mitigations:
-            mitigation.check(scheme)
+        if calibration is not None:
+            stack.calibration = lambda: stack.windows(calibration())
+        stack.envs = [Env(reference, tokenizer, stack.calibration, scheme) for _ in mitigations]
         return stack
 
     def __len__(self) -> int:
