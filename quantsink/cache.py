@@ -1,12 +1,15 @@
 """On-disk cache of reference passes (safetensors + JSON metadata; never pickle).
 
-Keyed by (model sha256, corpus sha256, protocol, dtype, evaluator version):
-a second scheme on the same model and corpus reuses the reference.  A corrupt
-entry is reported and recomputed, never trusted.
+Keyed by (model sha256, corpus sha256, protocol, dtype, evaluator version,
+sha256 of the token windows scored): a second scheme on the same model and
+corpus reuses the reference.  Each file stores the sha256 of its tensors and
+metadata (``digest``) and is verified on load: a corrupt or tampered entry is
+reported in one line and recomputed, never trusted.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -25,6 +28,17 @@ def reference_path(key: str) -> Path:
     return (Path(root) if root else cache_root() / "reference") / f"{key}.safetensors"
 
 
+def tensor_digest(tensors: dict[str, torch.Tensor], meta: dict[str, str] | None = None) -> str:
+    """sha256 over each tensor's name, dtype, shape and bytes (sorted by name), then ``meta``."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    digest.update(json.dumps(meta or {}, sort_keys=True).encode())
+    return digest.hexdigest()
+
+
 def save_pass(path: Path, result: PassResult) -> None:
     from safetensors.torch import save_file
 
@@ -32,6 +46,7 @@ def save_pass(path: Path, result: PassResult) -> None:
     tensors = {"nll": result.nll, "n_scored": result.n_scored, "nbytes": result.nbytes,
                "hidden": result.targets.hidden.contiguous()}
     meta = {"seconds": str(result.seconds), "extra": json.dumps(result.extra)}
+    meta["digest"] = tensor_digest(tensors, meta)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -53,6 +68,9 @@ def load_pass(path: Path, n_windows: int) -> PassResult | None:
         with safe_open(str(path), framework="pt") as handle:
             meta = handle.metadata() or {}
             tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+        stored = meta.pop("digest", None)
+        if stored != tensor_digest(tensors, meta):
+            raise ValueError("digest mismatch" if stored else "no digest")
         result = PassResult(tensors["nll"], tensors["n_scored"], tensors["nbytes"],
                             targets=Targets(tensors["hidden"]), seconds=float(meta.get("seconds", 0)),
                             extra=json.loads(meta.get("extra", "{}")))

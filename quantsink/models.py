@@ -15,6 +15,8 @@ import json
 import os
 import shutil
 import tempfile
+import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -95,10 +97,15 @@ MODELS.register("gemma3-270m", GGUFSource(_gemma3_path, "Q4_K_M", _gemma3_sha())
 
 
 def sha256_file(path: Path) -> str:
-    """sha256 of a file, memoized in the cache by (path, size, mtime)."""
+    """sha256 of a file, memoized in the cache by (path, size, mtime, ctime).
+
+    A file modified in the last few seconds is hashed but not memoized (as git
+    does for "racy" files): a write within the filesystem's timestamp granularity
+    of the hash would otherwise keep its stale digest.
+    """
     stat = path.stat()
     memo = cache_root() / "sha256.json"
-    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ctime_ns}"
     known = _read_json(memo)
     if key in known:
         return known[key]
@@ -106,9 +113,14 @@ def sha256_file(path: Path) -> str:
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
+    if time.time() - max(stat.st_mtime, stat.st_ctime) < RACY_S:
+        return digest.hexdigest()
     known[key] = digest.hexdigest()
     atomic_write_text(memo, json.dumps(known, indent=1))
     return known[key]
+
+
+RACY_S = 3.0  # seconds within which a file's timestamps cannot vouch for its content
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -146,32 +158,96 @@ def _convert_gguf(path: Path, target: Path) -> None:
         if hasattr(config, attr):
             delattr(config, attr)
     model.hf_quantizer = None
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
-    try:
+
+    def fill(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+
+    install_converted(fill, target)
+
+
+def install_converted(fill: Callable[[Path], None], target: Path) -> None:
+    """``fill`` a fresh directory, record its manifest, then move it to ``target`` (atomic)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
+    try:
+        fill(tmp)
+        write_manifest(tmp)
+        _replace_dir(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _replace_dir(tmp: Path, target: Path) -> None:
+    """Move ``tmp`` to ``target``; the old ``target`` is moved aside first, then removed.
+    A concurrent conversion that got there first and left a valid cache wins."""
+    if target.exists():
+        aside = Path(tempfile.mkdtemp(dir=target.parent, prefix=".stale-"))
+        try:
+            os.replace(target, aside / "old")
+        except OSError:
+            pass  # another process moved it meanwhile
+        shutil.rmtree(aside, ignore_errors=True)
+    try:
+        os.replace(tmp, target)
+    except OSError:
+        if cache_problem(target) is not None:
+            raise
+
+
+MANIFEST = "quantsink-manifest.json"
+
+
+def write_manifest(directory: Path) -> None:
+    """Record the sha256 of every file of a converted model, to verify the cache on each load."""
+    files = {p.name: sha256_file(p) for p in sorted(directory.iterdir()) if p.is_file() and p.name != MANIFEST}
+    atomic_write_text(directory / MANIFEST, json.dumps({"sha256": files}, indent=1))
+
+
+def cache_problem(directory: Path) -> str | None:
+    """Why a converted-model cache cannot be trusted (None: every file matches its manifest)."""
+    files = _read_json(directory / MANIFEST).get("sha256")
+    if not isinstance(files, dict) or "config.json" not in files or not any(n.endswith(".safetensors") for n in files):
+        return "no manifest"
+    for name, expected in files.items():
+        path = directory / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if sha256_file(path) != expected:
+            return f"{name} does not match the sha256 recorded at conversion"
+    return None
 
 
 def _embedded(name: str, source: GGUFSource) -> tuple[Path, ModelInfo]:
     path = source.locate()
     digest = source.sha256 or sha256_file(path)
     target = cache_root() / "models" / digest[:24]
-    if not (target / "config.json").is_file() or not any(target.glob("*.safetensors")):
-        target.parent.mkdir(parents=True, exist_ok=True)
+    problem = cache_problem(target) if target.exists() else "absent"
+    if problem is not None:
+        if problem != "absent":
+            warnings.warn(f"converted model cache {target} cannot be trusted ({problem}); "
+                          f"rebuilding it from the GGUF", stacklevel=2)
         _convert_gguf(path, target)
     info = ModelInfo(name=name, source=f"gguf:{path.parent.name}/{path.name} (de-quantized {source.quant})",
                      sha256=digest, dequantized_from=source.quant)
     return target, info
 
 
+# Files that decide a local model's numbers: weights, config, and the tokenizer's files.
+IDENTITY_FILES = ("*.safetensors", "config.json", "tokenizer*", "special_tokens_map.json", "added_tokens.json",
+                  "vocab.*", "merges.txt", "*.model", "*.tiktoken")
+
+
+def identity_files(directory: Path) -> list[Path]:
+    """The files of ``directory`` that make a model's identity, sorted, each once."""
+    found = {p for pattern in IDENTITY_FILES for p in directory.glob(pattern) if p.is_file()}
+    return sorted(found)
+
+
 def _directory_sha(directory: Path) -> str:
+    """sha256 over the names and sha256 of a local model's weights, config and tokenizer files."""
     digest = hashlib.sha256()
-    for path in sorted(directory.glob("*.safetensors")) + sorted(directory.glob("config.json")):
+    for path in identity_files(directory):
         digest.update(path.name.encode())
         digest.update(sha256_file(path).encode())
     return digest.hexdigest()

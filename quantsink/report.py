@@ -550,6 +550,35 @@ def read_results(results: str | Path) -> tuple[list[dict[str, Any]], list[str]]:
     return records, skipped
 
 
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: Any) -> Any:
+    """A CSV cell a spreadsheet shows as text: a string that would start a formula gets a leading "'"."""
+    if isinstance(value, tuple):
+        value = fmt(value, 6)
+    if isinstance(value, str) and value.startswith(FORMULA_START):
+        return "'" + value
+    return value
+
+
+def to_csv(frame: Any) -> str:
+    """The leaderboard as CSV; text cells are neutralised against formula injection."""
+    return frame.astype(object).map(csv_cell).to_csv(index=False)
+
+
+def check_results(results: str | Path, records: list[Any], failures: list[Any], skipped: list[str]) -> None:
+    """A missing or empty results directory is an error: the old leaderboard is kept, nothing is written."""
+    from .errors import QuantsinkError, UsageError
+
+    if not Path(results).is_dir():
+        raise UsageError(f"--results {results}: no such directory; nothing written")
+    if not records and not failures:
+        why = f" ({len(skipped)} files skipped)" if skipped else ""
+        raise QuantsinkError(f"--results {results}: no run records{why}; run `quantsink eval` or "
+                             f"`quantsink sweep` first (nothing written)")
+
+
 def write_report(results: str | Path, out: str | Path) -> Written:
     """results/ -> leaderboard.{md,csv,json,html} in ``out``."""
     from .models import atomic_write_text
@@ -557,12 +586,12 @@ def write_report(results: str | Path, out: str | Path) -> Written:
 
     records, skipped = read_results(results)
     failures = list(iter_failures(results))
+    check_results(results, records, failures, skipped)
     frame, kept, superseded = leaderboard(records)
     out = Path(out)
     files = {
         "leaderboard.md": to_markdown(frame, failures),
-        "leaderboard.csv": frame.assign(**{c: frame[c].map(lambda v: fmt(v, 6) if isinstance(v, tuple) else v)
-                                           for c in ("d_sink_ci", "effect_ci")}).to_csv(index=False),
+        "leaderboard.csv": to_csv(frame),
         "leaderboard.json": to_json(frame, failures, skipped, superseded),
         "leaderboard.html": to_html(frame, plots(frame, kept), failures, skipped, superseded),
     }

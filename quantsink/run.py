@@ -180,8 +180,17 @@ def prepare(config: RunConfig, session: Session) -> Prepared:
 
 
 def reference_key(prep: Prepared) -> str:
+    """Model, corpus, protocol, device, stats settings, and the sha256 of the token windows
+    actually scored (a changed tokenizer never serves a stale reference)."""
     return stable_hash(prep.loaded.info.sha256, prep.corpus.sha256, prep.protocol,
-                       str(prep.loaded.device), stats_settings(prep.config), length=24)
+                       str(prep.loaded.device), stats_settings(prep.config), windows_sha256(prep.windows), length=24)
+
+
+def windows_sha256(windows: Windows) -> str:
+    """sha256 of the windows' token ids, masks, scored positions and byte counts."""
+    return cache.tensor_digest({"input_ids": windows.input_ids, "attention_mask": windows.attention_mask,
+                                "scored": windows.scored, "nbytes": windows.nbytes},
+                               {"sink_positions": str(windows.sink_positions)})
 
 
 def reference_pass(prep: Prepared, progress: Progress) -> tuple[PassResult, bool]:

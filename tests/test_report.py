@@ -116,9 +116,12 @@ def test_failure_superseded_by_a_later_record_is_not_listed(tmp_path):
     assert write_report(runs, tmp_path / "out").n_failures == 0
 
 
-def test_empty_results_give_an_empty_leaderboard(tmp_path):
-    written = write_report(tmp_path / "nothing", tmp_path / "out")
-    assert written.n_rows == 0
+def test_results_with_only_failures_give_an_empty_leaderboard(tmp_path):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    (runs / "abc.failed").write_text(json.dumps({"kind": "quantsink-failure", "error": "boom", "config": {}}))
+    written = write_report(runs, tmp_path / "out")
+    assert written.n_rows == 0 and written.n_failures == 1
     assert "No records." in (tmp_path / "out" / "leaderboard.md").read_text()
     assert "No data for this plot" in (tmp_path / "out" / "leaderboard.html").read_text()
 
