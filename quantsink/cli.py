@@ -33,6 +33,7 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", category=UserWarning, module="bitsandbytes")
+    warnings.showwarning = one_line_warning
     try:
         from transformers.utils import logging as tlog
 
@@ -43,6 +44,12 @@ def quiet_libraries() -> None:
     import logging
 
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
+def one_line_warning(message: Any, category: Any, filename: str, lineno: int, file: Any = None,
+                     line: Any = None) -> None:
+    """A warning on the terminal is one line: ``warning: <message>`` (no source location)."""
+    sys.stderr.write(f"warning: {str(message).splitlines()[0] if str(message) else category.__name__}\n")
 
 
 def friendly(func: Callable[..., Any]) -> Callable[..., Any]:

@@ -226,3 +226,16 @@ def test_csv_cells_that_would_start_a_formula_are_neutralised(tmp_path):
     assert hostile["scheme"] == "'+1" and hostile["mitigation"] == "'-2"
     plain = next(r for r in rows if r["model"] == "plain")
     assert float(plain["delta_bpb"]) < 0
+
+
+def test_cli_reports_a_corrupt_reference_cache_in_one_line(tiny_model_dir, tiny_text_file, tmp_path):
+    args = ["eval", "--model", str(tiny_model_dir), "--corpus", f"file:{tiny_text_file}", "--scheme", "int8",
+            "--window", "32", "--max-tokens", "128", "--no-stats", "--no-write", "--device", "cpu"]
+    assert runner.invoke(app, args).exit_code == 0
+    [entry] = Path(os.environ["QUANTSINK_REFERENCE_CACHE"]).glob("*.safetensors")
+    overwrite_tensor(entry, "nbytes", struct.pack("<q", 10**9))
+    result = runner.invoke(app, args, terminal_width=200)
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.output.splitlines() if "reference cache" in line]
+    assert lines == [f"warning: reference cache {entry.name} is corrupt (digest mismatch); recomputing it"]
+    assert "UserWarning" not in result.output
