@@ -64,3 +64,28 @@ def tiny_text_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("corpus") / "docs.txt"
     path.write_text("\n\n".join(topics[k] for k in sorted(topics)[:12]), encoding="utf-8")
     return path
+
+
+# --------------------------------------------------------------------------- CI: no silent skips
+
+MISSING_TOOL = ("missing tool", "could not import")  # our own reason prefix; pytest.importorskip's default
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
+
+
+def _missing_tool(report: pytest.TestReport) -> bool:
+    reason = str(report.longrepr[-1]) if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    return any(marker in reason.lower() for marker in MISSING_TOOL)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> object:
+    """Under ``CI=true`` a skip for a missing tool (peer library, chromium) fails the test:
+    CI installs every tool, so such a skip means a check silently stopped running."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and _in_ci() and _missing_tool(report):
+        report.outcome = "failed"
+        report.longrepr = f"CI=true and a required tool is missing: {report.longrepr}"

@@ -116,7 +116,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import check_html  # noqa: E402
 
 needs_chromium = pytest.mark.skipif(check_html.chromium() is None,
-                                    reason="chromium not installed (apt-get install -y chromium)")
+                                    reason="missing tool: chromium (as root: apt-get update && apt-get install -y chromium)")
 
 
 @needs_chromium
