@@ -17,6 +17,17 @@ reference ppl 13.52): w4a16:group=64 17.7355 vs torchao 17.7369; w8a8-tok 13.82 
 w8a8 31.25 vs quanto 32.32 (2 calibration windows); re-measured 2026-11-28: w4a16 17.7355 vs 17.7369,
 w8a8-tok 13.78 vs 14.14, w8a8 32.03 vs 34.05 (static per-tensor ranges are chaotic here: tolerance 10%).
 
+Float formats, against torchao's reference code (``torchao.prototype.mx_formats``, CPU-capable):
+
+* MXFP4: ``MXTensor.to_mx(x, float4_e2m1fn_x2, 32, FLOOR | RCEIL).dequantize()`` vs
+  ``fake_mxfp4(x, rounding=floor | ceil)``: bit-identical.
+* NVFP4: ``NVFP4Tensor.to_nvfp4(x, 16, per_tensor_scale=amax / (448 * 6)).dequantize()`` vs
+  ``fake_nvfp4``: bit-identical wherever torchao's clamp of block scales to E4M3's smallest normal
+  (2^-6) does not bite; where it does, ours keeps the subnormal scale (TensorRT-LLM's kernel) and
+  is the closer of the two to the input.
+* FP8: torchao's ``_choose_scale_float8`` / ``_quantize_affine_float8`` per row vs ``fake_fp8(x, "row")``:
+  bit-identical (both round with torch's ``float8_e4m3fn`` cast, so this checks scales and layout).
+
 ``make test`` installs the peers (the ``test`` extra includes ``peers``); on a machine without
 them these checks skip with the reason "missing tool: ..." and under ``CI=true`` that skip is a
 failure (``tests/conftest.py``).  quantsink itself never needs them.
@@ -129,3 +140,62 @@ def test_peers_on_smollm2_perplexity():
     print({"reference": ref, **pairs}, flush=True)
     for name, (mine, theirs, tol) in pairs.items():
         assert abs(mine - theirs) / theirs < tol, (name, mine, theirs)
+
+
+def _mx():
+    _torchao()
+    return pytest.importorskip("torchao.prototype.mx_formats.mx_tensor", reason=MISSING_PEERS)
+
+
+def wide_range(rows: int = 64, cols: int = 256, seed: int = 0) -> torch.Tensor:
+    """Rows and columns scaled over many binades (a massive-activation-like spread), one all-zero block."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, cols, generator=g) * torch.exp(3 * torch.randn(rows, 1, generator=g))
+    x = x * torch.exp(torch.randn(1, cols, generator=g))
+    x[3, :32] = 0
+    return x
+
+
+@pytest.mark.parametrize("rounding", ["floor", "ceil"])
+def test_mxfp4_bit_identical_to_torchao(rounding):
+    from quantsink.formats import fake_mxfp4
+
+    mx = _mx()
+    from torchao.prototype.mx_formats.config import ScaleCalculationMode
+
+    mode = {"floor": ScaleCalculationMode.FLOOR, "ceil": ScaleCalculationMode.RCEIL}[rounding]
+    x = wide_range()
+    theirs = mx.MXTensor.to_mx(x, torch.float4_e2m1fn_x2, 32, scaling_mode=mode).dequantize(torch.float32)
+    assert torch.equal(fake_mxfp4(x, 32, rounding), theirs)
+
+
+def test_nvfp4_matches_torchao_except_its_block_scale_clamp():
+    from quantsink import formats as F
+
+    _mx()
+    nv = pytest.importorskip("torchao.prototype.mx_formats.nvfp4_tensor", reason=MISSING_PEERS)
+
+    def theirs(x):
+        scale = nv.per_tensor_amax_to_scale(x.abs().max())
+        return nv.NVFP4Tensor.to_nvfp4(x, 16, per_tensor_scale=scale).dequantize(torch.float32)
+
+    moderate = torch.randn(64, 256, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(F.fake_nvfp4(moderate), theirs(moderate))
+    x = wide_range()
+    ours_x, theirs_x = F.fake_nvfp4(x), theirs(x)
+    block_amax = F.blocked(x, "row", 16)[0].abs().amax(-1)  # (64, 16)
+    clamped = block_amax / F.E2M1_MAX / F.nv_tensor_scale(x.abs().max()) < 2 ** -6
+    differs = (ours_x != theirs_x).reshape(64, 16, 16).any(-1)
+    assert clamped.any() and differs.any() and not (differs & ~clamped).any()
+    assert (ours_x - x).abs().sum() < (theirs_x - x).abs().sum()
+
+
+def test_fp8_per_row_bit_identical_to_torchao():
+    from quantsink.formats import fake_fp8
+
+    _torchao()
+    qp = pytest.importorskip("torchao.quantization.quant_primitives", reason=MISSING_PEERS)
+    x = wide_range()
+    scale = qp._choose_scale_float8(x, block_size=[1, x.shape[1]], float8_dtype=torch.float8_e4m3fn)
+    q = qp._quantize_affine_float8(x, scale, torch.float8_e4m3fn)
+    assert torch.equal(fake_fp8(x, "row"), qp._dequantize_affine_float8(q, scale, torch.float32))

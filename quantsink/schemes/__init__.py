@@ -128,4 +128,4 @@ def all_fields(config: Any) -> dict[str, Any]:
     return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
 
 
-from . import bnb, floating, simulated  # noqa: E402,F401  (register the presets)
+from . import bnb, floating, fp_formats, simulated  # noqa: E402,F401  (register the presets)

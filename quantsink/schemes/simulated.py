@@ -12,8 +12,9 @@ Where each part acts (small wrapper modules, optimum-quanto style):
 * activations: ``QuantLinear.input_quantizer`` quantizes the Linear's input
   (site ``<fqn>.input_quantizer``, e.g. ``model.layers.3.mlp.down_proj.input_quantizer``:
   a stats hook there sees the quantized activations);
-* KV cache: ``k_proj`` / ``v_proj`` of every attention module get an
-  ``output_quantizer``: keys are quantized BEFORE the rotary embedding.
+* KV cache: values at the ``v_proj`` output; keys (``kv_keys``) at the ``k_proj`` output,
+  before any ``k_norm`` and the rotary embedding (``pre-rope``, the default), or as the attention
+  sees them, after ``k_norm`` and RoPE (``post-rope``, as engines cache them; see ``kv_sites``).
 
 Positions that ``ctx`` keeps in full precision (``keep_fp_positions`` / ``keep_fp``)
 pass through every activation and KV quantizer unchanged and are left out of
@@ -32,6 +33,7 @@ from torch import nn
 from ..errors import QuantsinkError
 from ..quant import fake_quant, qparams, quant_dequant
 from . import QuantContext, Scheme, register
+from .kv_sites import key_norm_note, post_rope
 
 
 class KeepFp:
@@ -161,6 +163,7 @@ class Simulated(Scheme):
     v_gran: Literal["token", "channel"] = "token"
     kv_group: int | None = None
     kv_sym: bool = False
+    kv_keys: Literal["pre-rope", "post-rope"] = "pre-rope"
     simulated: ClassVar[bool] = True
     backend: ClassVar[str] = "torch"
 
@@ -183,9 +186,10 @@ class Simulated(Scheme):
         return float(self.w_bits or 32)
 
     def spec_key(self, key: str) -> str:
-        """``group`` names the group size of the part this preset quantizes group-wise."""
+        """``group`` names the group size of the part this preset quantizes group-wise;
+        ``key_gran`` / ``value_gran`` are ``k_gran`` / ``v_gran``."""
         if key != "group":
-            return key
+            return {"key_gran": "k_gran", "value_gran": "v_gran"}.get(key, key)
         grouped_w = self.w_bits is not None and self.w_gran == "group"
         if grouped_w and self.kv_bits is not None:
             return key  # ambiguous: build() will list w_group and kv_group
@@ -205,8 +209,7 @@ class Simulated(Scheme):
         groups = {"token": f"groups of {self.kv_group or 'head_dim'} channels",
                   "channel": f"over {f'blocks of {self.kv_group} tokens' if self.kv_group else 'the whole window'}"}
         kv = self.kv_bits and (f"int{self.kv_bits} {sym[self.kv_sym]}; keys per-{self.k_gran} ({groups[self.k_gran]}), "
-                               f"values per-{self.v_gran} ({groups[self.v_gran]}); at the k_proj/v_proj outputs, "
-                               f"so keys are quantized BEFORE the rotary embedding")
+                               f"values per-{self.v_gran} ({groups[self.v_gran]}); {key_site_doc(self.kv_keys)}")
         return {"weights": w or None, "activations": a or None, "kv": kv or None}
 
     def record(self) -> dict[str, Any]:
@@ -217,12 +220,23 @@ class Simulated(Scheme):
         model.register_forward_pre_hook(keep.hook, with_kwargs=True)
         wrapped = self._wrap_linears(model, ctx, keep)
         kv_sites = self._attach_kv(model, keep) if self.kv_bits else []
+        if self.kv_bits:
+            ctx.notes["keys"] = key_norm_note([attn for _, attn in attention_modules(model)], self.kv_keys)
         ctx.notes.update(quantized_modules=len(wrapped), kv_sites=len(kv_sites), simulated=True,
                          keep_fp_positions=list(ctx.keep_fp_positions), keep_fp_hook=ctx.keep_fp is not None,
                          parts=self.parts())
-        if self.act_bits and self.act_mode == "static":
+        if self.needs_calibration():
             ctx.notes["calibration"] = calibrate(model, ctx)
         return model
+
+    def needs_calibration(self) -> bool:
+        return bool(self.act_bits and self.act_mode == "static")
+
+    def act_quantizer(self, keep: KeepFp) -> nn.Module:
+        return ActQuantizer(self.act_bits, self.act_sym, self.act_mode, self.act_gran, keep)
+
+    def kv_quantizer(self, gran: str, group: int | None, keep: KeepFp) -> nn.Module:
+        return KVQuantizer(self.kv_bits, self.kv_sym, gran, group, keep)
 
     def _wrap_linears(self, model: nn.Module, ctx: QuantContext, keep: KeepFp) -> list[str]:
         if not (self.w_bits or self.act_bits):
@@ -235,8 +249,7 @@ class Simulated(Scheme):
                 q.weight.data = self.quantize_weight(q.weight.data)
                 q.weight_quantized = True
             if self.act_bits:
-                q.input_quantizer = ActQuantizer(self.act_bits, self.act_sym, self.act_mode, self.act_gran,
-                                                 keep).to(q.weight.device)  # its range buffers follow the layer
+                q.input_quantizer = self.act_quantizer(keep).to(q.weight.device)  # range buffers follow the layer
         return [fqn for fqn, _ in targets]
 
     def quantize_weight(self, w: torch.Tensor) -> torch.Tensor:  # (out, in)
@@ -247,13 +260,13 @@ class Simulated(Scheme):
     def _attach_kv(self, model: nn.Module, keep: KeepFp) -> list[str]:
         sites = []
         for fqn, attn in attention_modules(model):
-            group = self.kv_group
-            for name, gran in (("k_proj", self.k_gran), ("v_proj", self.v_gran)):
-                q = wrap(model, f"{fqn}.{name}", getattr(attn, name))
-                token_group = group or head_dim(model, attn)
-                q.output_quantizer = KVQuantizer(self.kv_bits, self.kv_sym, gran,
-                                                 token_group if gran == "token" else group, keep)
-                sites.append(f"{fqn}.{name}.output_quantizer")
+            dim = head_dim(model, attn)
+            groups = {"token": self.kv_group or dim}  # per token: groups of channels; else blocks of tokens
+            for name, gran, place in (("k_proj", self.k_gran, KEY_SITES[self.kv_keys]),
+                                      ("v_proj", self.v_gran, at_projection)):
+                quantizer = self.kv_quantizer(gran, groups.get(gran, self.kv_group), keep)
+                device = getattr(attn, name).weight.device
+                sites.append(place(model, fqn, name, quantizer.to(device), dim))
         if not sites:
             raise QuantsinkError("KV quantization found no attention module with k_proj/v_proj Linear children; "
                                  "this model fuses its projections (not supported yet)")
@@ -269,6 +282,20 @@ def wrap(model: nn.Module, fqn: str, linear: nn.Linear) -> QuantLinear:
     q = QuantLinear(linear, linear.weight.data)
     setattr(parent, child, q)
     return q
+
+
+def at_projection(model: nn.Module, fqn: str, name: str, quantizer: nn.Module, dim: int) -> str:
+    """at the k_proj/v_proj outputs, so keys are quantized before any k_norm and before the rotary embedding"""
+    wrap(model, f"{fqn}.{name}", getattr(model.get_submodule(fqn), name)).output_quantizer = quantizer
+    return f"{fqn}.{name}.output_quantizer"
+
+
+KEY_SITES = {"pre-rope": at_projection, "post-rope": post_rope}  # kv_keys -> where keys are quantized
+
+
+def key_site_doc(kv_keys: str) -> str:
+    """Where ``kv_keys`` puts the KV quantizers, in words (for the record)."""
+    return " ".join((KEY_SITES[kv_keys].__doc__ or "").split())
 
 
 @torch.inference_mode()
