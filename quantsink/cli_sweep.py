@@ -66,26 +66,33 @@ def sweep_command(
 ) -> None:
     """Run a grid of (model x corpus x scheme x mitigation); resumable, skips runs already recorded."""
     quiet_libraries()
-    from .sweep import Grid, load_grid, plan, validate_names
+    from .results import check_writable_dir
+    from .sweep import Grid, invalid_runs, load_grid, plan, validate_names
 
     grid, options = load_grid(grid_file) if grid_file else (Grid({}), {})
     cli_axes = {"models": models, "schemes": schemes, "mitigations": mitigations, "corpora": corpora}
     axes = {**grid.axes, **Grid.from_mapping({k: v for k, v in cli_axes.items() if v is not None}, "command line").axes}
     grid = dataclasses.replace(grid, axes=axes)
     results = results or options.get("results") or RunConfig.results
-    jobs = jobs if jobs is not None else int(options.get("jobs", 1))
+    jobs = jobs if jobs is not None else options.get("jobs", 1)
     if jobs < 1:
         raise UsageError("--jobs must be at least 1")
+    check_writable_dir(results, "--results")
     configs = grid.configs({**common, "results": results})
     validate_names(configs)
     planned = plan(configs)
+    invalid = invalid_runs(planned)
     if dry_run:
-        out.print(_plan_table(planned, results))
+        out.print(_plan_table(planned, results, invalid))
         return
+    if invalid:
+        first = next(p for p in planned if p.index in invalid)
+        raise UsageError(f"{len(invalid)} run(s) pair a scheme with a mitigation that cannot apply, e.g. "
+                         f"{first.label}: {invalid[first.index]}; drop them (subgrids) or see --dry-run")
     _run_sweep(planned, results, jobs)
 
 
-def _plan_table(planned: list[Any], results: str) -> Table:
+def _plan_table(planned: list[Any], results: str, invalid: dict[int, str]) -> Table:
     from .sweep import Store
 
     store = Store(Path(results))
@@ -94,6 +101,8 @@ def _plan_table(planned: list[Any], results: str) -> Table:
         table.add_column(column)
     for p in planned:
         status = "done" if store.has_record(p.run_id) else "failed before" if store.failure(p.run_id).exists() else "to run"
+        if p.index in invalid:
+            status = f"invalid: {invalid[p.index]}"
         c = p.config
         table.add_row(str(p.index), c.model, c.corpus, c.scheme, c.mitigation, p.run_id, status)
     return table

@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
+import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -65,6 +67,7 @@ class RunConfig:
         "Directory of run records.", identity=False))
 
     def __post_init__(self) -> None:
+        check_types({f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
         checks = [
             (self.window >= 2, "--window must be at least 2"),
             (self.stride is None or 1 <= self.stride <= self.window, "--stride must be in 1..window"),
@@ -77,6 +80,8 @@ class RunConfig:
              "--stride does not apply to --protocol lm-eval: its windows are disjoint by definition"),
             (self.protocol != "lm-eval" or self.bos == "auto",
              "--bos does not apply to --protocol lm-eval: it puts BOS (else EOS) before each document, as HFLM does"),
+            (re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
+             f"--device {self.device!r}: use auto, cpu or cuda[:N]"),
         ]
         for ok, message in checks:
             if not ok:
@@ -107,6 +112,40 @@ class RunConfig:
 
     def replace(self, **changes: Any) -> "RunConfig":
         return dataclasses.replace(self, **changes)
+
+
+def check_types(values: dict[str, Any]) -> None:
+    """Each value has its RunConfig field's type, strictly: an integer field takes no bool, float
+    or string (``window: 128.0``, ``max_tokens: 1e3``), a boolean field no string (``stats: "no"``)."""
+    hints = typing.get_type_hints(RunConfig)
+    for name, value in values.items():
+        if name in hints and not _has_type(value, hints[name]):
+            raise UsageError(f"--{name.replace('_', '-')} {value!r}: expected {_type_name(hints[name])}")
+
+
+def _has_type(value: Any, hint: Any) -> bool:
+    """Strict: an int field takes no bool, float or numeric string; a float field takes an int."""
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return isinstance(value, str)  # the choices are checked with their own message
+    if origin in (typing.Union, types.UnionType):
+        return any(_has_type(value, arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _type_name(hint: Any) -> str:
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "none"}
+    if typing.get_origin(hint) is Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(hint)))
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(arg) for arg in typing.get_args(hint))
+    return names.get(hint, getattr(hint, "__name__", str(hint)))
 
 
 def stable_hash(*parts: Any, length: int = 16) -> str:

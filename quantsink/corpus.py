@@ -88,21 +88,34 @@ def _wikitext2(name: str) -> Corpus:
 
 
 def _read_file(path: Path) -> list[str]:
+    """A .txt file is one document; a .jsonl file one document per line's ``text`` string.
+    A UTF-8 byte-order mark at the start is not text and is dropped."""
+    if path.is_dir():
+        raise QuantsinkError(f"corpus file {str(path)!r} is a directory: give file:PATH to a .txt or .jsonl file")
     if not path.is_file():
         raise QuantsinkError(f"corpus file {str(path)!r} does not exist: give file:PATH to a .txt or .jsonl file")
-    text = path.read_text(encoding="utf-8", errors="strict")
+    text = path.read_text(encoding="utf-8-sig", errors="strict")
     if path.suffix != ".jsonl":
         return [text]
-    docs = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            docs.append(json.loads(line)["text"])
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise QuantsinkError(f"{path}:{lineno}: not a JSON object with a 'text' field; "
-                                 f"fix the line or pass a .txt file") from None
-    return docs
+    return [_jsonl_text(line, f"{path}:{lineno}") for lineno, line in enumerate(text.splitlines(), 1)
+            if line.strip()]
+
+
+def _jsonl_text(line: str, where: str) -> str:
+    """The ``text`` string of one .jsonl line."""
+    try:
+        text = json.loads(line)["text"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise QuantsinkError(f"{where}: not a JSON object with a 'text' field; "
+                             f"fix the line or pass a .txt file") from None
+    if not isinstance(text, str):
+        raise QuantsinkError(f"{where}: 'text' is {JSON_KINDS.get(type(text), 'not text')}, not a string; "
+                             f"fix the line or pass a .txt file")
+    return text
+
+
+JSON_KINDS = {int: "a number", float: "a number", bool: "a boolean", list: "a list", dict: "an object",
+              type(None): "null"}
 
 
 def load_corpus(spec: str) -> Corpus:

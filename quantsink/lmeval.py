@@ -153,14 +153,7 @@ def task_manager(names: Sequence[str]) -> Any:
 
 def load_tasks(names: Sequence[str], manager: Any) -> dict[str, Any]:
     """lm-eval Task objects by name; unknown names and unreachable hub data fail in one line."""
-    unknown = [n for n in names if n not in manager.all_tasks]
-    if unknown:
-        import difflib
-
-        close = difflib.get_close_matches(unknown[0], manager.all_tasks, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise UsageError(f"unknown lm-eval task {unknown[0]!r}.{hint} Local tasks: "
-                         f"{', '.join(e.name for e in TASKS if e.obj.local)}; see `quantsink list tasks`")
+    check_known(names, manager)
     try:
         with _quiet():
             return manager.load(list(names))["tasks"]
@@ -170,6 +163,18 @@ def load_tasks(names: Sequence[str], manager: Any) -> dict[str, Any]:
             f"lm-eval task {', '.join(hub) or ', '.join(names)!s} could not load its data "
             f"({type(err).__name__}); hub tasks need the Hugging Face hub (unreachable offline); "
             f"offline tasks: python-docs, python-code") from None
+
+
+def check_known(names: Sequence[str], manager: Any) -> None:
+    """Every name is a task ``manager`` knows; else a usage error naming the closest one."""
+    unknown = [n for n in names if n not in manager.all_tasks]
+    if unknown:
+        import difflib
+
+        close = difflib.get_close_matches(unknown[0], manager.all_tasks, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise UsageError(f"unknown lm-eval task {unknown[0]!r}.{hint} Local tasks: "
+                         f"{', '.join(e.name for e in TASKS if e.obj.local)}; see `quantsink list tasks`")
 
 
 # --------------------------------------------------------------------------- mitigations
@@ -210,6 +215,9 @@ def check(names: Sequence[str], mitigations: Sequence[Any]) -> None:
     for name in names:
         if name in TASKS and TASKS.get(name).local:
             TASKS.get(name).config()
+    if any(name not in TASKS for name in names):  # lm-eval's own registry (indexing it takes seconds)
+        with _quiet():
+            check_known(names, task_manager(names))
 
 
 def prepend_token(model: Any, token_id: int) -> Any:

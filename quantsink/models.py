@@ -264,26 +264,52 @@ def _resolve(spec: str) -> tuple[str, ModelInfo]:
         if not any(path.glob("*.safetensors")):
             raise QuantsinkError(f"{spec}: no *.safetensors weights in that directory (quantsink never loads pickles)")
         return str(path), ModelInfo(name=path.name, source=f"local:{path.resolve()}", sha256=_directory_sha(path))
-    if "/" in spec and not spec.startswith((".", "/", "~")):
+    if _hub_id(spec):
         return spec, ModelInfo(name=spec, source=f"hub:{spec}", sha256="")
     raise UsageError(MODELS.unknown_message(spec) + " Or give a hub id (org/name) or a local directory.")
+
+
+def _hub_id(spec: str) -> bool:
+    return "/" in spec and not spec.startswith((".", "/", "~"))
+
+
+def check_model_spec(spec: str) -> None:
+    """A registered alias, an existing directory or a hub id (org/name); else a usage error (exit 2)."""
+    if spec not in MODELS and not Path(spec).expanduser().is_dir() and not _hub_id(spec):
+        raise UsageError(MODELS.unknown_message(spec) + " Or give a hub id (org/name) or a local directory.")
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def check_weights(directory: Path) -> None:
+    """Every ``*.safetensors`` file of ``directory`` has a readable header covering the file (cheap:
+    reads no tensor), so a truncated or corrupt download fails in one line before any load."""
+    from safetensors import safe_open
+
+    for path in sorted(directory.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except Exception as err:  # noqa: BLE001 - SafetensorError and OSError mean the same here
+            raise QuantsinkError(f"{path}: not a readable safetensors file ({_first_line(err)}); "
+                                 f"re-download or re-save the model") from None
 
 
 def model_sha256(spec: str) -> str:
     """The sha256 a loaded model's record will carry, without loading or converting it.
 
     Embedded: the GGUF's digest (known, or hashed once and memoized); local
-    directory: the digest of its safetensors + config; hub id: "" (as ``_resolve``).
+    directory: the digest of its weights, config and tokenizer files; hub id: "" (as ``_resolve``).
     """
+    check_model_spec(spec)
     if spec in MODELS:
         source = MODELS.get(spec)
         return source.sha256 or sha256_file(source.locate())
-    path = Path(spec).expanduser()
-    if path.is_dir():
+    if Path(spec).expanduser().is_dir():
         return _resolve(spec)[1].sha256
-    if "/" in spec and not spec.startswith((".", "/", "~")):
-        return ""
-    raise QuantsinkError(MODELS.unknown_message(spec) + " Or give a hub id (org/name) or a local directory.")
+    return ""
 
 
 def resolve_device(device: str) -> str:
@@ -319,15 +345,17 @@ def load_model(spec: str, *, device: str = "auto", dtype: str = "float32",
                                   trust_remote_code=trust_remote_code, attn_implementation=attn)
     if device == "cuda":
         kwargs["device_map"] = "auto"  # accelerate spreads a model too large for one GPU
+    if Path(where).is_dir():
+        check_weights(Path(where))
     try:
         model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
     except OSError as err:
-        raise QuantsinkError(f"cannot load model {spec!r}: {str(err).splitlines()[0]}") from None
-    except ValueError as err:
+        raise QuantsinkError(f"cannot load model {spec!r}: {_first_line(err)}") from None
+    except (ValueError, KeyError) as err:
         if "trust_remote_code" in str(err):
             raise QuantsinkError(f"{spec} needs custom code: pass --trust-remote-code if you trust it") from None
-        raise
+        raise QuantsinkError(f"cannot load model {spec!r}: {_first_line(err)}") from None
     if device != "cuda":
         model.to(device)
     model.eval()
@@ -336,3 +364,43 @@ def load_model(spec: str, *, device: str = "auto", dtype: str = "float32",
     n_params = sum(p.numel() for p in model.parameters())
     info = ModelInfo(**{**asdict(info), "arch": type(model).__name__, "n_params": n_params})
     return LoadedModel(model, tokenizer, info)
+
+
+def text_config(model: Any) -> Any:
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def check_window(model: Any, width: int, batch_tokens: int, attention_probs: bool) -> None:
+    """Refuse, before any pass, windows longer than the model's context or whose forward could not fit
+    in memory (a lower bound: float32 logits and their log-softmax, plus one layer's attention
+    probabilities when they are collected)."""
+    config = text_config(model)
+    context = getattr(config, "max_position_embeddings", None)
+    if isinstance(context, int) and width > context:
+        raise UsageError(f"windows of {width} positions exceed the model's context (max_position_embeddings "
+                         f"{context}); use --window {context - 1} or less")
+    rows = max(1, batch_tokens // width)
+    need = rows * width * config.vocab_size * 4 * 2
+    if attention_probs:
+        need += rows * getattr(config, "num_attention_heads", 1) * width * width * 4
+    free = available_memory(model)
+    if free is not None and need > free:
+        raise QuantsinkError(f"windows of {width} positions need at least {need / 2**30:.1f} GiB per forward "
+                             f"({free / 2**30:.1f} GiB available); lower --window or --batch-tokens")
+
+
+def available_memory(model: Any) -> int | None:
+    """Free bytes where the model runs: the CUDA device's free memory, else MemAvailable (Linux)."""
+    import torch
+
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None

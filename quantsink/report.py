@@ -543,7 +543,7 @@ def read_results(results: str | Path) -> tuple[list[dict[str, Any]], list[str]]:
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        records = list(iter_records(results))
+        records = [record for record in iter_records(results) if _has_row(record)]
     skipped = [str(w.message) for w in caught]
     for message in skipped:
         warnings.warn(message, stacklevel=2)
@@ -579,11 +579,24 @@ def check_results(results: str | Path, records: list[Any], failures: list[Any], 
                              f"`quantsink sweep` first (nothing written)")
 
 
+def _has_row(record: dict[str, Any]) -> bool:
+    """Whether ``row`` can read the record; else a warning (it is skipped, the report goes on)."""
+    try:
+        row(record)
+        return True
+    except (AttributeError, TypeError, KeyError, ValueError, IndexError) as err:
+        warnings.warn(f"skipped record {record.get('run_id')}: fields of the wrong shape "
+                      f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})", stacklevel=2)
+        return False
+
+
 def write_report(results: str | Path, out: str | Path) -> Written:
     """results/ -> leaderboard.{md,csv,json,html} in ``out``."""
     from .models import atomic_write_text
+    from .results import check_writable_dir
     from .sweep import iter_failures
 
+    check_writable_dir(out, "--out")
     records, skipped = read_results(results)
     failures = list(iter_failures(results))
     check_results(results, records, failures, skipped)

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import QuantsinkError
+from .errors import QuantsinkError, UsageError
 from .models import atomic_write_text
 
 SCHEMA_VERSION = 1
@@ -29,6 +30,19 @@ def _finite(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_finite(v) for v in value]
     return value
+
+
+def check_writable_dir(path: str | Path, flag: str) -> None:
+    """``path`` is, or can be created as, a directory this process can write into (checked before the work)."""
+    path = Path(path).expanduser()
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        where = "is a file" if probe == path else f"is under {probe}, which is a file"
+        raise UsageError(f"{flag} {path} {where}; give a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise QuantsinkError(f"{flag} {path}: {probe} is not writable; give a directory you can write to")
 
 
 def record_path(results_dir: str | Path, run_id: str) -> Path:
@@ -49,10 +63,20 @@ def validate(record: Any, source: str = "record") -> dict[str, Any]:
     if missing:
         raise QuantsinkError(f"{source}: not a quantsink record (missing {', '.join(missing)}); move it out of the results directory")
     version = record["schema_version"]
-    if not isinstance(version, int) or version > SCHEMA_VERSION:
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise QuantsinkError(f"{source}: schema_version {version!r} is not a positive integer; "
+                             f"move the file out of the results directory")
+    if version > SCHEMA_VERSION:
         raise QuantsinkError(f"{source}: schema version {version} is newer than this quantsink "
                              f"({SCHEMA_VERSION}); upgrade quantsink to read it")
+    wrong = [key for key in SECTIONS if not isinstance(record[key], dict)]
+    if wrong or not isinstance(record["run_id"], str):
+        raise QuantsinkError(f"{source}: not a quantsink record ({(wrong or ['run_id'])[0]} has the wrong type); "
+                             f"move it out of the results directory")
     return record
+
+
+SECTIONS = ("model", "corpus", "protocol", "scheme", "reference", "candidate")  # each a JSON object
 
 
 def load_record(path: str | Path) -> dict[str, Any]:
@@ -61,6 +85,10 @@ def load_record(path: str | Path) -> dict[str, Any]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise QuantsinkError(f"{path}: no such results file") from None
+    except IsADirectoryError:
+        raise QuantsinkError(f"{path}: a directory, not a results file; rename it") from None
+    except OSError as err:
+        raise QuantsinkError(f"{path}: cannot be read ({err.strerror or type(err).__name__})") from None
     except (ValueError, UnicodeDecodeError) as err:
         raise QuantsinkError(f"{path}: corrupt results file ({err.__class__.__name__}); delete it and re-run") from None
     return validate(data, str(path))

@@ -24,9 +24,9 @@ from .errors import QuantsinkError
 from .evaluate import PassResult, ReferenceHead
 from .hooks import stats_pass, stats_settings
 from .mitigations import MitigationStack, canonical_mitigation, parse_mitigations
-from .models import LoadedModel, load_model
+from .models import LoadedModel, check_window, load_model
 from .registry import Registry
-from .results import SCHEMA_VERSION, write_record
+from .results import SCHEMA_VERSION, check_writable_dir, write_record
 from .stats import changes as stats_changes
 from .schemes import QuantContext, Scheme, parse_scheme
 
@@ -166,8 +166,11 @@ def prepare(config: RunConfig, session: Session) -> Prepared:
     loaded = session.model(config)
     timing["load_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
+    scheme.check_model(loaded.model)
     made = protocol_of(config, corpus, loaded.tokenizer)
     timing["tokenize_s"] = time.perf_counter() - t0
+    check_window(loaded.model, made.windows.input_ids.shape[1], config.batch_tokens,
+                 attention_probs=stats_settings(config) is not None)
     protocol = {
         "kind": config.protocol, **made.protocol, "n_windows": len(made.windows),
         "scored_tokens": made.windows.n_scored, "dtype": config.dtype,
@@ -321,6 +324,8 @@ def run(config: RunConfig, *, session: Session | None = None, progress: Progress
 
     session = session or Session()
     config = config.replace(mitigation=canonical_mitigation(config.mitigation))
+    if write:
+        check_writable_dir(config.results, "--results")  # before any load, not after the passes
     record = evaluate(config, session, progress)
     annotate(record, config, lambda variant: evaluate(variant, session, progress), write=write)
     if write:
@@ -330,11 +335,11 @@ def run(config: RunConfig, *, session: Session | None = None, progress: Progress
 
 def evaluate(config: RunConfig, session: Session, progress: Progress = _no_progress) -> dict[str, Any]:
     """One reference-vs-candidate comparison -> the bare record (nothing written)."""
-    prep = prepare(config, session)
     if config.lm_eval:
         from . import lmeval
 
-        lmeval.check(lmeval.task_names(config.lm_eval), prep.mitigations.mitigations)  # refuse before any pass
+        lmeval.check(lmeval.task_names(config.lm_eval), parse_mitigations(config.mitigation))  # before any load
+    prep = prepare(config, session)
     timing = dict(prep.timing)
     t0 = time.perf_counter()
     reference, ref_cached = reference_pass(prep, progress)

@@ -9,6 +9,7 @@ A comma-separated list of specs is split where a part has no ``=`` or has a
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass
@@ -86,9 +87,12 @@ def _coerce(value: str, hint: Any, where: str) -> Any:
         return table[value.lower()]
     if hint in (int, float, str):
         try:
-            return hint(value)
+            number = hint(value)
         except ValueError:
             raise UsageError(f"{where}: {value!r} is not a valid {hint.__name__}") from None
+        if hint is float and not math.isfinite(number):
+            raise UsageError(f"{where}: {value!r} is not a finite number")
+        return number
     raise UsageError(f"{where}: cannot be set from a spec string")
 
 

@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from .config import RunConfig, stable_hash
+from .config import RunConfig, check_types, stable_hash
 from .errors import QuantsinkError, UsageError
 from .spec import split_specs
 
@@ -100,6 +100,10 @@ class Grid:
             raise UsageError(f"{where}: unknown key {unknown[0]!r}; valid keys: {', '.join(valid)}")
         axes = {a: split_axis(a, data[a]) for a in AXES if data.get(a) is not None}
         common = {k: data[k] for k in common_fields() if data.get(k) is not None}
+        try:
+            check_types(common)
+        except UsageError as err:
+            raise UsageError(f"{where}: {err}") from None
         subgrids = tuple(_subgrid(sub, f"{where}: subgrids[{i}]") for i, sub in enumerate(data.get("subgrids") or []))
         return cls(axes, common, subgrids)
 
@@ -151,7 +155,18 @@ def load_grid(path: str | Path) -> tuple[Grid, dict[str, Any]]:
     except yaml.YAMLError as err:
         raise UsageError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
     grid = Grid.from_mapping(data, str(path))
-    return grid, {k: data[k] for k in ("results", "jobs") if data.get(k) is not None}
+    options = {k: data[k] for k in ("results", "jobs") if data.get(k) is not None}
+    check_options(options, str(path))
+    return grid, options
+
+
+def check_options(options: dict[str, Any], where: str) -> None:
+    """The sweep's own keys: ``results`` a path (string), ``jobs`` an integer >= 1."""
+    results, jobs = options.get("results", ""), options.get("jobs", 1)
+    if not isinstance(results, str):
+        raise UsageError(f"{where}: results {results!r}: expected a directory path")
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise UsageError(f"{where}: jobs {jobs!r}: expected an integer >= 1")
 
 
 # --------------------------------------------------------------------------- plan
@@ -176,14 +191,44 @@ def reference_group(config: RunConfig) -> str:
 
 
 def validate_names(configs: list[RunConfig]) -> None:
-    """Unknown scheme / mitigation / model names fail before anything runs (exit 2)."""
+    """Unknown scheme / mitigation / lm-eval task names and unavailable devices fail before anything
+    runs (exit 2; unknown models when the plan hashes them)."""
+    from . import lmeval
     from .mitigations import parse_mitigations
+    from .models import resolve_device
     from .schemes import parse_scheme
 
     for text in dict.fromkeys(c.scheme for c in configs):
         parse_scheme(text)
     for text in dict.fromkeys(c.mitigation for c in configs):
         parse_mitigations(text)
+    for text in dict.fromkeys(c.lm_eval for c in configs if c.lm_eval):
+        lmeval.check(lmeval.task_names(text), [])
+    for device in dict.fromkeys(c.device for c in configs):
+        resolve_device(device)
+
+
+def invalid_pair(config: RunConfig) -> str | None:
+    """Why this run's mitigations cannot apply to its scheme (or to --lm-eval); None when they can."""
+    from . import lmeval
+    from .mitigations import parse_mitigations
+    from .schemes import parse_scheme
+
+    scheme, mitigations = parse_scheme(config.scheme), parse_mitigations(config.mitigation)
+    try:
+        for mitigation in mitigations:
+            mitigation.check(scheme)
+        if config.lm_eval:
+            lmeval.check([], mitigations)
+    except QuantsinkError as err:
+        return str(err)
+    return None
+
+
+def invalid_runs(planned: list["PlannedRun"]) -> dict[int, str]:
+    """Index -> why, for every planned run whose scheme and mitigations cannot go together."""
+    reasons = {p.index: invalid_pair(p.config) for p in planned}
+    return {index: why for index, why in reasons.items() if why is not None}
 
 
 def plan(configs: list[RunConfig], id_fn: Callable[[RunConfig], str] | None = None) -> list[PlannedRun]:

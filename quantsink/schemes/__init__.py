@@ -75,6 +75,9 @@ class Scheme:
     def apply(self, model: Any, ctx: QuantContext) -> Any:
         raise NotImplementedError
 
+    def check_model(self, model: Any) -> None:
+        """Refuse (one line, before any pass) parameters this model cannot take; default: none."""
+
     def spec_key(self, key: str) -> str:
         """The field a spec-string key names (a preset may accept a short alias)."""
         return key

@@ -30,7 +30,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
-from ..errors import QuantsinkError
+from ..errors import QuantsinkError, UsageError
 from ..quant import fake_quant, qparams, quant_dequant
 from . import QuantContext, Scheme, register
 from .kv_sites import key_norm_note, post_rope
@@ -214,6 +214,16 @@ class Simulated(Scheme):
 
     def record(self) -> dict[str, Any]:
         return {**super().record(), "parts": self.parts()}
+
+    def check_model(self, model: Any) -> None:
+        """A per-token KV group must tile each head: it divides the head dim (so no group straddles heads)."""
+        if not (self.kv_bits and self.kv_group) or "token" not in (self.k_gran, self.v_gran):
+            return
+        for fqn, attn in attention_modules(model)[:1]:
+            dim, width = head_dim(model, attn), attn.k_proj.out_features
+            if self.kv_group > width or dim % self.kv_group:
+                raise UsageError(f"{self.spec()}: kv_group={self.kv_group} must divide the head dim ({dim}; "
+                                 f"KV width {width}) so no group straddles two heads; use a divisor of {dim}")
 
     def apply(self, model: Any, ctx: QuantContext) -> Any:
         keep = KeepFp(ctx.keep_fp_mask)
