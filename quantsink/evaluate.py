@@ -130,23 +130,22 @@ class _Accumulator:
 
 
 class _HeadInput:
-    """Captures the input of the output head during a forward (hook always detached)."""
+    """Captures the input of the output head during a forward (attached while the pass runs)."""
 
     def __init__(self, model: Any, active: bool):
-        self.head = model.get_output_embeddings() if active else None
+        self.model, self.active = model, active
         self.value: torch.Tensor | None = None
 
-    def __enter__(self) -> "_HeadInput":
-        if self.head is not None:
-            self.handle = self.head.register_forward_pre_hook(self._grab)
-        return self
+    def attached(self) -> ContextManager[Any]:
+        from .hooks import Hook, attach
 
-    def _grab(self, module: Any, args: tuple[Any, ...]) -> None:
-        self.value = args[0]
+        if not self.active:
+            return nullcontext()
+        head = self.model.get_output_embeddings()
+        return attach(self.model, {"head": Hook(self._grab, "input")}, known={"head": head})
 
-    def __exit__(self, *exc: Any) -> None:
-        if self.head is not None:
-            self.handle.remove()
+    def _grab(self, x: torch.Tensor) -> None:
+        self.value = x
 
 
 def batches(windows: Windows, batch_tokens: int, boundaries: tuple[int, ...] = ()) -> list[slice]:
@@ -176,7 +175,8 @@ def run_pass(model: Any, windows: Windows, *, reference: Targets | None = None,
     device = input_device(model)
     acc = _Accumulator(len(windows), reference, reference_head)
     start = time.perf_counter()
-    with _HeadInput(model, keep_targets) as head_input:
+    head_input = _HeadInput(model, keep_targets)
+    with head_input.attached():
         for rows in batches(windows, batch_tokens, boundaries):
             part = windows.subset(rows).trimmed()  # right padding all rows share is not computed
             with batch_context(rows, part) if batch_context else nullcontext():

@@ -1,30 +1,43 @@
-"""Forward hooks on standard HF modules, with canonical site names, and the stats collector.
+"""Every way quantsink touches a model: canonical sites, one context-managed ``attach``, the stats collector.
 
-Sites are found generically, never per architecture:
+Sites are found generically, never per architecture (:func:`sites` is the one
+discovery function; schemes, mitigations and probes all address the model
+through it):
 
+* ``model`` is the model itself (its call: ``input_ids``, ``attention_mask``, the
+  KV cache) and ``head`` its output embedding;
 * the decoder blocks are the longest ``nn.ModuleList`` whose every element holds
   an attention module (a module whose class name ends in ``Attention``);
 * ``layers.{i}`` is block i (its output is the residual stream after the block);
-* ``layers.{i}.attn`` is the block's attention module (eager attention returns
-  the probabilities as its second output);
+* ``layers.{i}.attn`` is the block's attention module;
 * ``layers.{i}.attn.v_proj`` is the attention's value projection;
 * ``layers.{i}.<path>.in`` is the input of each Linear-like module (``nn.Linear``
   or anything with ``in_features``/``out_features``, e.g. a bitsandbytes or a
   wrapped, quantized Linear; the outermost one when nested), with the attention
   path written ``attn`` and the MLP path ``mlp``: ``layers.12.mlp.down_proj.in``.
 
-:func:`attach` registers hooks by site name, checks every name resolved, and
-removes every handle in ``finally``.  :class:`StatsCollector` rides on the
-evaluator's ``batch_context``: on the first ``stats_windows`` windows it
-switches the model to eager attention, reduces each batch on the fly into small
-per-window accumulators (never every layer's attention matrices at once), and
-hands the result to the pure functions of :mod:`quantsink.stats`.
+:func:`attach` registers :class:`Hook` s by site name, checks every name
+resolved before anything is attached, and removes every handle in ``finally``.
+A hook sees a site's output (and may replace it), its first input (and may
+replace it), its whole call (positional and keyword arguments, e.g. the
+model's ``input_ids`` and cache), or, at an attention module, the attention
+probabilities of the forward, computed beside the model's own attention kernel
+so the forward's numbers do not change.
+
+:class:`StatsCollector` rides on the evaluator's ``batch_context``: on the
+first ``stats_windows`` windows it attaches its probes, reduces each batch on
+the fly into small per-window accumulators (never every layer's attention
+matrices at once), and hands the result to the pure functions of
+:mod:`quantsink.stats`.  The scored forward runs the same kernels with and
+without stats, so every metric is bitwise the same either way.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+import weakref
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -32,7 +45,29 @@ from torch import nn
 from . import stats as S
 from .errors import QuantsinkError
 
-Hook = Callable[..., Any]
+On = Literal["output", "input", "call", "attention"]
+
+
+@dataclass(frozen=True)
+class Hook:
+    """What runs at a site, and what it sees.
+
+    * ``output``: ``fn(output)``; a non-None return replaces the output;
+    * ``input``: ``fn(x)`` with the first positional input; a non-None return replaces it;
+    * ``call``: ``fn(args, kwargs)`` before the module runs; a non-None return is the new ``(args, kwargs)``;
+    * ``attention`` (attention modules only): ``fn(probs)`` with the attention probabilities
+      ``(B, H, T, S)`` of the forward (float32), never changing the forward.
+
+    ``prepend`` runs it before hooks already registered on that module.
+    """
+
+    fn: Callable[..., Any]
+    on: On = "output"
+    prepend: bool = False
+
+
+HookLike = Hook | Callable[..., Any]
+FQN = "fqn:"  # site-name prefix: a module by its path in the model (``fqn:model.layers.0.self_attn``)
 
 
 # --------------------------------------------------------------------------- site discovery
@@ -57,7 +92,7 @@ def find_blocks(model: nn.Module) -> nn.ModuleList:
              and all(_first(block, _is_attention) for block in m)]
     if not lists:
         raise QuantsinkError(f"{type(model).__name__}: no list of decoder blocks with attention modules found; "
-                             f"quantsink's probes need a decoder-only transformer")
+                             f"quantsink needs a decoder-only transformer")
     return max(lists, key=len)
 
 
@@ -87,46 +122,176 @@ def block_sites(block: nn.Module, index: int) -> dict[str, nn.Module]:
 
 
 def sites(model: nn.Module) -> dict[str, nn.Module]:
-    """Every canonical site of the model, in forward order."""
-    out: dict[str, nn.Module] = {}
+    """Every canonical site of the model: ``model``, ``head``, then the blocks' sites in forward order."""
+    out: dict[str, nn.Module] = {"model": model}
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None:
+        out["head"] = head
     for i, block in enumerate(find_blocks(model)):
         out.update(block_sites(block, i))
     return out
 
 
-def _kind(name: str) -> str:
-    """``pre`` (sees the module input) for ``.in`` sites, ``post`` (sees the output) otherwise."""
-    return "pre" if name.endswith(".in") else "post"
+def layer_sites(model: nn.Module) -> dict[str, nn.Module]:
+    """``{"layers.{i}": block}``: the decoder blocks under their canonical names."""
+    return {f"layers.{i}": block for i, block in enumerate(find_blocks(model))}
+
+
+def hidden_of(output: Any) -> torch.Tensor:
+    """The residual state a decoder block returns (a tensor, or the first element of a tuple)."""
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def with_hidden(output: Any, hidden: torch.Tensor) -> Any:
+    """``output`` with its residual state replaced by ``hidden``."""
+    if isinstance(output, (tuple, list)):
+        return type(output)((hidden, *output[1:]))
+    return hidden
+
+
+# --------------------------------------------------------------------------- attach
+
+
+def _as_hooks(name: str, value: HookLike | Sequence[HookLike]) -> list[Hook]:
+    """Plain callables see the input at ``.in`` sites and the output elsewhere."""
+    values = list(value) if isinstance(value, (list, tuple)) else [value]
+    return [v if isinstance(v, Hook) else Hook(v, "input" if name.endswith(".in") else "output") for v in values]
+
+
+def _on_input(fn: Callable[..., Any]) -> Callable[..., Any]:
+    def pre(module: nn.Module, args: tuple) -> tuple | None:
+        new = fn(args[0]) if args else None
+        return None if new is None else (new, *args[1:])
+    return pre
+
+
+_REGISTER: dict[str, Callable[[nn.Module, Hook], Any]] = {
+    "output": lambda m, h: m.register_forward_hook(lambda mod, args, out: h.fn(out), prepend=h.prepend),
+    "input": lambda m, h: m.register_forward_pre_hook(_on_input(h.fn), prepend=h.prepend),
+    "call": lambda m, h: m.register_forward_pre_hook(lambda mod, args, kwargs: h.fn(args, kwargs),
+                                                    with_kwargs=True, prepend=h.prepend),
+}
 
 
 @contextmanager
-def attach(model: nn.Module, hooks: dict[str, Hook], *, known: dict[str, nn.Module] | None = None) -> Iterator[None]:
-    """Register ``{site: fn}`` forward hooks; every handle is removed in ``finally``.
+def attach(model: nn.Module, hooks: Mapping[str, HookLike | Sequence[HookLike]], *,
+           known: Mapping[str, nn.Module] | None = None) -> Iterator[None]:
+    """Attach ``{site: hook or [hooks]}`` for the duration of the block; every handle is removed in ``finally``.
 
-    ``.in`` sites get ``fn(x)`` with the module's first input; other sites get
-    ``fn(output)``.  Unknown names raise before anything is attached.
+    Sites are canonical names (:func:`sites`), or ``fqn:<path>`` for a module by its own path
+    (what a scheme that wraps modules by path attaches to), unless ``known`` names them
+    otherwise.  Unknown names raise before anything is attached.
     """
-    known = known if known is not None else sites(model)
+    known = {**(known if known is not None else sites(model)), **_by_path(model, hooks)}
     missing = [name for name in hooks if name not in known]
     if missing:
         raise QuantsinkError(f"unknown hook site(s) {', '.join(missing[:5])}; e.g. {', '.join(list(known)[:4])}")
-    handles = []
-    try:
-        for name, fn in hooks.items():
-            module = known[name]
-            if _kind(name) == "pre":
-                handles.append(module.register_forward_pre_hook(lambda m, args, fn=fn: fn(args[0]) if args else None))
-            else:
-                handles.append(module.register_forward_hook(lambda m, args, out, fn=fn: fn(out)))
+    pairs = [(known[name], hook) for name, value in hooks.items() for hook in _as_hooks(name, value)]
+    with ExitStack() as stack:
+        probes = {module: hook.fn for module, hook in pairs if hook.on == "attention"}
+        if probes:
+            stack.enter_context(attention_probes(model, probes))
+        for module, hook in pairs:
+            if hook.on != "attention":
+                stack.callback(_REGISTER[hook.on](module, hook).remove)
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
+
+
+def _by_path(model: nn.Module, names: Any) -> dict[str, nn.Module]:
+    paths = {name: name[len(FQN):] for name in names if name.startswith(FQN)}
+    modules = dict(model.named_modules())
+    return {name: modules[path] for name, path in paths.items() if path in modules}
+
+
+def attached_hooks(model: nn.Module) -> int:
+    """How many forward hooks and pre-hooks are registered anywhere in ``model``."""
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+# --------------------------------------------------------------------------- attention probabilities
+
+
+def attention_probs(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None,
+                    scaling: float | None = None, softcap: float | None = None) -> torch.Tensor:
+    """Attention probabilities as eager attention defines them, in float32.
+
+    ``query`` (B, H, T, D) and ``key`` (B, KVH, S, D) as the attention kernel gets them (after
+    rotary embedding and any cache); ``mask``: None (causal), bool (True attends) or additive,
+    broadcastable to (B, H, T, S).  -> (B, H, T, S)
+    """
+    q, k = query.float(), key.float()
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # (B, H, S, D): query head h reads KV head h // rep
+    scores = q @ k.transpose(2, 3) * (scaling if scaling is not None else q.shape[-1] ** -0.5)  # (B, H, T, S)
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
+    t, s = scores.shape[-2:]
+    if mask is None:
+        mask = torch.ones(t, s, dtype=torch.bool, device=scores.device).tril(s - t)  # (T, S) causal
+    if mask.dtype == torch.bool:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    else:
+        scores = scores + mask[..., :s].float()
+    return scores.softmax(-1)
+
+
+_PROBES: "weakref.WeakKeyDictionary[nn.Module, Callable[[torch.Tensor], Any]]" = weakref.WeakKeyDictionary()
+PROBE_PREFIX = "quantsink_probe_"
+
+
+def _probe_implementation(inner: str) -> str:
+    """An attention implementation that runs ``inner`` unchanged (same kernel, same mask) and hands
+    the probabilities of each probed module to its probe; registered once per ``inner``."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    name = PROBE_PREFIX + inner
+    if name in ALL_ATTENTION_FUNCTIONS:
+        return name
+    kernel = ALL_ATTENTION_FUNCTIONS[inner]
+
+    def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  attention_mask: torch.Tensor | None, **kwargs: Any) -> Any:
+        out = kernel(module, query, key, value, attention_mask, **kwargs)
+        probe = _PROBES.get(module)
+        if probe is not None:
+            probe(attention_probs(query, key, attention_mask, kwargs.get("scaling"), kwargs.get("softcap")))
+        return out
+
+    AttentionInterface.register(name, attention)
+    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[inner])
+    return name
+
+
+def _eager_probs(out: Any, fn: Callable[[torch.Tensor], Any]) -> None:
+    probs = out[1] if isinstance(out, (tuple, list)) and len(out) > 1 else None  # (B, H, T, S)
+    if isinstance(probs, torch.Tensor):
+        fn(probs.float())
+
+
+@contextmanager
+def attention_probes(model: nn.Module, probes: Mapping[nn.Module, Callable[[torch.Tensor], Any]]) -> Iterator[None]:
+    """``probes[attention module](probs)`` on every forward of the block, the forward unchanged.
+
+    Eager attention returns its probabilities: they are read from each module's output.  Any
+    other kernel keeps running as it is, and the probabilities are computed beside it from the
+    query and key it is given (:func:`attention_probs`)."""
+    impl = getattr(model.config, "_attn_implementation", None) or "eager"
+    with ExitStack() as stack:
+        if impl == "eager":
+            for module, fn in probes.items():
+                stack.callback(module.register_forward_hook(lambda m, a, out, fn=fn: _eager_probs(out, fn)).remove)
+        else:
+            for module in probes:
+                stack.callback(_PROBES.pop, module, None)
+            _PROBES.update(probes)
+            stack.enter_context(attention_implementation(model, _probe_implementation(impl)))
+        yield
 
 
 @contextmanager
 def attention_implementation(model: nn.Module, name: str) -> Iterator[None]:
-    """Switch the model's attention implementation (e.g. to ``eager``) and back in ``finally``."""
+    """Switch the model's attention implementation and back in ``finally``."""
     before = model.config._attn_implementation
     if before == name:
         yield
@@ -146,29 +311,6 @@ def attention_implementation(model: nn.Module, name: str) -> Iterator[None]:
 
 
 # --------------------------------------------------------------------------- the collector
-
-
-@contextmanager
-def serial() -> Iterator[None]:
-    """Run CPU reductions on one thread: they are small and memory-bound, and on a busy
-    machine an intra-op thread barrier costs 10-100x more than the reduction itself."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _serially(fn: Hook) -> Hook:
-    def run(*args: Any) -> Any:
-        with serial():
-            return fn(*args)
-    return run
-
-
-def _first_tensor(out: Any) -> torch.Tensor:
-    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 def _head_dim(attn: nn.Module, model: nn.Module) -> int | None:
@@ -198,7 +340,8 @@ class StatsCollector:
     Use as ``with StatsCollector(model, stats_windows=8) as c: run_pass(...,
     batch_context=c.batch_context, boundaries=c.boundaries)``, then
     ``c.summary(sink_positions)``.  Only the first ``stats_windows`` rows are
-    probed (with eager attention); the rest run untouched.  ``keep_maps=m``
+    probed; the rest run untouched, and the probed rows run the same kernels as
+    the rest (attention probabilities are computed beside them).  ``keep_maps=m``
     keeps the top-left ``m x m`` attention map of every head on the first
     window (for plots; never recorded).
     """
@@ -206,7 +349,7 @@ class StatsCollector:
     def __init__(self, model: nn.Module, *, stats_windows: int = 8, k: float = S.DEFAULT_K,
                  tau: float = S.DEFAULT_TAU, keep_maps: int = 0):
         self.model, self.stats_windows, self.k, self.tau, self.keep_maps = model, stats_windows, k, tau, keep_maps
-        self.sites = sites(model)
+        self.sites = {name: m for name, m in sites(model).items() if name.startswith("layers.")}
         self.n_layers = len(find_blocks(model))
         self.windows: list[dict[str, Any]] = []
         self.linear: dict[str, dict[str, Any]] = {}
@@ -234,45 +377,39 @@ class StatsCollector:
         if rows.stop > self.stats_windows:
             raise ValueError("a batch straddles the stats windows: pass boundaries=collector.boundaries")
         self._batch = _Batch()
-        with attention_implementation(self.model, "eager"), attach(self.model, self._hooks(rows),
-                                                                   known=self.sites):
+        with attach(self.model, self._hooks(rows), known=self.sites):
             yield
-        with serial():
-            self._finish(self._batch, rows)
+        self._finish(self._batch, rows)
         self._batch = None
 
     # -- hooks: each reduces its tensor at once into the batch accumulators
 
-    def _hooks(self, rows: slice) -> dict[str, Hook]:
-        hooks: dict[str, Hook] = {}
+    def _hooks(self, rows: slice) -> dict[str, HookLike]:
+        hooks: dict[str, HookLike] = {}
         for name in self.sites:
             if name.endswith(".in"):
                 hooks[name] = lambda x, name=name: self._on_linear(name, x)
             elif name.endswith(".attn"):
-                hooks[name] = lambda out, first=rows.start == 0: self._on_attention(out, first)
+                hooks[name] = Hook(lambda probs, first=rows.start == 0: self._on_attention(probs, first), "attention")
             elif name.endswith(".v_proj"):
                 hooks[name] = self._on_value
             else:
                 hooks[name] = self._on_block
-        return {name: _serially(fn) for name, fn in hooks.items()}
+        return hooks
 
     def _on_block(self, out: Any) -> None:
-        h = _first_tensor(out)  # (B, T, C)
+        h = hidden_of(out)  # (B, T, C)
         self._batch.norms.append(S.token_norms(h).to(self.home))
         self._batch.massive.append({k: v.to(self.home) for k, v in S.massive_activation(h).items()})
 
-    def _on_attention(self, out: Any, first: bool) -> None:
-        probs = out[1] if isinstance(out, (tuple, list)) and len(out) > 1 else None  # (B, H, T, T)
-        if not isinstance(probs, torch.Tensor):
-            self._batch.key_attn.append(None)
-            return
+    def _on_attention(self, probs: torch.Tensor, first: bool) -> None:  # (B, H, T, T)
         self._batch.key_attn.append(S.key_attention(probs).to(self.home))
         if self.keep_maps and first:
             m = self.keep_maps
             self._batch.maps.append(probs[0, :, :m, :m].float().cpu())
 
     def _on_value(self, out: Any) -> None:
-        v = _first_tensor(out)  # (B, T, KVH*D)
+        v = hidden_of(out)  # (B, T, KVH*D)
         if self.head_dim is None or v.shape[-1] % self.head_dim:
             return
         v = v.reshape(*v.shape[:-1], -1, self.head_dim)  # (B, T, KVH, D)

@@ -211,12 +211,16 @@ def reference_pass(prep: Prepared, progress: Progress) -> tuple[PassResult, bool
 
 
 def build_candidate(prep: Prepared) -> tuple[Any, dict[str, Any]]:
-    """Copy the reference, apply mitigations' model transforms, then the scheme."""
+    """Copy the reference, apply mitigations' model transforms, then the scheme; calibrate static
+    ranges with every hook of the run attached (the model as it is evaluated)."""
     ctx = QuantContext(calibration=prep.mitigations.calibration)
     model = copy.deepcopy(prep.loaded.model)
     model, ctx = prep.mitigations.prepare(model, ctx)
     model = prep.scheme.apply(model, ctx)
     model.eval()
+    prep.mitigations.scheme_hooks = ctx.hooks
+    with prep.mitigations.attach(model):
+        prep.scheme.calibrate(model, ctx)
     return model, ctx.notes
 
 

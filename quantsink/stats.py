@@ -36,7 +36,7 @@ import torch
 DEFAULT_K = 50.0
 DEFAULT_TAU = 0.9
 TOP = 10  # entries kept in each `changes` list
-STATS_VERSION = "1"  # bump when a change alters any recorded statistic
+STATS_VERSION = "2"  # bump when a change alters any recorded statistic
 
 
 # --------------------------------------------------------------------------- residual stream

@@ -12,7 +12,9 @@ import torch
 from quantsink import formats as F
 from quantsink.corpus import Windows
 from quantsink.errors import UsageError
+from quantsink.hooks import attach
 from quantsink.schemes import SCHEMES, QuantContext, parse_scheme
+from quantsink.schemes import quantize as apply_and_calibrate
 from quantsink.schemes.fp_formats import FloatFormats, FormatQuantizer
 
 PRESETS = ["w8a8-fp8", "kv-fp8", "mxfp4", "w4a4-mxfp4", "nvfp4", "w4a4-nvfp4"]
@@ -217,7 +219,7 @@ def calibration() -> Windows:
 
 def quantize(model, spec: str, **ctx_fields):
     ctx = QuantContext(calibration=calibration, **ctx_fields)
-    return parse_scheme(spec).apply(copy.deepcopy(model), ctx), ctx
+    return apply_and_calibrate(parse_scheme(spec), copy.deepcopy(model), ctx), ctx
 
 
 def test_weights_are_on_the_format_grid_once_applied(tiny_llama):
@@ -262,11 +264,11 @@ def test_static_scales_come_from_calibration(tiny_llama):
 def test_sink_fp_positions_pass_the_float_formats(tiny_llama):
     ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(3))
     for spec in ("w8a8-fp8:w_bits=none,act_gran=tensor", "w4a4-nvfp4:w_bits=none"):
-        model, _ = quantize(tiny_llama, spec, keep_fp_positions=(0,))
+        model, ctx = quantize(tiny_llama, spec, keep_fp_positions=(0,))
         captured = []
         q = model.model.layers[0].self_attn.q_proj
         handle = q.register_forward_hook(lambda m, args, out: captured.append((args[0], out)))
-        with torch.inference_mode():
+        with attach(model, ctx.hooks), torch.inference_mode():
             model(input_ids=ids, use_cache=False)
         handle.remove()
         x, out = captured[0]
@@ -288,7 +290,7 @@ def tiny_gemma3():
     return model
 
 
-def post_rope_keys(model, ids) -> list[torch.Tensor]:
+def post_rope_keys(model, ids, ctx=None) -> list[torch.Tensor]:
     """The keys every attention layer receives after RoPE, taken from the model's own
     ``apply_rotary_pos_emb`` (an independent route to the same tensor)."""
     import importlib
@@ -303,7 +305,7 @@ def post_rope_keys(model, ids) -> list[torch.Tensor]:
 
     module.apply_rotary_pos_emb = spy
     try:
-        with torch.inference_mode():
+        with attach(model, ctx.hooks if ctx else {}), torch.inference_mode():
             model(input_ids=ids, use_cache=False)
     finally:
         module.apply_rotary_pos_emb = original
@@ -318,7 +320,7 @@ def test_post_rope_keys_are_the_quantized_rotated_keys(family, spec, request):
     ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(7))
     model, ctx = quantize(reference, spec)
     float_keys = post_rope_keys(reference, ids)
-    quant_keys = post_rope_keys(model, ids)
+    quant_keys = post_rope_keys(model, ids, ctx)
     inner = model.model.layers[0].self_attn.key_quantizer.quantizer
     flat = float_keys[0].transpose(1, 2).flatten(-2)  # (B, T, H*D), the quantizer's layout
     expected = inner(flat).unflatten(-1, (-1, quant_keys[0].shape[-1])).transpose(1, 2)

@@ -101,7 +101,7 @@ def test_collector_restores_attention_and_hooks_when_the_forward_raises():
     part = windows(2)
     with pytest.raises(ValueError, match="boom"):
         with collector.batch_context(slice(0, 2), part):
-            assert model.config._attn_implementation == "eager"
+            assert model.config._attn_implementation == hooks.PROBE_PREFIX + "sdpa"  # the same kernel, probed
             raise ValueError("boom")
     assert model.config._attn_implementation == "sdpa" and _hook_count(model) == before
     with pytest.raises(ValueError, match="straddles"):
@@ -116,7 +116,7 @@ def test_stats_ride_on_the_pass_without_changing_it(kind):
     with hooks.StatsCollector(model, stats_windows=2) as collector:
         probed = run_pass(model, wins, batch_tokens=48, batch_context=collector.batch_context,
                           boundaries=collector.boundaries)
-    torch.testing.assert_close(probed.nll, plain.nll, rtol=1e-4, atol=1e-4)  # eager vs SDPA only
+    assert torch.equal(probed.nll, plain.nll)  # bitwise: the probed rows run the same kernels
     out = collector.summary()
     assert out["protocol"]["windows"] == 2 and len(out["layers"]) == 2
     assert len(out["heads"]["sink_score"][0]) == 4 and len(out["heads"]["value_drain"][0]) == 2  # KV heads
@@ -149,3 +149,42 @@ def test_planted_massive_activation_becomes_the_extreme_token():
     assert out["extreme_tokens"]["per_window"] == [[3], [3]]
     absmax, without, _ = out["linear_inputs"]["sites"]["layers.1.attn.q_proj.in"]
     assert without < absmax  # the planted token dominates the next block's input, until left out
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma3"])
+def test_attention_probes_beside_sdpa_equal_eager_probabilities(kind):
+    """The probabilities computed beside the SDPA kernel are eager attention's (sliding window included)."""
+    model, ids = tiny(kind), windows(2, 20).input_ids
+    seen = {}
+
+    def probe(impl):
+        model.set_attn_implementation(impl)
+        hooks_ = {f"layers.{i}.attn": hooks.Hook(lambda p, i=i: seen.setdefault(impl, {}).__setitem__(i, p),
+                                                 "attention") for i in range(2)}
+        with hooks.attach(model, hooks_), torch.no_grad():
+            out = model(input_ids=ids).logits
+        assert model.config._attn_implementation == impl and _hook_count(model) == 0
+        return out
+
+    sdpa, eager = probe("sdpa"), probe("eager")
+    torch.testing.assert_close(sdpa, eager, rtol=1e-4, atol=1e-4)
+    for i in range(2):
+        torch.testing.assert_close(seen["sdpa"][i], seen["eager"][i], rtol=1e-5, atol=1e-6)
+    assert seen["sdpa"][0].shape == (2, 4, 20, 20)
+
+
+def test_attach_replaces_outputs_inputs_and_call_kwargs_then_removes_everything():
+    model, ids = tiny(), windows(1, 8).input_ids
+    with torch.no_grad():
+        base = model(input_ids=ids).logits
+    shifted = lambda args, kwargs: (args, {**kwargs, "input_ids": kwargs["input_ids"][:, 1:]})  # noqa: E731
+    replace = {"model": hooks.Hook(shifted, "call"), "head": hooks.Hook(lambda x: x * 0, "input")}
+    with hooks.attach(model, replace), torch.no_grad():
+        out = model(input_ids=ids).logits
+    assert out.shape[1] == ids.shape[1] - 1 and torch.equal(out, torch.zeros_like(out))
+    with hooks.attach(model, {"layers.1": lambda o: hooks.with_hidden(o, hooks.hidden_of(o) * 0)}), torch.no_grad():
+        flat = model(input_ids=ids).logits
+    assert torch.allclose(flat, flat[:, :1].expand_as(flat))  # every position sees the same (zero) state
+    assert _hook_count(model) == 0
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, base)

@@ -41,7 +41,7 @@ import warnings
 import pytest
 import torch
 
-from quantsink.schemes import QuantContext, default_filter, parse_scheme
+from quantsink.schemes import QuantContext, default_filter, parse_scheme, quantize
 
 VOCAB = 128
 MISSING_PEERS = "missing tool: the peers extra (pip install -e '.[peers]', or make test)"
@@ -68,7 +68,7 @@ def logits(model, ids):
 
 
 def ours(model, spec: str, calibration=None):
-    return parse_scheme(spec).apply(copy.deepcopy(model), QuantContext(calibration=calibration))
+    return quantize(parse_scheme(spec), copy.deepcopy(model), QuantContext(calibration=calibration))
 
 
 def torchao_int4(model, group: int):

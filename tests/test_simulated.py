@@ -10,7 +10,9 @@ import torch
 
 from quantsink.corpus import Windows
 from quantsink.errors import UsageError
+from quantsink.hooks import attach, attached_hooks
 from quantsink.schemes import SCHEMES, QuantContext, parse_scheme
+from quantsink.schemes import quantize as apply_and_calibrate
 from quantsink.schemes.simulated import ActQuantizer, KVQuantizer, QuantLinear, Simulated, quantizers
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -53,12 +55,16 @@ def ids_with_sink(n: int = 2, t: int = 24, seed: int = 1) -> torch.Tensor:
 
 def quantize(model, spec: str, **ctx_fields):
     ctx = QuantContext(calibration=lambda: windows_of(ids_with_sink(4, 24, seed=99)), **ctx_fields)
-    return parse_scheme(spec).apply(copy.deepcopy(model), ctx), ctx
+    return apply_and_calibrate(parse_scheme(spec), copy.deepcopy(model), ctx), ctx
 
 
-def logits(model, ids: torch.Tensor) -> torch.Tensor:
-    with torch.inference_mode():
-        return model(input_ids=ids, use_cache=False).logits
+def logits(model, ids: torch.Tensor, ctx: QuantContext | None = None) -> torch.Tensor:
+    """One forward, with the scheme's hooks (``ctx.hooks``: the keep mask) attached."""
+    before = attached_hooks(model)
+    with attach(model, ctx.hooks if ctx else {}), torch.inference_mode():
+        out = model(input_ids=ids, use_cache=False).logits
+    assert attached_hooks(model) == before
+    return out
 
 
 def test_presets_registered_simulated_and_round_trip():
@@ -148,10 +154,10 @@ def test_sink_position_kept_bit_identical(tiny_llama):
     for spec, float_acts in [("w8a8-dyn", "w8a8-dyn:act_bits=none"), ("w8a8", "w8a8-dyn:act_bits=none"),
                              ("w8a8-tok:act_bits=4", "w8a8-dyn:act_bits=none"), ("kv4", None),
                              ("w8a8-kv8", "w8a8-dyn:act_bits=none")]:
-        kept, _ = quantize(tiny_llama, spec, keep_fp_positions=(0,))
+        kept, ctx = quantize(tiny_llama, spec, keep_fp_positions=(0,))
         target = tiny_llama if float_acts is None else quantize(tiny_llama, float_acts)[0]
-        assert torch.equal(logits(kept, ids)[:, 0], logits(target, ids)[:, 0]), spec
-        assert not torch.equal(logits(kept, ids)[:, 1:], logits(target, ids)[:, 1:]), spec
+        assert torch.equal(logits(kept, ids, ctx)[:, 0], logits(target, ids)[:, 0]), spec
+        assert not torch.equal(logits(kept, ids, ctx)[:, 1:], logits(target, ids)[:, 1:]), spec
 
 
 def test_keeping_the_sink_helps_per_tensor(tiny_llama):
@@ -159,8 +165,8 @@ def test_keeping_the_sink_helps_per_tensor(tiny_llama):
     ref = logits(tiny_llama, ids)
     err = {}
     for keep in [(), (0,)]:
-        model, _ = quantize(tiny_llama, "w8a8-dyn:w_bits=none,act_bits=6", keep_fp_positions=keep)
-        err[keep] = (logits(model, ids) - ref)[:, 1:].abs().mean()
+        model, ctx = quantize(tiny_llama, "w8a8-dyn:w_bits=none,act_bits=6", keep_fp_positions=keep)
+        err[keep] = (logits(model, ids, ctx) - ref)[:, 1:].abs().mean()
     assert err[(0,)] < err[()] / 2
 
 
@@ -174,7 +180,7 @@ def test_keep_fp_mask_hook_sees_input_ids(tiny_llama):
     site = model.model.layers[0].self_attn.q_proj.input_quantizer
     handle = site.register_forward_hook(lambda m, a, o: seen.update(x=a[0], y=o))
     try:
-        logits(model, ids)
+        logits(model, ids, ctx)
     finally:
         handle.remove()
     keep = ids == 3
@@ -218,7 +224,7 @@ def test_static_without_calibration_is_an_error(tiny_llama):
     from quantsink.errors import QuantsinkError
 
     with pytest.raises(QuantsinkError):
-        parse_scheme("w8a8").apply(copy.deepcopy(tiny_llama), QuantContext())
+        apply_and_calibrate(parse_scheme("w8a8"), copy.deepcopy(tiny_llama), QuantContext())
 
 
 def test_kv_quantizer_granularity(tiny_llama):
@@ -296,7 +302,9 @@ def test_smollm2_sink_dominates_per_tensor_activations(smollm2_code):
 
     def ppl(spec: str, keep: tuple[int, ...] = ()) -> float:
         ctx = QuantContext(calibration=prep.calibration, keep_fp_positions=keep)
-        return run_pass(parse_scheme(spec).apply(copy.deepcopy(model), ctx), prep.windows).summary()["ppl"]
+        candidate = apply_and_calibrate(parse_scheme(spec), copy.deepcopy(model), ctx)
+        with attach(candidate, ctx.hooks):
+            return run_pass(candidate, prep.windows).summary()["ppl"]
 
     ref = run_pass(model, prep.windows).summary()["ppl"]
     dyn, kept = ppl("w8a8-dyn:w_bits=none"), ppl("w8a8-dyn:w_bits=none", keep=(0,))

@@ -10,8 +10,11 @@ transformed) calibration windows, the scheme, and a ``notes`` dict where the
 mitigation records what it actually did (it lands in the run record).
 Each says whether it works on a trained model (``post-hoc``) or ``needs-training``.
 
-Order in a run: windows -> prepare -> quant_context -> scheme.apply -> attach,
-each step over the mitigations in the order given.
+Order in a run: windows -> prepare -> quant_context -> scheme.apply -> attach
+-> scheme.calibrate -> evaluation, each step over the mitigations in the order
+given; static ranges are calibrated with every mitigation attached, on the
+transformed calibration windows, so they are the ranges of the model as it is
+evaluated.  Every hook goes through :func:`quantsink.hooks.attach`.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, ContextManager, Iterator
 
 from ..errors import UsageError
+from ..hooks import attach
 from ..registry import Registry
 from ..spec import Spec, build, params_of, split_specs
 
@@ -98,6 +102,7 @@ class MitigationStack:
     mitigations: list[Mitigation]
     envs: list[Env]
     calibration: Callable[[], Any] | None = None  # calibration windows, every transform_windows applied
+    scheme_hooks: dict[str, Any] = field(default_factory=dict)  # the built candidate's QuantContext.hooks
 
     @classmethod
     def of(cls, mitigations: list[Mitigation], *, reference: Any, tokenizer: Any, scheme: Any,
@@ -131,7 +136,9 @@ class MitigationStack:
 
     @contextmanager
     def attach(self, model: Any) -> Iterator[None]:
+        """Everything that touches the candidate while it runs: the scheme's hooks, then each mitigation's."""
         with ExitStack() as stack:
+            stack.enter_context(attach(model, self.scheme_hooks))
             for mitigation, env in self:
                 stack.enter_context(mitigation.attach(model, env))
             yield

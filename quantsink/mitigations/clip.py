@@ -20,7 +20,7 @@ from typing import Any, Iterator
 import torch
 
 from . import Env, Mitigation, register
-from ._layers import decoder_layers, hidden_of, with_hidden
+from ..hooks import attach, hidden_of, layer_sites, with_hidden
 
 
 def clip_norms(h: torch.Tensor, tau: float | None, bound: float | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,7 +52,7 @@ class ClipResidual(Mitigation):
         per_layer: dict[str, dict[str, Any]] = {}
 
         def hook(name: str) -> Any:
-            def clip(module: Any, args: Any, output: Any) -> Any:
+            def clip(output: Any) -> Any:
                 h = hidden_of(output)  # (B, T, C)
                 clipped_h, mask = clip_norms(h, self.tau, self.max)
                 stats = per_layer.setdefault(name, {"clipped": 0, "clipped_at_0": 0, "peak_before": 0.0,
@@ -64,13 +64,11 @@ class ClipResidual(Mitigation):
                 return with_hidden(output, clipped_h)
             return clip
 
-        handles = [layer.register_forward_hook(hook(f"layers.{i}"))  # canonical site names
-                   for i, (_, layer) in enumerate(decoder_layers(model))]
+        layers = layer_sites(model)
         try:
-            yield
+            with attach(model, {name: hook(name) for name in layers}, known=layers):
+                yield
         finally:
-            for handle in handles:
-                handle.remove()
             env.notes.update(clipped=self.describe(), per_layer=per_layer,
                              total_clipped=sum(s["clipped"] for s in per_layer.values()))
 

@@ -21,6 +21,7 @@ from typing import Any, ClassVar, Iterator
 
 import torch
 
+from ..hooks import Hook, attach
 from . import Env, Mitigation, register
 from ._layers import cache_kwarg, output_cache
 
@@ -60,7 +61,7 @@ class IntactKV(Mitigation):
         dtype = model.get_input_embeddings().weight.dtype
         state: dict[str, Any] = {}
 
-        def pre(module: Any, args: Any, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        def pre(args: Any, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
             ids = kwargs["input_ids"]  # (B, T)
             mask = kwargs.get("attention_mask")
             mask = torch.ones_like(ids) if mask is None else mask
@@ -68,22 +69,17 @@ class IntactKV(Mitigation):
             return args, {**kwargs, "input_ids": ids[:, p:], "attention_mask": mask, name: cache,
                           "use_cache": True}
 
-        def post(module: Any, args: Any, kwargs: dict[str, Any], output: Any) -> Any:
+        def post(output: Any) -> Any:
             prefix = state.pop("logits").to(output.logits.dtype)  # (B, p, V)
             output.logits = torch.cat([prefix, output.logits], 1)  # (B, T, V)
             return output
 
-        # prepend: run before the scheme's own pre-hooks, so they see the ids and cache the model gets
-        handles = [model.register_forward_pre_hook(pre, with_kwargs=True, prepend=True),
-                   model.register_forward_hook(post, with_kwargs=True)]
         env.notes.update(prefix_length=p, prefix="sink positions" if env.sink_positions else
                          "first token (no BOS or sink token: the first token is the sink)",
                          how="reference KV cache of the prefix passed to the quantized model as its cache")
-        try:
+        # prepend: run before the scheme's own hooks on the model call, so they see the ids and cache it gets
+        with attach(model, {"model": [Hook(pre, "call", prepend=True), Hook(post)]}, known={"model": model}):
             yield
-        finally:
-            for handle in handles:
-                handle.remove()
 
 
 register(IntactKV(name="intact-kv"), "the sink's keys and values computed by the float reference and "

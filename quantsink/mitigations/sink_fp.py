@@ -12,15 +12,14 @@ least half of the first ``detect_windows`` calibration windows.
 from __future__ import annotations
 
 import dataclasses
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 import torch
 
 from ..errors import UsageError
 from . import Env, Mitigation, register
-from ._layers import decoder_layers, hidden_of
+from ..hooks import attach, hidden_of, layer_sites
 
 
 def quantizes_tokens(scheme: Any) -> bool:
@@ -42,18 +41,13 @@ def peak_ratio(norms: torch.Tensor) -> torch.Tensor:
     return (norms / median.clamp_min(1e-12)).amax(0)  # (B, T)
 
 
-@contextmanager
-def residual_norms(model: Any, into: list[torch.Tensor]) -> Iterator[None]:
-    """Collect the norm of every decoder layer's output residual state, (B, T) per layer."""
-    def grab(module: Any, args: Any, output: Any) -> None:
+def residual_norms(model: Any, into: list[torch.Tensor]) -> Any:
+    """Collect the norm of every decoder layer's output residual state, (B, T) per layer (a context)."""
+    def grab(output: Any) -> None:
         into.append(hidden_of(output).float().norm(dim=-1).cpu())  # (B, T)
 
-    handles = [layer.register_forward_hook(grab) for _, layer in decoder_layers(model)]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
+    layers = layer_sites(model)
+    return attach(model, {name: grab for name in layers}, known=layers)
 
 
 @torch.inference_mode()

@@ -15,13 +15,13 @@ model where it does not hold is refused.
 from __future__ import annotations
 
 from collections import defaultdict
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
 from ..errors import QuantsinkError
+from ..hooks import Hook, attach
 from ..schemes import default_filter
 from . import Env, Mitigation, register
 
@@ -44,16 +44,6 @@ def smoothing_scale(act_max: torch.Tensor, weight_max: torch.Tensor, alpha: floa
     return torch.where((act_max > 0) & (weight_max > 0), s, torch.ones_like(s)).clamp(1e-5, 1e5)
 
 
-@contextmanager
-def _hooks(pairs: list[tuple[Any, Any, bool]]) -> Iterator[None]:
-    handles = [m.register_forward_pre_hook(fn) if pre else m.register_forward_hook(fn) for m, fn, pre in pairs]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 @torch.no_grad()
 def find_groups(model: Any, ids: torch.Tensor) -> dict[str, list[str]]:
     """``{producer fqn: [Linear fqn, ...]}``: leaf modules whose output tensor is a quantized Linear's input."""
@@ -63,14 +53,14 @@ def find_groups(model: Any, ids: torch.Tensor) -> dict[str, list[str]]:
     leaves = [(fqn, m) for fqn, m in model.named_modules()
               if fqn and not list(m.children()) and fqn not in linears and hasattr(m, "weight")]
 
-    def produced(fqn: str) -> Any:
-        return lambda m, a, out: made.__setitem__(id(out), (fqn, out)) if torch.is_tensor(out) else None
+    def produced(fqn: str) -> Hook:
+        return Hook(lambda out: made.__setitem__(id(out), (fqn, out)) if torch.is_tensor(out) else None)
 
-    def consumed(fqn: str) -> Any:
-        return lambda m, args: used.__setitem__(fqn, args[0])
+    def consumed(fqn: str) -> Hook:
+        return Hook(lambda x: used.__setitem__(fqn, x), "input")
 
-    pairs = [(m, produced(f), False) for f, m in leaves] + [(m, consumed(f), True) for f, m in linears.items()]
-    with _hooks(pairs):
+    hooks = {**{f: produced(f) for f, _ in leaves}, **{f: consumed(f) for f in linears}}
+    with attach(model, hooks, known=dict(model.named_modules())):
         model(input_ids=ids, use_cache=False)
     groups: dict[str, list[str]] = defaultdict(list)
     for fqn, x in used.items():
@@ -85,14 +75,14 @@ def activation_absmax(model: Any, linears: list[str], windows: Any) -> dict[str,
     """Per-input-channel max |x| of each Linear over ``windows``.  {fqn: (C,)}"""
     amax: dict[str, torch.Tensor] = {}
 
-    def grab(fqn: str) -> Any:
-        def hook(m: Any, args: Any) -> None:
-            a = args[0].detach().abs().flatten(0, -2).amax(0).float()  # (C,)
+    def grab(fqn: str) -> Hook:
+        def hook(x: torch.Tensor) -> None:
+            a = x.detach().abs().flatten(0, -2).amax(0).float()  # (C,)
             amax[fqn] = torch.maximum(amax[fqn], a) if fqn in amax else a
-        return hook
+        return Hook(hook, "input")
 
     device = model.get_input_embeddings().weight.device
-    with _hooks([(model.get_submodule(f), grab(f), True) for f in linears]):
+    with attach(model, {f: grab(f) for f in linears}, known=dict(model.named_modules())):
         for row in range(len(windows)):
             part = windows.subset(slice(row, row + 1))
             model(input_ids=part.input_ids.to(device), attention_mask=part.attention_mask.to(device),

@@ -35,7 +35,10 @@ class QuantContext:
     mitigations ask to keep in full precision, and ``keep_fp`` a more general
     hook: input ids ``(B, T)`` -> bool mask ``(B, T)`` of positions to keep (e.g.
     detected extreme tokens); kept positions are neither quantized nor counted in
-    any activation/KV range.  ``filter_fn`` picks the modules.
+    any activation/KV range.  ``filter_fn`` picks the modules.  ``hooks`` are what the
+    scheme needs attached while the candidate runs (``{site: [Hook]}``, see
+    :func:`quantsink.hooks.attach`): the run attaches them with the mitigations', for
+    calibration and evaluation alike, and removes them afterwards.
     """
 
     calibration: Callable[[], Any] | None = None
@@ -43,6 +46,7 @@ class QuantContext:
     keep_fp: Callable[[Any], Any] | None = None
     filter_fn: FilterFn = default_filter
     notes: dict[str, Any] = field(default_factory=dict)  # what was actually done, for the record
+    hooks: dict[str, list[Any]] = field(default_factory=dict)  # site -> [hooks.Hook], attached while running
 
     def keep_fp_mask(self, input_ids: Any, offset: int = 0) -> Any:
         """``(B, T)`` bool: positions kept in full precision (None when there are none).
@@ -73,10 +77,15 @@ class Scheme:
         return 32.0
 
     def apply(self, model: Any, ctx: QuantContext) -> Any:
+        """Quantize ``model`` (a private copy); hooks it needs while running go into ``ctx.hooks``."""
         raise NotImplementedError
 
     def check_model(self, model: Any) -> None:
         """Refuse (one line, before any pass) parameters this model cannot take; default: none."""
+
+    def calibrate(self, model: Any, ctx: QuantContext) -> None:
+        """Observe static ranges on ``ctx.calibration()``; the caller has attached ``ctx.hooks``
+        and every mitigation, so ranges come from the model as it is evaluated."""
 
     def spec_key(self, key: str) -> str:
         """The field a spec-string key names (a preset may accept a short alias)."""
@@ -125,6 +134,17 @@ def replace_linears(model: Any, ctx: QuantContext, make: Callable[[Any], Any]) -
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, make(mod))
     return [fqn for fqn, _ in targets]
+
+
+def quantize(scheme: Scheme, model: Any, ctx: QuantContext) -> Any:
+    """``scheme.apply`` then ``scheme.calibrate`` with the scheme's own hooks attached (no mitigations:
+    a run goes through ``run.build_candidate``, which attaches them too)."""
+    from ..hooks import attach
+
+    model = scheme.apply(model, ctx)
+    with attach(model, ctx.hooks):
+        scheme.calibrate(model, ctx)
+    return model
 
 
 def all_fields(config: Any) -> dict[str, Any]:

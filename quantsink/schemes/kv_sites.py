@@ -5,7 +5,7 @@ default ``pre-rope`` site (the ``k_proj`` output) is before it, and before gemma
 ``k_norm``.  Hooks on standard modules cannot see the keys between RoPE and the attention, so
 ``post-rope`` works in the rotated frame: the last key tensor before RoPE (the ``k_norm`` output,
 else the ``k_proj`` output) is rotated with the ``(cos, sin)`` the attention module receives
-(``position_embeddings``, captured by a pre-hook), quantized there, and rotated back; the model's
+(``position_embeddings``, captured by a hook on its call), quantized there, and rotated back; the model's
 own RoPE then lands on the quantized post-RoPE keys (to float32 rounding, ~1e-7 relative).
 This assumes the ``rotate_half`` RoPE of HF's Llama family over the whole head dim; a partial
 rotary embedding (``cos`` narrower than the head) is refused.
@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import QuantsinkError
+from ..hooks import FQN, Hook
 
 
 class RopeFrame:
@@ -29,7 +30,7 @@ class RopeFrame:
         self.sin: torch.Tensor | None = None
         self.tokens = 0
 
-    def hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def hook(self, args: tuple, kwargs: dict) -> None:
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         pe = kwargs.get("position_embeddings", args[1] if len(args) > 1 else None)
         self.cos, self.sin = pe if pe is not None else (None, None)
@@ -85,22 +86,18 @@ class PostRopeKeys(nn.Module):
         return (x.transpose(1, 2) if self.heads_first else x).to(like.dtype)
 
 
-def post_rope(model: nn.Module, fqn: str, name: str, quantizer: nn.Module, dim: int) -> str:
+def post_rope(model: nn.Module, fqn: str, name: str, quantizer: nn.Module, dim: int,
+              hooks: dict[str, list[Any]]) -> str:
     """values at the v_proj output; keys after any k_norm and the rotary embedding, as the attention sees them
     (and engines cache them)"""
     attn = model.get_submodule(fqn)
     frame = RopeFrame()
-    attn.register_forward_pre_hook(frame.hook, with_kwargs=True)
     keys = PostRopeKeys(quantizer, frame, dim)
     attn.add_module("key_quantizer", keys)  # found by named_modules (calibration, device moves)
-    norm = getattr(attn, "k_norm", None)
-    source, source_name = (norm, "k_norm") if isinstance(norm, nn.Module) else (getattr(attn, name), name)
-    source.register_forward_hook(_replace_output(keys))
+    source_name = "k_norm" if isinstance(getattr(attn, "k_norm", None), nn.Module) else name
+    hooks.setdefault(FQN + fqn, []).append(Hook(frame.hook, "call"))
+    hooks.setdefault(f"{FQN}{fqn}.{source_name}", []).append(Hook(keys))  # its output replaced by the keys'
     return f"{fqn}.key_quantizer (on the {source_name} output, post-RoPE)"
-
-
-def _replace_output(fn: Any) -> Any:
-    return lambda module, args, out: fn(out)
 
 
 def key_norm_note(attentions: list[nn.Module], kv_keys: str) -> str:

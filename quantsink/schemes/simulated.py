@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from ..errors import QuantsinkError, UsageError
+from ..hooks import Hook
 from ..quant import fake_quant, qparams, quant_dequant
 from . import QuantContext, Scheme, register
 from .kv_sites import key_norm_note, post_rope
@@ -38,13 +39,13 @@ from .kv_sites import key_norm_note, post_rope
 
 class KeepFp:
     """Shared by every quantizer of one model: the ``(B, T)`` keep mask of the current forward,
-    set by a forward pre-hook on the model from its input ids."""
+    set from the model's input ids by a hook on the model's call (``QuantContext.hooks``)."""
 
     def __init__(self, mask_fn: Any):
         self.mask_fn = mask_fn
         self.mask: torch.Tensor | None = None
 
-    def hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def hook(self, args: tuple, kwargs: dict) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
         past = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers >= 5.2x names it `cache`
         offset = past.get_seq_length() if past is not None and hasattr(past, "get_seq_length") else 0
@@ -227,17 +228,19 @@ class Simulated(Scheme):
 
     def apply(self, model: Any, ctx: QuantContext) -> Any:
         keep = KeepFp(ctx.keep_fp_mask)
-        model.register_forward_pre_hook(keep.hook, with_kwargs=True)
+        ctx.hooks.setdefault("model", []).append(Hook(keep.hook, "call"))
         wrapped = self._wrap_linears(model, ctx, keep)
-        kv_sites = self._attach_kv(model, keep) if self.kv_bits else []
+        kv_sites = self._attach_kv(model, keep, ctx.hooks) if self.kv_bits else []
         if self.kv_bits:
             ctx.notes["keys"] = key_norm_note([attn for _, attn in attention_modules(model)], self.kv_keys)
         ctx.notes.update(quantized_modules=len(wrapped), kv_sites=len(kv_sites), simulated=True,
                          keep_fp_positions=list(ctx.keep_fp_positions), keep_fp_hook=ctx.keep_fp is not None,
                          parts=self.parts())
+        return model
+
+    def calibrate(self, model: Any, ctx: QuantContext) -> None:
         if self.needs_calibration():
             ctx.notes["calibration"] = calibrate(model, ctx)
-        return model
 
     def needs_calibration(self) -> bool:
         return bool(self.act_bits and self.act_mode == "static")
@@ -267,7 +270,7 @@ class Simulated(Scheme):
         group = self.w_group if self.w_gran == "group" else None
         return fake_quant(w, self.w_bits, sym=self.w_sym, gran=gran, group=group)
 
-    def _attach_kv(self, model: nn.Module, keep: KeepFp) -> list[str]:
+    def _attach_kv(self, model: nn.Module, keep: KeepFp, hooks: dict[str, list[Any]]) -> list[str]:
         sites = []
         for fqn, attn in attention_modules(model):
             dim = head_dim(model, attn)
@@ -276,7 +279,7 @@ class Simulated(Scheme):
                                       ("v_proj", self.v_gran, at_projection)):
                 quantizer = self.kv_quantizer(gran, groups.get(gran, self.kv_group), keep)
                 device = getattr(attn, name).weight.device
-                sites.append(place(model, fqn, name, quantizer.to(device), dim))
+                sites.append(place(model, fqn, name, quantizer.to(device), dim, hooks))
         if not sites:
             raise QuantsinkError("KV quantization found no attention module with k_proj/v_proj Linear children; "
                                  "this model fuses its projections (not supported yet)")
@@ -294,7 +297,8 @@ def wrap(model: nn.Module, fqn: str, linear: nn.Linear) -> QuantLinear:
     return q
 
 
-def at_projection(model: nn.Module, fqn: str, name: str, quantizer: nn.Module, dim: int) -> str:
+def at_projection(model: nn.Module, fqn: str, name: str, quantizer: nn.Module, dim: int,
+                  hooks: dict[str, list[Any]]) -> str:
     """at the k_proj/v_proj outputs, so keys are quantized before any k_norm and before the rotary embedding"""
     wrap(model, f"{fqn}.{name}", getattr(model.get_submodule(fqn), name)).output_quantizer = quantizer
     return f"{fqn}.{name}.output_quantizer"
@@ -311,7 +315,9 @@ def key_site_doc(kv_keys: str) -> str:
 @torch.inference_mode()
 def calibrate(model: nn.Module, ctx: QuantContext, batch_tokens: int = 2048) -> dict[str, Any]:
     """Static ranges: run the calibration windows with every ActQuantizer observing
-    (float activations; weights and KV already quantized), then freeze the ranges."""
+    (float activations; weights and KV already quantized; the caller attaches the run's
+    hooks, mitigations included, so the ranges are those of the model as it is evaluated),
+    then freeze the ranges."""
     if ctx.calibration is None:
         raise QuantsinkError("static activation quantization needs calibration windows (none were given)")
     windows = ctx.calibration()
@@ -333,7 +339,7 @@ def calibrate(model: nn.Module, ctx: QuantContext, batch_tokens: int = 2048) -> 
     return {"windows": int(ids.shape[0]), "tokens": int(windows.attention_mask.sum()),
             "ids_sha256": hashlib.sha256(ids.cpu().numpy().tobytes()).hexdigest()[:16],
             "ranges": "per-tensor min/max over all calibration tokens (0 included), kept positions excluded",
-            "observed_in": "float activations (weights and KV already quantized)"}
+            "observed_in": "float activations (weights and KV already quantized), every mitigation attached"}
 
 
 def _preset(name: str, help: str, **fields: Any) -> None:
