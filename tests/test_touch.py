@@ -56,7 +56,7 @@ def _candidate(config, session):
 
 def test_no_hooks_left_after_any_scheme_and_mitigation(tiny_model_dir, tiny_text_file, session):
     ran = 0
-    for scheme in SCHEMES.names():
+    for scheme in [*SCHEMES.names(), "kv8:kv_keys=post-rope"]:
         for mitigation in MITIGATIONS.names():
             config = _config(tiny_model_dir, tiny_text_file, scheme=scheme, mitigation=mitigation)
             try:
