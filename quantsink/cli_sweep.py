@@ -62,6 +62,11 @@ def sweep_command(
     results: Optional[str] = typer.Option(None, help="Directory of run records (default results/runs)."),
     jobs: Optional[int] = typer.Option(None, help="Parallel worker processes (default 1)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="List the runs and whether each is done; run nothing."),
+    executor: Optional[str] = typer.Option(None, help="local (worker processes, default) or ray (a Ray cluster)."),
+    address: Optional[str] = typer.Option(None, help="Ray: 'auto' joins the running cluster, ray://HOST:10001 "
+                                          "a remote one; default: start a local cluster."),
+    num_cpus: Optional[float] = typer.Option(None, help="Ray: CPUs per cell (torch threads), default 1."),
+    num_gpus: Optional[float] = typer.Option(None, help="Ray: GPUs per cell, fractional allowed (0.25), default 0."),
     common: dict[str, Any] = None,  # type: ignore[assignment]
 ) -> None:
     """Run a grid of (model x corpus x scheme x mitigation); resumable, skips runs already recorded."""
@@ -89,7 +94,24 @@ def sweep_command(
         first = next(p for p in planned if p.index in invalid)
         raise UsageError(f"{len(invalid)} run(s) pair a scheme with a mitigation that cannot apply, e.g. "
                          f"{first.label}: {invalid[first.index]}; drop them (subgrids) or see --dry-run")
-    _run_sweep(planned, results, jobs)
+    ray = _ray_options(executor, address, num_cpus, num_gpus, options)
+    _run_sweep(planned, results, jobs, ray)
+
+
+def _ray_options(executor: str | None, address: str | None, num_cpus: float | None, num_gpus: float | None,
+                 options: dict[str, Any]) -> Any:
+    """None for the local executor; else the validated Ray placement (command line over grid file)."""
+    executor = executor or options.get("executor", "local")
+    if executor not in ("local", "ray"):
+        raise UsageError(f"--executor {executor!r}: use local or ray")
+    if executor == "local":
+        return None
+    from .ray_executor import RayOptions, import_ray
+
+    import_ray()  # one line when Ray is missing, before anything runs
+    given = {"address": address, "num_cpus": num_cpus, "num_gpus": num_gpus}
+    merged = {k: v if v is not None else options.get(k) for k, v in given.items()}
+    return RayOptions(**{k: v for k, v in merged.items() if v is not None})
 
 
 def _plan_table(planned: list[Any], results: str, invalid: dict[int, str]) -> Table:
@@ -160,15 +182,17 @@ class SweepProgress:
         self.bar.__exit__(*exc)
 
 
-def _run_sweep(planned: list[Any], results: str, jobs: int) -> None:
+def _run_sweep(planned: list[Any], results: str, jobs: int, ray: Any = None) -> None:
     from . import sweep as sweeps
 
     store = sweeps.Store(Path(results))
     done = sum(store.has_record(p.run_id) for p in planned)
     out.print(f"{len(planned)} runs in the grid; {done} already in {results} (skipped); "
-              f"{len(planned) - done} to run with {jobs} worker(s)", highlight=False, soft_wrap=True)
+              f"{len(planned) - done} to run " + (f"on Ray ({ray.num_cpus:g} CPU, {ray.num_gpus:g} GPU per cell)"
+                                                   if ray else f"with {jobs} worker(s)"),
+              highlight=False, soft_wrap=True)
     with SweepProgress(len(planned) - done, enabled=err.is_terminal) as progress:
-        summary = sweeps.sweep(planned, results, jobs=jobs, emit=progress, run_fn=sweeps.default_run)
+        summary = sweeps.sweep(planned, results, jobs=jobs, emit=progress, run_fn=sweeps.default_run, ray=ray)
     out.print(f"sweep: {len(summary.done)} ran, {summary.skipped} skipped (already recorded), "
               f"{len(summary.failed)} failed, {summary.elsewhere} recorded meanwhile "
               f"(as a variant another run needed, or by another sweep)"

@@ -51,7 +51,7 @@ from .errors import QuantsinkError, UsageError
 from .spec import split_specs
 
 AXES = {"models": "model", "corpora": "corpus", "schemes": "scheme", "mitigations": "mitigation"}
-SWEEP_KEYS = ("results", "jobs", "subgrids")
+SWEEP_KEYS = ("results", "jobs", "subgrids", "executor", "address", "num_cpus", "num_gpus")
 Emit = Callable[..., None]
 RunFn = Callable[..., dict[str, Any]]
 
@@ -155,7 +155,7 @@ def load_grid(path: str | Path) -> tuple[Grid, dict[str, Any]]:
     except yaml.YAMLError as err:
         raise UsageError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
     grid = Grid.from_mapping(data, str(path))
-    options = {k: data[k] for k in ("results", "jobs") if data.get(k) is not None}
+    options = {k: data[k] for k in SWEEP_KEYS if k != "subgrids" and data.get(k) is not None}
     check_options(options, str(path))
     return grid, options
 
@@ -167,6 +167,13 @@ def check_options(options: dict[str, Any], where: str) -> None:
         raise UsageError(f"{where}: results {results!r}: expected a directory path")
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise UsageError(f"{where}: jobs {jobs!r}: expected an integer >= 1")
+    for key in ("executor", "address"):
+        if not isinstance(options.get(key, ""), str):
+            raise UsageError(f"{where}: {key} {options[key]!r}: expected a string")
+    for key in ("num_cpus", "num_gpus"):
+        value = options.get(key, 1)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise UsageError(f"{where}: {key} {value!r}: expected a number >= 0")
 
 
 # --------------------------------------------------------------------------- plan
@@ -403,11 +410,11 @@ def iter_failures(results_dir: str | Path) -> Iterable[dict[str, Any]]:
 # --------------------------------------------------------------------------- work
 
 
-def default_run(config: RunConfig, *, session: Any, progress: Any) -> dict[str, Any]:
+def default_run(config: RunConfig, *, session: Any, progress: Any, write: bool = True) -> dict[str, Any]:
     """The real run: ``quantsink.run.run`` with a per-worker Session (models loaded once)."""
     from .run import run
 
-    return run(config, session=session, progress=progress, write=True)  # also stores any variant runs it needed
+    return run(config, session=session, progress=progress, write=write)  # also stores any variant runs it needed
 
 
 def _ordered(pending: list[PlannedRun], current: str | None, worker: int) -> list[PlannedRun]:
@@ -578,8 +585,9 @@ class Summary:
 
 
 def sweep(planned: list[PlannedRun], results: str | Path, *, jobs: int = 1, run_fn: RunFn = default_run,
-          emit: Emit | None = None) -> Summary:
-    """Run every planned run that has no valid record in ``results``."""
+          emit: Emit | None = None, ray: Any = None) -> Summary:
+    """Run every planned run that has no valid record in ``results``; on Ray when ``ray`` is a
+    ``ray_executor.RayOptions``, else in ``jobs`` local processes."""
     store = Store(Path(results))
     store.root.mkdir(parents=True, exist_ok=True)
     todo = [p for p in planned if not store.has_valid_record(p.run_id)]
@@ -610,7 +618,11 @@ def sweep(planned: list[PlannedRun], results: str | Path, *, jobs: int = 1, run_
                 emit("completed", worker, len(finished))
 
     token = uuid.uuid4().hex
-    if todo and jobs > 1:
+    if todo and ray is not None:
+        from .ray_executor import run_ray
+
+        summary.crashed_workers = run_ray(todo, results, sweep=token, emit=collect, run_fn=run_fn, options=ray)
+    elif todo and jobs > 1:
         summary.crashed_workers = run_parallel(todo, results, sweep=token, emit=collect, run_fn=run_fn,
                                                jobs=min(jobs, len(todo)))
     elif todo:

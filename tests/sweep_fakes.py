@@ -31,13 +31,25 @@ def _log(event: str, run_id: str) -> None:
         os.close(fd)
 
 
+def _first_kill() -> bool:
+    """True unless ``QS_FAKE_KILL_ONCE`` names a marker file that exists (created on the first kill)."""
+    marker = os.environ.get("QS_FAKE_KILL_ONCE")
+    if not marker:
+        return True
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return True
+    except FileExistsError:
+        return False
+
+
 def fake_run(config: RunConfig, *, session: Any, progress: Any) -> dict[str, Any]:
     run_id = fake_id(config)
     _log("start", run_id)
     tick = progress("candidate", 2)
     time.sleep(float(os.environ.get("QS_FAKE_SLEEP", "0")))
     tick(1)
-    if os.environ.get("QS_FAKE_KILL") and config.scheme == os.environ["QS_FAKE_KILL"]:
+    if os.environ.get("QS_FAKE_KILL") and config.scheme == os.environ["QS_FAKE_KILL"] and _first_kill():
         sys.stdout.flush()
         os._exit(3)  # no cleanup, no finally: what SIGKILL leaves behind
     failing = "fail" in config.scheme or config.scheme == os.environ.get("QS_FAKE_FAIL")

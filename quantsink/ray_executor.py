@@ -1,0 +1,244 @@
+"""The sweep on Ray: each cell a Ray task, one reference task per (model, corpus, protocol).
+
+``quantsink sweep GRID --executor ray [--address auto|ray://HOST:10001]`` runs the same
+planned runs as the local executor and writes the same records, with the same store
+semantics (``sweep.Store``):
+
+* the **driver** claims each run's lock (``O_CREAT | O_EXCL``, as a local worker does)
+  before submitting it, writes its record atomically when the task returns, then
+  releases the lock: a killed driver loses no finished record (each was written when
+  it arrived) and a restarted sweep skips them; two sweeps never run one cell twice;
+* the **reference pass** of each (model, corpus, protocol) group is one task; every
+  cell of the group takes its result (the verified reference-cache file, as bytes) as
+  an argument, so Ray starts the cells only once it exists, and it is computed once
+  per group even on a cluster whose nodes share no disk;
+* a **worker that dies** (killed process, lost node) is retried by Ray up to
+  ``retries`` times; a cell whose run raises is recorded as failed (``.failed``), as
+  the local executor does, and retried by the next sweep;
+* resources per cell: ``num_cpus`` (torch uses that many threads) and ``num_gpus``
+  (fractional allowed: ``0.25`` packs four small-model cells on one GPU; a model larger
+  than one GPU takes ``num_gpus`` > 1 and is spread by ``device_map="auto"``).
+
+Ray is optional (``pip install quantsink[ray]``); without it ``--executor ray`` fails in one line.
+Task results travel through Ray's object store (Ray's own serialisation); nothing here
+loads a pickle from disk.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import QuantsinkError, UsageError
+
+_SESSION: dict[str, Any] = {}  # per Ray worker process: one Session, models loaded once
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """How cells are placed on the cluster (``sweep --executor ray``)."""
+
+    address: str | None = None  # None: start a local cluster; "auto": join the running one
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    retries: int = 2  # re-executions of a cell whose worker died
+
+    def __post_init__(self) -> None:
+        if self.num_cpus <= 0 or self.num_gpus < 0 or self.retries < 0:
+            raise UsageError("--num-cpus must be > 0, --num-gpus >= 0 and --retries >= 0")
+
+
+def import_ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise UsageError("--executor ray needs Ray: pip install 'quantsink[ray]'") from None
+    return ray
+
+
+def connect(options: RayOptions) -> Any:
+    """``ray.init`` once (joins ``address``, or starts a local cluster); quiet."""
+    ray = import_ray()
+    if not ray.is_initialized():
+        ray.init(address=options.address, include_dashboard=False, log_to_driver=False,
+                 logging_level="ERROR", configure_logging=False)
+    return ray
+
+
+# --------------------------------------------------------------------------- worker side
+
+
+def _session() -> Any:
+    from .run import Session
+
+    return _SESSION.setdefault("session", Session())
+
+
+def _threads(num_cpus: float) -> None:
+    import torch
+
+    torch.set_num_threads(max(1, int(num_cpus)))
+
+
+def reference_bytes(config: Any, num_cpus: float) -> tuple[str, bytes]:
+    """Task body: the group's reference pass -> (cache file name, its verified bytes)."""
+    from . import cache
+    from .run import prepare, reference_key, reference_pass
+
+    _threads(num_cpus)
+    prep = prepare(config, _session())
+    reference_pass(prep, lambda stage, total: (lambda n: None))
+    path = cache.reference_path(reference_key(prep))
+    return path.name, path.read_bytes()
+
+
+def install_reference(name: str, data: bytes) -> None:
+    """Put the reference file where this node's runs look for it (atomic; verified on load)."""
+    from . import cache
+
+    path = cache.reference_path(name.removesuffix(".safetensors"))
+    if not path.is_file():
+        _atomic_write_bytes(path, data)
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def cell(config: Any, reference: tuple[str, bytes] | None, run_fn: Callable[..., dict[str, Any]],
+         num_cpus: float) -> dict[str, Any]:
+    """Task body: one planned run -> its record (not written: the driver writes it)."""
+    _threads(num_cpus)
+    if reference is not None:
+        install_reference(*reference)
+    record = run_fn(config, session=_session(), progress=lambda stage, total: (lambda n: None))
+    record.pop("path", None)
+    return record
+
+
+# --------------------------------------------------------------------------- driver side
+
+
+@dataclass
+class Submitted:
+    run: Any  # sweep.PlannedRun
+    lock: Path
+    started: float
+
+
+def run_ray(todo: list[Any], results: str | Path, *, sweep: str, emit: Callable[..., None],
+            run_fn: Callable[..., dict[str, Any]], options: RayOptions, poll_s: float = 0.5) -> list[int]:
+    """Every planned run in ``todo`` on Ray; records written here.  -> [] (no local workers)."""
+    from .sweep import Store
+
+    ray = connect(options)
+    store = Store(Path(results))
+    store.locks.mkdir(parents=True, exist_ok=True)
+    real = run_fn is _default_run_fn()
+    tasks = _remote_functions(ray, options, needs_reference=real)
+    run_fn = functools.partial(run_fn, write=False) if real else run_fn  # the driver writes records
+    pending, waiting, references = {}, list(todo), {}
+    while waiting or pending:
+        waiting = _submit(waiting, store, sweep, emit, tasks, references, pending, run_fn, options)
+        _collect(ray, pending, store, sweep, emit, timeout=poll_s)
+    return []
+
+
+def _default_run_fn() -> Callable[..., dict[str, Any]]:
+    from .sweep import default_run
+
+    return default_run
+
+
+def _remote_functions(ray: Any, options: RayOptions, needs_reference: bool) -> dict[str, Any]:
+    res = {"num_cpus": options.num_cpus, "num_gpus": options.num_gpus, "max_retries": options.retries}
+    return {"reference": ray.remote(**res)(reference_bytes) if needs_reference else None,
+            "cell": ray.remote(**res, retry_exceptions=False)(cell)}
+
+
+def _submit(waiting: list[Any], store: Any, sweep: str, emit: Callable[..., None], tasks: dict[str, Any],
+            references: dict[str, Any], pending: dict[Any, Submitted], run_fn: Any,
+            options: RayOptions) -> list[Any]:
+    """Claim and submit what can be claimed; -> runs still held by another sweep."""
+    from .sweep import try_lock
+
+    held = []
+    for p in waiting:
+        if store.has_record(p.run_id) or store.failed_in(p.run_id, sweep):
+            emit("elsewhere", 0, p.index)
+            continue
+        lock = store.locks / f"{p.run_id}.lock"
+        if not try_lock(lock):
+            held.append(p)
+            continue
+        ref = _reference(p, tasks, references, options)
+        pending[tasks["cell"].remote(p.config.replace(results=str(store.root)), ref, run_fn, options.num_cpus)] = \
+            Submitted(p, lock, time.perf_counter())
+        emit("start", 0, p.index, p.label)
+    return held
+
+
+def _reference(p: Any, tasks: dict[str, Any], references: dict[str, Any], options: RayOptions) -> Any:
+    if tasks["reference"] is None:
+        return None
+    if p.group not in references:
+        references[p.group] = tasks["reference"].remote(p.config, options.num_cpus)
+    return references[p.group]
+
+
+def _collect(ray: Any, pending: dict[Any, Submitted], store: Any, sweep: str, emit: Callable[..., None],
+             timeout: float) -> None:
+    if not pending:
+        time.sleep(timeout)
+        return
+    ready, _ = ray.wait(list(pending), num_returns=1, timeout=timeout)
+    for obj in ready:
+        _finish(ray, obj, pending.pop(obj), store, sweep, emit)
+
+
+def _finish(ray: Any, obj: Any, sub: Submitted, store: Any, sweep: str, emit: Callable[..., None]) -> None:
+    """A returned task -> its record (atomic) or failure file; the lock released after."""
+    from .results import write_record
+    from .sweep import release
+
+    seconds = time.perf_counter() - sub.started
+    try:
+        record = ray.get(obj)
+        if record.get("run_id") != sub.run.run_id:
+            raise QuantsinkError(f"record run_id {record.get('run_id')} != planned {sub.run.run_id} (a bug)")
+        write_record(record, store.root)
+        store.failure(sub.run.run_id).unlink(missing_ok=True)
+        emit("end", 0, sub.run.index, "done", seconds, "")
+    except Exception as error:  # noqa: BLE001 - a cell's failure is recorded, the grid goes on
+        error = _cause(error)
+        store.write_failure(sub.run, error, sweep, seconds)
+        emit("end", 0, sub.run.index, "failed", seconds, _first_line(error))
+    finally:
+        release(sub.lock)
+
+
+def _cause(error: BaseException) -> BaseException:
+    """Ray wraps a task's exception; record the original (its type and one-line message)."""
+    cause = getattr(error, "cause", None)
+    return cause if isinstance(cause, BaseException) else error
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
