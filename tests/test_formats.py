@@ -189,6 +189,7 @@ def test_presets_registered_simulated_and_round_trip():
     assert parse_scheme("mxfp4").bits == 4.0 and parse_scheme("w8a8-fp8").bits == 8.0
     assert parse_scheme("w4a4-nvfp4").act_mode == "static"
     assert parse_scheme("kv8:key_gran=channel").k_gran == "channel"
+    assert parse_scheme("mxfp4:group=16").block == 16 and parse_scheme("w4a4-nvfp4:group=32").block == 32
     assert parse_scheme("kv-fp8:key_gran=tensor,v_gran=tensor").needs_calibration()
 
 

@@ -103,6 +103,12 @@ class FloatFormats(Simulated):
         if self.block is not None and self.block < 1:
             raise ValueError("block must be >= 1")
 
+    def spec_key(self, key: str) -> str:
+        """``group`` is the block size when weights or activations are MXFP4 / NVFP4."""
+        if key == "group" and {self.w_fmt, self.act_fmt} & set(STANDARD_BLOCK):
+            return "block"
+        return super().spec_key(key)
+
     def blocks(self, fmt: str) -> int | None:
         return self.block or STANDARD_BLOCK.get(fmt)
 
