@@ -1,5 +1,5 @@
 # Two commands do everything on a fresh machine (both idempotent):
-#   make demo   -> set up .venv, then `quantsink eval --scheme int8` on smollm2-135m (offline)
+#   make demo   -> set up .venv, then `quantsink eval --scheme int8` on smollm2-135m (embedded: needs no hub)
 #   make test   -> set up .venv, then run the test suite
 #   make leaderboard -> sweep grids/default.yaml into results/grid (resumable; ~30 min on 2 cores),
 #                       then write results/leaderboard.{md,csv,json,html}
@@ -11,8 +11,6 @@ VENV   ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.quantsink-setup
-export HF_HUB_OFFLINE = 1
-export HF_DATASETS_OFFLINE = 1
 export TRANSFORMERS_VERBOSITY = error
 
 .PHONY: setup demo test test-fast bench leaderboard report check-html clean

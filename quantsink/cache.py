@@ -12,14 +12,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 
 from .evaluate import PassResult, Targets
-from .models import cache_root
+from .io import atomic_path, cache_root
 
 
 def reference_path(key: str) -> Path:
@@ -47,15 +46,8 @@ def save_pass(path: Path, result: PassResult) -> None:
                "hidden": result.targets.hidden.contiguous()}
     meta = {"seconds": str(result.seconds), "extra": json.dumps(result.extra)}
     meta["digest"] = tensor_digest(tensors, meta)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
 
 
 def load_pass(path: Path, n_windows: int) -> PassResult | None:

@@ -61,6 +61,9 @@ class RunConfig:
     seed: int = field(default=0, metadata=_opt("Seed for bootstrap resampling and any sampling."))
     trust_remote_code: bool = field(default=False, metadata=_opt(
         "Allow a hub model's own Python code to run (off by default)."))
+    offline: bool = field(default=False, metadata=_opt(
+        "Never reach the Hugging Face hub: hub models and corpora must be in the local cache (also on when "
+        "HF_HUB_OFFLINE=1). Embedded models and corpora never need the hub.", identity=False))
     batch_tokens: int = field(default=2048, metadata=_opt(
         "Tokens per forward batch (speed/memory only).", identity=False))
     results: str = field(default="results/runs", metadata=_opt(
@@ -104,11 +107,6 @@ class RunConfig:
 
     def to_record(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-    @classmethod
-    def from_record(cls, data: dict[str, Any]) -> "RunConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
 
     def replace(self, **changes: Any) -> "RunConfig":
         return dataclasses.replace(self, **changes)

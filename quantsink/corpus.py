@@ -56,12 +56,12 @@ class Corpus:
         return sum(len(d) for d in self.documents) + len(SEPARATOR) * (len(self.documents) - 1)
 
 
-CORPORA: Registry[Callable[[str], Corpus]] = Registry("corpus")
+CORPORA: Registry[Callable[[str, bool], Corpus]] = Registry("corpus")  # (name, offline) -> Corpus
 
 
 @CORPORA.register("python-docs", help="English prose: CPython's bundled documentation topics (offline)",
                   aliases=("docs",))
-def _python_docs(name: str) -> Corpus:
+def _python_docs(name: str, offline: bool) -> Corpus:
     from pydoc_data.topics import topics
 
     return Corpus.of(name, [topics[key] for key in sorted(topics)])
@@ -69,21 +69,24 @@ def _python_docs(name: str) -> Corpus:
 
 @CORPORA.register("python-code", help="Python source: a fixed, sorted list of stdlib files (offline)",
                   aliases=("code",))
-def _python_code(name: str) -> Corpus:
+def _python_code(name: str, offline: bool) -> Corpus:
     root = Path(sysconfig.get_paths()["stdlib"])
     return Corpus.of(name, [(root / rel).read_text(encoding="utf-8") for rel in PYTHON_CODE_FILES])
 
 
 @CORPORA.register("wikitext2", help="WikiText-2 raw test split via `datasets` (needs the hub)")
-def _wikitext2(name: str) -> Corpus:
+def _wikitext2(name: str, offline: bool) -> Corpus:
+    """From the hub, or offline from the local ``datasets`` cache only."""
     try:
         import datasets
 
-        rows = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split="test")
+        rows = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split="test",
+                                     download_config=datasets.DownloadConfig(local_files_only=offline))
     except Exception as err:  # noqa: BLE001 - any hub failure means the same to the user
-        raise QuantsinkError(
-            f"corpus 'wikitext2' needs the Hugging Face hub, which is unreachable "
-            f"({type(err).__name__}); use an offline corpus: python-docs, python-code or file:PATH") from None
+        where = "offline mode is on (--offline or HF_HUB_OFFLINE=1) and it is not cached" if offline else \
+            f"the Hugging Face hub is unreachable ({type(err).__name__})"
+        raise QuantsinkError(f"corpus 'wikitext2' needs the Hugging Face hub and {where}; use an offline "
+                             f"corpus: python-docs, python-code or file:PATH") from None
     return Corpus.of(name, ["".join(rows["text"])])
 
 
@@ -118,8 +121,8 @@ JSON_KINDS = {int: "a number", float: "a number", bool: "a boolean", list: "a li
               type(None): "null"}
 
 
-def load_corpus(spec: str) -> Corpus:
-    """A registered corpus name or ``file:PATH``."""
+def load_corpus(spec: str, *, offline: bool = False) -> Corpus:
+    """A registered corpus name or ``file:PATH`` (``offline``: a hub corpus only from the local cache)."""
     if spec.startswith("file:"):
         path = Path(spec[len("file:"):]).expanduser()
         try:
@@ -127,7 +130,7 @@ def load_corpus(spec: str) -> Corpus:
         except UnicodeDecodeError:
             raise QuantsinkError(f"corpus file {str(path)!r} is not UTF-8 text") from None
     entry = CORPORA.entry(spec)
-    return entry.obj(entry.name)
+    return entry.obj(entry.name, offline)
 
 
 # --------------------------------------------------------------------------- windows

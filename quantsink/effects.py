@@ -74,10 +74,9 @@ def d_sink(full: dict[str, Any], sink_fp: dict[str, Any], seed: int,
 def annotate(record: dict[str, Any], config: RunConfig, evaluate: Callable[[RunConfig], dict[str, Any]],
              *, write: bool) -> None:
     """Add ``mitigation_effect`` / ``d_sink`` to ``record`` (in place), fetching the variant passes they need."""
-    from .mitigations.sink_fp import quantizes_tokens
     from .schemes import parse_scheme
 
-    token_scheme = quantizes_tokens(parse_scheme(config.scheme))
+    token_scheme = parse_scheme(config.scheme).quantizes_tokens
     memo: dict[str, dict[str, Any]] = {config.mitigation: record}
 
     def get(mitigation: str) -> dict[str, Any]:
@@ -85,7 +84,7 @@ def annotate(record: dict[str, Any], config: RunConfig, evaluate: Callable[[RunC
             return memo[mitigation]
         # the paired statistics need only the variant's own passes: no lm-eval for it
         variant = config.replace(mitigation=mitigation, lm_eval="", lm_eval_limit=None)
-        from .run import run_id_for
+        from .plan import run_id_for
 
         rid = run_id_for(variant, record["model"]["sha256"], record["corpus"]["sha256"])
         found = find_record(config.results, rid)

@@ -22,8 +22,9 @@ Mitigations that change the model's input (``changes_input = True``, e.g. a
 prepended sink token) must offer ``wrap_for_lm_eval(model, tokenizer)``, a model
 whose ``forward(input_ids)`` applies the change inside and returns logits aligned
 with ``input_ids`` (``prepend_token`` is one for a prepended sink token); otherwise
-``--lm-eval`` refuses rather than report an unmitigated number.  A mitigation that
-overrides ``transform_windows`` without declaring ``changes_input`` counts as changing it.  Mitigations' ``attach`` hooks stay attached while lm-eval runs.
+``--lm-eval`` refuses rather than report an unmitigated number (a test checks that every
+registered mitigation overriding ``transform_windows`` declares ``changes_input``).
+Mitigations' ``attach`` hooks stay attached while lm-eval runs.
 """
 
 from __future__ import annotations
@@ -32,8 +33,6 @@ import contextlib
 import json
 import logging
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -42,6 +41,7 @@ from typing import Any, Iterator, Sequence
 from .config import EVALUATOR_VERSION, stable_hash
 from .corpus import TokenStream, Windows, encode, load_corpus, rolling_windows
 from .errors import QuantsinkError, UsageError
+from .io import atomic_write_text, cache_root
 from .registry import Registry
 
 METRICS = ("word_perplexity", "byte_perplexity", "bits_per_byte")
@@ -108,13 +108,6 @@ def task_names(text: str) -> list[str]:
 # --------------------------------------------------------------------------- task files
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
-
-
 def materialize(task: LocalTask) -> Path:
     """Write the task's YAML and JSONL data under the cache; return the directory.
 
@@ -122,8 +115,6 @@ def materialize(task: LocalTask) -> Path:
     hash, so a file, once written, never changes; rewriting it gives the same bytes.
     """
     import yaml
-
-    from .models import cache_root
 
     config = task.config()
     corpus = load_corpus(config["metadata"]["quantsink"]["corpus"])
@@ -135,10 +126,10 @@ def materialize(task: LocalTask) -> Path:
     if spec.is_file() and data.is_file():
         return folder
     folder.mkdir(parents=True, exist_ok=True)
-    _atomic_write(data, "".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in corpus.documents))
+    atomic_write_text(data, "".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in corpus.documents))
     config["dataset_kwargs"]["data_files"]["test"] = str(data)
     config["metadata"]["quantsink"]["corpus_sha256"] = corpus.sha256
-    _atomic_write(spec, yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
+    atomic_write_text(spec, yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
     return folder
 
 
@@ -181,23 +172,13 @@ def check_known(names: Sequence[str], manager: Any) -> None:
 
 
 
-def changes_input(mitigation: Any) -> bool:
-    """Its declared ``changes_input``; undeclared, whether it overrides ``transform_windows``."""
-    declared = getattr(mitigation, "changes_input", None)
-    if declared is not None:
-        return bool(declared)
-    from .mitigations import Mitigation
-
-    return getattr(type(mitigation), "transform_windows", None) is not Mitigation.transform_windows
-
-
 def lm_eval_model(model: Any, tokenizer: Any, mitigations: Sequence[Any]) -> Any:
     """The model lm-eval should see: input-changing mitigations wrapped in, or a refusal."""
     for mitigation in mitigations:
-        if not changes_input(mitigation):
+        if not mitigation.changes_input:
             continue
-        wrap = getattr(mitigation, "wrap_for_lm_eval", None)
-        wrapped = wrap(model, tokenizer) if wrap and model is not None else None
+        wrap = mitigation.wrap_for_lm_eval
+        wrapped = wrap(model, tokenizer) if wrap is not None and model is not None else None
         if wrapped is None:
             raise QuantsinkError(
                 f"--lm-eval cannot apply mitigation {mitigation.name!r}: it changes the model's input and "
@@ -210,7 +191,7 @@ def lm_eval_model(model: Any, tokenizer: Any, mitigations: Sequence[Any]) -> Any
 def check(names: Sequence[str], mitigations: Sequence[Any]) -> None:
     """Fail fast (before any model pass) on task names and mitigations lm-eval cannot see."""
     for mitigation in mitigations:
-        if changes_input(mitigation) and getattr(mitigation, "wrap_for_lm_eval", None) is None:
+        if mitigation.changes_input and mitigation.wrap_for_lm_eval is None:
             lm_eval_model(None, None, [mitigation])
     for name in names:
         if name in TASKS and TASKS.get(name).local:
@@ -387,8 +368,6 @@ def reference_cached(prep: Any, names: Sequence[str]) -> tuple[dict[str, dict[st
     """The reference's lm-eval results, from the disk cache when present (-> results, cached?)."""
     import lm_eval
 
-    from .models import cache_root
-
     config = prep.config
     key = stable_hash(prep.loaded.info.sha256, str(prep.loaded.device), config.dtype, sorted(names),
                       [TASKS.get(n).record() if n in TASKS else n for n in names], config.lm_eval_limit,
@@ -404,7 +383,7 @@ def reference_cached(prep: Any, names: Sequence[str]) -> tuple[dict[str, dict[st
     result = evaluate_model(prep.loaded.model, prep.loaded.tokenizer, names, limit=config.lm_eval_limit,
                             max_length=config.window, batch_tokens=config.batch_tokens)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, json.dumps(result, indent=1))
+    atomic_write_text(path, json.dumps(result, indent=1))
     return result, False
 
 

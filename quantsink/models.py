@@ -22,11 +22,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import QuantsinkError, UsageError
+from .io import atomic_write_text, cache_root
 from .registry import Registry
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("QUANTSINK_CACHE", Path.home() / ".cache" / "quantsink")).expanduser()
 
 
 @dataclass(frozen=True)
@@ -131,28 +128,14 @@ def _read_json(path: Path) -> dict[str, Any]:
         return {}
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _convert_gguf(path: Path, target: Path) -> None:
     """De-quantize a GGUF file to float32 safetensors + tokenizer in ``target`` (atomic)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
+                                                 local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
     config = model.config
     for attr in ("quantization_config", "_pre_quantization_dtype"):  # the GGUF marker blocks saving
         if hasattr(config, attr):
@@ -253,6 +236,10 @@ def _directory_sha(directory: Path) -> str:
     return digest.hexdigest()
 
 
+def _is_hub_id(spec: str) -> bool:
+    return "/" in spec and not spec.startswith((".", "/", "~")) and not Path(spec).expanduser().is_dir()
+
+
 def _resolve(spec: str) -> tuple[str, ModelInfo]:
     """-> (what ``from_pretrained`` takes, partial info)."""
     if spec in MODELS:
@@ -334,14 +321,16 @@ def torch_dtype(name: str) -> Any:
     return table[name]
 
 
-def load_model(spec: str, *, device: str = "auto", dtype: str = "float32",
-               trust_remote_code: bool = False, attn: str = "sdpa") -> LoadedModel:
-    """Load the reference model and tokenizer (safetensors only)."""
+def load_model(spec: str, *, device: str = "auto", dtype: str = "float32", trust_remote_code: bool = False,
+               attn: str = "sdpa", offline: bool = False) -> LoadedModel:
+    """Load the reference model and tokenizer (safetensors only).  Only a hub id reaches the hub,
+    and only when not ``offline`` (then it must be in the local hub cache)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     where, info = _resolve(spec)
     device = resolve_device(device)
-    kwargs: dict[str, Any] = dict(dtype=torch_dtype(dtype), use_safetensors=True,
+    local = offline or not _is_hub_id(spec)
+    kwargs: dict[str, Any] = dict(dtype=torch_dtype(dtype), use_safetensors=True, local_files_only=local,
                                   trust_remote_code=trust_remote_code, attn_implementation=attn)
     if device == "cuda":
         kwargs["device_map"] = "auto"  # accelerate spreads a model too large for one GPU
@@ -349,8 +338,12 @@ def load_model(spec: str, *, device: str = "auto", dtype: str = "float32",
         check_weights(Path(where))
     try:
         model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code, local_files_only=local)
     except OSError as err:
+        if offline and _is_hub_id(spec):
+            raise QuantsinkError(f"model {spec!r} is not in the local hub cache and offline mode is on "
+                                 f"(--offline or HF_HUB_OFFLINE=1): drop --offline / unset HF_HUB_OFFLINE "
+                                 f"to download it") from None
         raise QuantsinkError(f"cannot load model {spec!r}: {_first_line(err)}") from None
     except (ValueError, KeyError) as err:
         if "trust_remote_code" in str(err):

@@ -515,7 +515,7 @@ README_START, README_END = "<!-- leaderboard:start -->", "<!-- leaderboard:end -
 def update_readme(path: str | Path, markdown: str) -> bool:
     """Replace the text between the leaderboard markers of a README (-> whether it changed)."""
     from .errors import QuantsinkError
-    from .models import atomic_write_text
+    from .io import atomic_write_text
 
     path = Path(path)
     text = path.read_text(encoding="utf-8")
@@ -592,7 +592,7 @@ def _has_row(record: dict[str, Any]) -> bool:
 
 def write_report(results: str | Path, out: str | Path) -> Written:
     """results/ -> leaderboard.{md,csv,json,html} in ``out``."""
-    from .models import atomic_write_text
+    from .io import atomic_write_text
     from .results import check_writable_dir
     from .sweep import iter_failures
 

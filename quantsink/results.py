@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .errors import QuantsinkError, UsageError
-from .models import atomic_write_text
+from .io import atomic_write_text
 
 SCHEMA_VERSION = 1
 REQUIRED = ("schema_version", "run_id", "model", "corpus", "protocol", "scheme", "reference", "candidate")

@@ -23,8 +23,9 @@ from .corpus import Corpus, TokenStream, Windows, load_corpus, sliding_windows, 
 from .errors import QuantsinkError
 from .evaluate import PassResult, ReferenceHead
 from .hooks import stats_pass, stats_settings
-from .mitigations import MitigationStack, canonical_mitigation, parse_mitigations
+from .mitigations import MitigationStack, parse_mitigations
 from .models import LoadedModel, check_window, load_model
+from .plan import canonical, run_id_for
 from .registry import Registry
 from .results import SCHEMA_VERSION, check_writable_dir, write_record
 from .stats import changes as stats_changes
@@ -48,13 +49,13 @@ class Session:
         key = (config.model, config.device, config.dtype, config.trust_remote_code)
         if key not in self.models:
             self.models[key] = load_model(config.model, device=config.device, dtype=config.dtype,
-                                          trust_remote_code=config.trust_remote_code)
+                                          trust_remote_code=config.trust_remote_code, offline=config.offline)
         return self.models[key]
 
-    def corpus(self, spec: str) -> Corpus:
-        if spec not in self.corpora:
-            self.corpora[spec] = load_corpus(spec)
-        return self.corpora[spec]
+    def corpus(self, config: RunConfig) -> Corpus:
+        if config.corpus not in self.corpora:
+            self.corpora[config.corpus] = load_corpus(config.corpus, offline=config.offline)
+        return self.corpora[config.corpus]
 
 
 @dataclass
@@ -162,7 +163,7 @@ def prepare(config: RunConfig, session: Session) -> Prepared:
     protocol_of = PROTOCOLS.get(config.protocol)
     timing: dict[str, float] = {}
     t0 = time.perf_counter()
-    corpus = session.corpus(config.corpus)
+    corpus = session.corpus(config)
     loaded = session.model(config)
     timing["load_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -259,11 +260,6 @@ def environment(device: Any) -> dict[str, Any]:
             "device": str(device), "cuda": torch.version.cuda, "os": platform.platform()}
 
 
-def run_id_for(config: RunConfig, model_sha: str, corpus_sha: str) -> str:
-    """The run's identity: its numbers-determining config + model and corpus hashes + code version."""
-    return stable_hash(config.identity(), model_sha, corpus_sha, __version__, EVALUATOR_VERSION)
-
-
 def run_id(prep: Prepared) -> str:
     return run_id_for(prep.config, prep.loaded.info.sha256, prep.corpus.sha256)
 
@@ -277,8 +273,8 @@ def planned_run_id(config: RunConfig, session: Session | None = None) -> str:
     """
     from .models import model_sha256
 
-    config = config.replace(mitigation=canonical_mitigation(config.mitigation))
-    corpus = (session or Session()).corpus(config.corpus)
+    config = canonical(config)
+    corpus = (session or Session()).corpus(config)
     return run_id_for(config, model_sha256(config.model), corpus.sha256)
 
 
@@ -327,7 +323,7 @@ def run(config: RunConfig, *, session: Session | None = None, progress: Progress
     from .effects import annotate
 
     session = session or Session()
-    config = config.replace(mitigation=canonical_mitigation(config.mitigation))
+    config = canonical(config)
     if write:
         check_writable_dir(config.results, "--results")  # before any load, not after the passes
     record = evaluate(config, session, progress)

@@ -386,7 +386,7 @@ class Store:
         (self.locks / f"group-{group}.warm").touch()
 
     def write_failure(self, run: PlannedRun, error: BaseException, sweep: str, seconds: float) -> None:
-        from .models import atomic_write_text
+        from .io import atomic_write_text
 
         failure = {
             "kind": "quantsink-failure", "run_id": run.run_id, "sweep": sweep,
@@ -525,7 +525,7 @@ def _worker_main(todo: list[PlannedRun], results: str, sweep: str, run_fn: RunFn
     """Entry point of a spawned worker process: its own Session, events to ``queue``."""
     os.environ["OMP_NUM_THREADS"] = str(threads)
     if run_fn is default_run:  # share the cores between workers; keep library chatter off the bar
-        from .cli import quiet_libraries
+        from .env import quiet_libraries
 
         quiet_libraries()
         import torch

@@ -39,7 +39,7 @@ def main() -> None:
 
     import torch
 
-    from quantsink.cli import quiet_libraries
+    from quantsink.env import quiet_libraries
     from quantsink.config import RunConfig
     from quantsink.evaluate import run_pass
     from quantsink.hooks import StatsCollector

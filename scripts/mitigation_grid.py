@@ -31,10 +31,11 @@ def cells(schemes: list[str], mitigations: list[str], float_checks: list[str]) -
 def run_cell(config, session, store_only=False):
     from quantsink.mitigations import canonical_mitigation
     from quantsink.results import find_record
-    from quantsink.run import run_id_for, run
+    from quantsink.plan import run_id_for
+    from quantsink.run import run
 
     config = config.replace(mitigation=canonical_mitigation(config.mitigation))
-    rid = run_id_for(config, session.model(config).info.sha256, session.corpus(config.corpus).sha256)
+    rid = run_id_for(config, session.model(config).info.sha256, session.corpus(config).sha256)
     found = find_record(config.results, rid)
     needs = "mitigation_effect" if config.mitigation != "none" else None
     if found is not None and (needs is None or needs in found):
@@ -92,7 +93,7 @@ def main() -> None:
     parser.add_argument("--store-only", action="store_true", help="tabulate stored records only; run nothing")
     args = parser.parse_args()
 
-    from quantsink.cli import quiet_libraries
+    from quantsink.env import quiet_libraries
     from quantsink.config import RunConfig
     from quantsink.run import Session
 

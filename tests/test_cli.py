@@ -61,3 +61,21 @@ def test_text_shorter_than_window(tiny_model_dir, tmp_path):
     result = runner.invoke(app, ["eval", "--model", str(tiny_model_dir), "--corpus", f"file:{short}",
                                  "--scheme", "fp32", "--window", "64", "--max-tokens", "512", "--no-write"])
     assert result.exit_code == 1 and "text shorter than a window" in result.output
+
+
+@pytest.mark.parametrize("mitigation", ["sink-fp", "sink-token"])
+def test_inspect_with_a_mitigation_on_tiny_model(tiny_model_dir, tiny_text_file, mitigation):
+    args = ["inspect", "--model", str(tiny_model_dir), "--corpus", f"file:{tiny_text_file}", "--scheme", "w8a8-dyn",
+            "--mitigation", mitigation, "--window", "64", "--max-tokens", "256", "--stats-windows", "2"]
+    result = runner.invoke(app, args + ["--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert set(report["stats"]) == {"reference", "candidate", "changes"}
+    assert report["stats"]["candidate"]["layers"] and report["stats"]["changes"]["sink_shifts"]
+    assert [m["name"] for m in report["mitigation"]] == [mitigation]
+    offset = report["stats"]["changes"]["position_offset"]
+    assert offset == (1 if mitigation == "sink-token" else 0)
+    if mitigation == "sink-fp":
+        assert report["mitigation"][0]["applied"]["positions"] == [0]
+    table = runner.invoke(app, args, terminal_width=200)
+    assert table.exit_code == 0 and "heads woken" in table.output

@@ -84,9 +84,24 @@ def test_wikitext2_offline_fails_in_one_line(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(QuantsinkError) as err:
-        load_corpus("wikitext2")
-    assert "unreachable" in str(err.value) and "python-docs" in str(err.value)
+        load_corpus("wikitext2", offline=True)
+    assert "offline mode is on" in str(err.value) and "python-docs" in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_wikitext2_online_asks_the_hub_and_offline_only_the_cache(monkeypatch):
+    import datasets
+
+    seen = []
+
+    def fake_load(*args, download_config=None, **kwargs):
+        seen.append(download_config.local_files_only)
+        return {"text": ["a b c"]}
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    assert load_corpus("wikitext2").documents == ("a b c",)
+    load_corpus("wikitext2", offline=True)
+    assert seen == [False, True]
 
 
 def test_token_bytes_partition_the_text(tiny_model_dir):

@@ -8,7 +8,7 @@ from quantsink.config import RunConfig
 from quantsink.effects import annotate, d_sink, mitigation_effect
 from quantsink.errors import QuantsinkError
 from quantsink.results import SCHEMA_VERSION
-from quantsink.run import run_id_for
+from quantsink.plan import run_id_for
 
 N = [100, 120, 110, 90, 105]
 

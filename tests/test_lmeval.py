@@ -225,18 +225,16 @@ if "test-input-changer" not in MITIGATIONS:
     MITIGATIONS.register("test-input-changer", InputChanger(name="test-input-changer"), help="tests only")
 
 
-@dataclass(frozen=True)
-class Undeclared(Mitigation):
-    """Overrides transform_windows without saying whether it changes the input: treated as if it does."""
-
-    def transform_windows(self, windows: Any, tokenizer: Any) -> Any:
-        return windows
-
-
-def test_undeclared_input_change_is_refused() -> None:
-    assert lmeval.changes_input(Undeclared(name="u")) and not lmeval.changes_input(Mitigation(name="m"))
+def test_input_change_without_a_wrapper_is_refused() -> None:
     with pytest.raises(QuantsinkError, match="'u'"):
-        lmeval.check(["python-docs"], [Undeclared(name="u")])
+        lmeval.check(["python-docs"], [InputChanger(name="u")])
+    lmeval.check(["python-docs"], [WrappedInputChanger(name="w"), Mitigation(name="m")])
+
+
+def test_every_mitigation_that_changes_windows_declares_it() -> None:
+    for entry in MITIGATIONS:
+        overrides = type(entry.obj).transform_windows is not Mitigation.transform_windows
+        assert not overrides or entry.obj.changes_input, entry.name
 
 
 def test_sink_token_reaches_lm_eval_through_its_wrapper(tiny: LoadedModel) -> None:

@@ -33,3 +33,47 @@ def test_auto_device_follows_cuda_availability():
     import torch
 
     assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class _Refused(OSError):
+    pass
+
+
+@pytest.fixture
+def hub_calls(monkeypatch):
+    """Record the local_files_only of every from_pretrained call; the hub is never reached."""
+    import transformers
+
+    calls = []
+
+    def fake(where, **kwargs):
+        calls.append((where, kwargs.get("local_files_only")))
+        raise _Refused("We couldn't connect to 'https://huggingface.co'")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fake)
+    return calls
+
+
+def test_hub_id_goes_to_the_hub_unless_offline(hub_calls):
+    with pytest.raises(QuantsinkError, match="cannot load model 'org/name'"):
+        load_model("org/name", device="cpu")
+    with pytest.raises(QuantsinkError) as err:
+        load_model("org/name", device="cpu", offline=True)
+    assert "offline mode is on" in str(err.value) and "\n" not in str(err.value)
+    assert hub_calls == [("org/name", False), ("org/name", True)]
+
+
+def test_local_directory_never_asks_the_hub(hub_calls, tiny_model_dir):
+    with pytest.raises(QuantsinkError):
+        load_model(str(tiny_model_dir), device="cpu")
+    assert hub_calls == [(str(tiny_model_dir), True)]
+
+
+def test_offline_comes_from_the_option_or_the_environment(monkeypatch):
+    from quantsink.config import RunConfig
+    from quantsink.plan import canonical
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    assert canonical(RunConfig()).offline is False and canonical(RunConfig(offline=True)).offline is True
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert canonical(RunConfig()).offline is True

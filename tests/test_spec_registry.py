@@ -63,3 +63,17 @@ def test_registry_suggests_close_match_and_lists_names():
     assert "Did you mean 'int8'?" in str(err.value) and "int8, nf4" in str(err.value)
     with pytest.raises(ValueError):
         reg.register("nf4", 3)
+
+
+def test_spellings_of_one_scheme_share_a_run_id():
+    from quantsink.config import RunConfig
+    from quantsink.plan import canonical, run_id_for
+
+    def rid(scheme: str, mitigation: str = "none") -> str:
+        return run_id_for(canonical(RunConfig(scheme=scheme, mitigation=mitigation)), "m", "c")
+
+    assert len({rid(s) for s in ("int8", "INT8", "llm.int8", "int8:threshold=6.0", "int8:threshold=6")}) == 1
+    assert rid("int8:threshold=0") != rid("int8")
+    assert canonical(RunConfig(scheme="LLM.int8:threshold=6")).scheme == "int8"
+    assert rid("w8a8", "sink-fp") == rid("w8a8", "SINK-FP:k=1") != rid("w8a8", "sink-fp:k=2")
+    assert rid("w8a8", "sink-fp,smooth") != rid("w8a8", "smooth,sink-fp")  # order is applied order

@@ -82,7 +82,7 @@ def test_inspect_cli_profile_compare_and_plots(tmp_path):
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout[result.stdout.index("{"):])
-    assert "candidate" not in report and len(report["compare"]["heads"]) == 3
+    assert report["stats"]["candidate"] is None and len(report["compare"]["heads"]) == 3
     assert {p.rsplit("/", 1)[-1] for p in report["plots"]} == {
         "residual_profile.png", "sink_score.png", "value_drain.png", "attention_map.png"}
     assert all(os.path.getsize(p) > 10_000 for p in report["plots"])

@@ -8,7 +8,7 @@ windows go through it too), transform the model before quantizing
 Every hook gets an ``Env``: the float reference, the tokenizer, the (already
 transformed) calibration windows, the scheme, and a ``notes`` dict where the
 mitigation records what it actually did (it lands in the run record).
-Each says whether it works on a trained model (``post-hoc``) or ``needs-training``.
+Each declares what it does (``changes_input``, ``hides_prefix``) as class attributes.
 
 Order in a run: windows -> prepare -> quant_context -> scheme.apply -> attach
 -> scheme.calibrate -> evaluation, each step over the mitigations in the order
@@ -46,6 +46,9 @@ class Mitigation:
     name: str = field(default="", metadata={"spec": False})
     kind: ClassVar[str] = "post-hoc"
     hides_prefix: ClassVar[bool] = False  # the candidate never processes the sink prefix (no probes there)
+    changes_input: ClassVar[bool] = False  # transform_windows changes what the model reads (lm-eval must see it)
+    # (model, tokenizer) -> a model that applies the input change itself, for lm-eval; None: none offered
+    wrap_for_lm_eval: ClassVar[Callable[..., Any] | None] = None
 
     def check(self, scheme: Any) -> None:
         """Raise ``UsageError`` (one line, saying why) when this cannot apply to ``scheme``."""

@@ -22,14 +22,8 @@ from . import Env, Mitigation, register
 from ..hooks import attach, hidden_of, layer_sites
 
 
-def quantizes_tokens(scheme: Any) -> bool:
-    """Whether ``scheme`` quantizes activations or the KV cache per position, honouring
-    ``QuantContext.keep_fp_positions`` (the simulated schemes with ``act_bits`` / ``kv_bits``)."""
-    return bool(getattr(scheme, "act_bits", None) or getattr(scheme, "kv_bits", None))
-
-
 def require_token_scheme(mitigation: str, scheme: Any) -> None:
-    if not quantizes_tokens(scheme):
+    if not scheme.quantizes_tokens:
         raise UsageError(f"{mitigation} keeps positions in full precision in activation/KV quantization, but "
                          f"scheme {scheme.name!r} has no such quantization that can keep positions; use a "
                          f"simulated activation or KV scheme (e.g. w8a8, w8a8-dyn, w8a8-tok, kv4)")

@@ -142,7 +142,7 @@ class Smooth(Mitigation):
                                  f"a smoothed module's output is used elsewhere; this model cannot be smoothed")
         env.notes.update(groups={p: ls for p, ls in groups.items()}, folded_into=folded,
                          calibration_windows=len(windows), float_max_logit_diff=diff)
-        if not getattr(env.scheme, "act_bits", None):
+        if not env.scheme.quantizes_activations:
             env.notes["note"] = ("no-op in effect: the scheme quantizes no Linear inputs, and smoothing leaves "
                                  "every Linear's output (so the K/V values) unchanged up to float rounding")
         return model

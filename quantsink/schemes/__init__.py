@@ -9,7 +9,6 @@ private copy of the reference model into the candidate with
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
@@ -70,6 +69,10 @@ class Scheme:
     name: str = field(default="", metadata={"spec": False})
     simulated: ClassVar[bool] = False
     backend: ClassVar[str] = "torch"
+    # Linear inputs quantized per position (honouring QuantContext.keep_fp_positions)
+    quantizes_activations: ClassVar[bool] = False
+    # activations or the KV cache quantized per position, honouring keep_fp_positions (sink-fp applies)
+    quantizes_tokens: ClassVar[bool] = False
 
     @property
     def bits(self) -> float:
@@ -145,10 +148,6 @@ def quantize(scheme: Scheme, model: Any, ctx: QuantContext) -> Any:
     with attach(model, ctx.hooks):
         scheme.calibrate(model, ctx)
     return model
-
-
-def all_fields(config: Any) -> dict[str, Any]:
-    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
 
 
 from . import bnb, floating, fp_formats, simulated  # noqa: E402,F401  (register the presets)

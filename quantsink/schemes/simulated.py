@@ -114,7 +114,6 @@ class QuantLinear(nn.Linear):
         self.bias = linear.bias
         self.input_quantizer: nn.Module = nn.Identity()
         self.output_quantizer: nn.Module = nn.Identity()
-        self.weight_quantized = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.output_quantizer(nn.functional.linear(self.input_quantizer(x), self.weight, self.bias))
@@ -185,6 +184,14 @@ class Simulated(Scheme):
     @property
     def bits(self) -> float:
         return float(self.w_bits or 32)
+
+    @property
+    def quantizes_activations(self) -> bool:  # type: ignore[override]
+        return self.act_bits is not None
+
+    @property
+    def quantizes_tokens(self) -> bool:  # type: ignore[override]
+        return self.act_bits is not None or self.kv_bits is not None
 
     def spec_key(self, key: str) -> str:
         """``group`` names the group size of the part this preset quantizes group-wise;
@@ -260,7 +267,6 @@ class Simulated(Scheme):
             q = wrap(model, fqn, lin)
             if self.w_bits:
                 q.weight.data = self.quantize_weight(q.weight.data)
-                q.weight_quantized = True
             if self.act_bits:
                 q.input_quantizer = self.act_quantizer(keep).to(q.weight.device)  # range buffers follow the layer
         return [fqn for fqn, _ in targets]

@@ -14,10 +14,10 @@ from typing import Any, Callable, Optional
 import typer
 from rich.table import Table
 
-from .cli import _cli_type, app, err, friendly, out, quiet_libraries
-from .config import RunConfig
-from .errors import UsageError
-from .sweep import common_fields
+from ..config import RunConfig
+from ..errors import UsageError
+from ..sweep import common_fields
+from .common import _cli_type, app, err, friendly, out, quiet
 
 
 def with_common_options(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -70,9 +70,9 @@ def sweep_command(
     common: dict[str, Any] = None,  # type: ignore[assignment]
 ) -> None:
     """Run a grid of (model x corpus x scheme x mitigation); resumable, skips runs already recorded."""
-    quiet_libraries()
-    from .results import check_writable_dir
-    from .sweep import Grid, invalid_runs, load_grid, plan, validate_names
+    quiet()
+    from ..results import check_writable_dir
+    from ..sweep import Grid, invalid_runs, load_grid, plan, validate_names
 
     grid, options = load_grid(grid_file) if grid_file else (Grid({}), {})
     cli_axes = {"models": models, "schemes": schemes, "mitigations": mitigations, "corpora": corpora}
@@ -106,7 +106,7 @@ def _ray_options(executor: str | None, address: str | None, num_cpus: float | No
         raise UsageError(f"--executor {executor!r}: use local or ray")
     if executor == "local":
         return None
-    from .ray_executor import RayOptions, import_ray
+    from ..ray_executor import RayOptions, import_ray
 
     import_ray()  # one line when Ray is missing, before anything runs
     given = {"address": address, "num_cpus": num_cpus, "num_gpus": num_gpus}
@@ -115,7 +115,7 @@ def _ray_options(executor: str | None, address: str | None, num_cpus: float | No
 
 
 def _plan_table(planned: list[Any], results: str, invalid: dict[int, str]) -> Table:
-    from .sweep import Store
+    from ..sweep import Store
 
     store = Store(Path(results))
     table = Table(title=f"{len(planned)} runs -> {results}")
@@ -183,7 +183,7 @@ class SweepProgress:
 
 
 def _run_sweep(planned: list[Any], results: str, jobs: int, ray: Any = None) -> None:
-    from . import sweep as sweeps
+    from .. import sweep as sweeps
 
     store = sweeps.Store(Path(results))
     done = sum(store.has_record(p.run_id) for p in planned)
@@ -221,7 +221,7 @@ def report_command(
                                           "<!-- leaderboard:start/end --> markers of this file."),
 ) -> None:
     """Leaderboard (md, csv, json, self-contained html with plots) from every record in --results."""
-    from .report import update_readme, write_report
+    from ..report import update_readme, write_report
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

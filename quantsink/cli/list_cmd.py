@@ -1,0 +1,77 @@
+"""``quantsink list``: what quantsink knows by name."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import typer
+from rich.table import Table
+
+from .common import app, friendly, out
+
+
+def _registry_table(kind: str) -> Table:
+    from ..registry import Registry
+
+    registry: Registry[Any] = LISTABLE[kind]()
+    table = Table(title=f"{kind}")
+    table.add_column("name")
+    table.add_column("aliases")
+    kinds = kind == "mitigations"  # post-hoc / needs-training
+    if kinds:
+        table.add_column("kind")
+    table.add_column("description")
+    table.add_column("full config")
+    for entry in registry:
+        params = entry.obj.record().get("params", {}) if hasattr(entry.obj, "record") else {}
+        config = ", ".join(f"{k}={v}" for k, v in params.items())
+        table.add_row(entry.name, ", ".join(entry.aliases), *([entry.obj.kind] if kinds else []), entry.help, config)
+    return table
+
+
+def _schemes() -> Any:
+    from ..schemes import SCHEMES
+
+    return SCHEMES
+
+
+def _models() -> Any:
+    from ..models import MODELS
+
+    return MODELS
+
+
+def _corpora() -> Any:
+    from ..corpus import CORPORA
+
+    return CORPORA
+
+
+def _mitigations() -> Any:
+    from ..mitigations import MITIGATIONS
+
+    return MITIGATIONS
+
+
+def _tasks() -> Any:
+    from ..lmeval import TASKS
+
+    return TASKS
+
+
+LISTABLE: dict[str, Callable[[], Any]] = {
+    "models": _models, "schemes": _schemes, "corpora": _corpora, "mitigations": _mitigations,
+    "tasks": _tasks,
+}
+
+
+@app.command("list")
+@friendly
+def list_command(kind: str = typer.Argument(..., help="models | schemes | corpora | mitigations | tasks")) -> None:
+    """List what quantsink knows by name."""
+    from ..registry import Registry
+
+    names: Registry[Any] = Registry("list")
+    for key in LISTABLE:
+        names.register(key, key)
+    out.print(_registry_table(names.get(kind)))

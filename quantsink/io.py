@@ -1,0 +1,49 @@
+"""Files: the cache directory and the one atomic write every module uses.
+
+A write goes to a temporary file in the target's directory, is flushed and
+fsynced, then ``os.replace``d over the target; on any failure the temporary
+file is removed and the old target (if any) is left as it was.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+
+def cache_root() -> Path:
+    """``$QUANTSINK_CACHE`` (default ``~/.cache/quantsink``): converted models, reference passes, digests."""
+    return Path(os.environ.get("QUANTSINK_CACHE", Path.home() / ".cache" / "quantsink")).expanduser()
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary path next to ``path``; on a clean exit it is fsynced and replaces ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        _fsync(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
