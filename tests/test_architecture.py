@@ -50,4 +50,4 @@ def test_the_graph_sees_relative_imports():
     deps = graph()
     assert "quantsink.common" not in deps["quantsink.cli"]
     assert {"quantsink.cli.common", "quantsink.cli.eval_cmd"} <= deps["quantsink.cli"]
-    assert "quantsink.env" in deps["quantsink.cli.eval_cmd"] and "quantsink.run" in deps["quantsink.cli.eval_cmd"]
+    assert "quantsink.env" in deps["quantsink.cli.common"] and "quantsink.run" in deps["quantsink.cli.eval_cmd"]
