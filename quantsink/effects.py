@@ -20,7 +20,11 @@ evaluated once and stored, so no pass runs twice.  Resampling is seeded with
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import json
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
 
 from .config import RunConfig
 from .errors import QuantsinkError
@@ -87,14 +91,19 @@ def annotate(record: dict[str, Any], config: RunConfig, evaluate: Callable[[RunC
         from .plan import run_id_for
 
         rid = run_id_for(variant, record["model"]["sha256"], record["corpus"]["sha256"])
-        found = find_record(config.results, rid)
-        if found is not None and _pairs(found, record):
-            memo[mitigation] = found
-            return found
-        memo[mitigation] = fresh = evaluate(variant)
-        add(fresh)
-        if write:
-            fresh["path"] = str(write_record(fresh, config.results))
+        found = _stored(config.results, rid, record)
+        if found is None and write:
+            with variant_lock(config.results, rid, record) as found:
+                found = found or _stored(config.results, rid, record) or compute(variant)
+        memo[mitigation] = found = found or compute(variant)
+        return found
+
+    def compute(variant: RunConfig) -> dict[str, Any]:
+        memo[variant.mitigation] = fresh = evaluate(variant)
+        with published(config.results, fresh, write):  # seen by any process waiting on this variant
+            add(fresh)
+            if write:
+                fresh["path"] = str(write_record(fresh, config.results))
         return fresh
 
     def add(rec: dict[str, Any]) -> None:
@@ -109,6 +118,66 @@ def annotate(record: dict[str, Any], config: RunConfig, evaluate: Callable[[RunC
             rec["d_sink"] = d_sink(full, fp, config.seed)
 
     add(record)
+
+
+def _stored(results: str, run_id: str, record: dict[str, Any]) -> dict[str, Any] | None:
+    """The stored record ``run_id`` when it pairs with ``record``'s windows."""
+    found = find_record(results, run_id)
+    return found if found is not None and _pairs(found, record) else None
+
+
+POLL_S = 0.5
+
+
+@contextmanager
+def variant_lock(results: str, run_id: str, record: dict[str, Any]) -> Iterator[dict[str, Any] | None]:
+    """Hold the run lock of a variant (the lock sweeps take for a run) while computing it, so
+    concurrent processes compute it once.  While another process holds it, wait; yield early
+    the variant's record, stored or published by its holder (-> None once we hold the lock).
+
+    No deadlock: a process publishes each pass it has computed (``published``) before it waits
+    on any other, so a holder that waits has already published what its waiters need.
+    """
+    from .sweep import Store, release, try_lock
+
+    store = Store(Path(results))
+    store.locks.mkdir(parents=True, exist_ok=True)
+    lock = store.locks / f"{run_id}.lock"
+    while not try_lock(lock):
+        found = _stored(results, run_id, record) or _published(store.locks / f"{run_id}.pass.json", record)
+        if found is not None:
+            yield found
+            return
+        time.sleep(POLL_S)
+    try:
+        yield None
+    finally:
+        release(lock)
+
+
+@contextmanager
+def published(results: str, record: dict[str, Any], write: bool) -> Iterator[None]:
+    """Make ``record``'s passes (the bare record) readable by other processes until its record is written."""
+    if not write:
+        yield
+        return
+    from .models import atomic_write_text
+    from .results import _finite
+
+    path = Path(results) / ".locks" / f"{record['run_id']}.pass.json"
+    atomic_write_text(path, json.dumps(_finite(record)))
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _published(path: Path, record: dict[str, Any]) -> dict[str, Any] | None:
+    try:
+        found = json.loads(path.read_text(encoding="utf-8"))
+        return found if _pairs(found, record) else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _check_pairs(a: dict[str, Any], b: dict[str, Any]) -> None:

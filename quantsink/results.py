@@ -32,6 +32,10 @@ def _finite(value: Any) -> Any:
     return value
 
 
+class NewerSchema(QuantsinkError):
+    """A record written by a newer quantsink: valid, unreadable here, never replaced."""
+
+
 def check_writable_dir(path: str | Path, flag: str) -> None:
     """``path`` is, or can be created as, a directory this process can write into (checked before the work)."""
     path = Path(path).expanduser()
@@ -50,10 +54,25 @@ def record_path(results_dir: str | Path, run_id: str) -> Path:
 
 
 def write_record(record: dict[str, Any], results_dir: str | Path) -> Path:
-    """Write ``record`` to ``<results_dir>/<run_id>.json`` atomically."""
+    """Write ``record`` to ``<results_dir>/<run_id>.json`` atomically; a record there written by
+    a newer quantsink is kept (with a warning), never replaced by this older one."""
     path = record_path(results_dir, record["run_id"])
+    if _newer(path):
+        warnings.warn(f"{path} was written by a newer quantsink: kept, this run's record not written",
+                      stacklevel=2)
+        return path
     atomic_write_text(path, json.dumps(_finite(record), indent=1, sort_keys=False) + "\n")
     return path
+
+
+def _newer(path: Path) -> bool:
+    try:
+        load_record(path)
+    except NewerSchema:
+        return True
+    except QuantsinkError:
+        pass
+    return False
 
 
 def validate(record: Any, source: str = "record") -> dict[str, Any]:
@@ -67,8 +86,8 @@ def validate(record: Any, source: str = "record") -> dict[str, Any]:
         raise QuantsinkError(f"{source}: schema_version {version!r} is not a positive integer; "
                              f"move the file out of the results directory")
     if version > SCHEMA_VERSION:
-        raise QuantsinkError(f"{source}: schema version {version} is newer than this quantsink "
-                             f"({SCHEMA_VERSION}); upgrade quantsink to read it")
+        raise NewerSchema(f"{source}: schema version {version} is newer than this quantsink "
+                          f"({SCHEMA_VERSION}); upgrade quantsink to read it")
     wrong = [key for key in SECTIONS if not isinstance(record[key], dict)]
     if wrong or not isinstance(record["run_id"], str):
         raise QuantsinkError(f"{source}: not a quantsink record ({(wrong or ['run_id'])[0]} has the wrong type); "

@@ -320,16 +320,17 @@ def run(config: RunConfig, *, session: Session | None = None, progress: Progress
     mitigation) and ``d_sink`` (activation/KV schemes); the passes they need
     are reused from the results store or run and stored (``effects.annotate``).
     """
-    from .effects import annotate
+    from .effects import annotate, published
 
     session = session or Session()
     config = canonical(config)
     if write:
         check_writable_dir(config.results, "--results")  # before any load, not after the passes
     record = evaluate(config, session, progress)
-    annotate(record, config, lambda variant: evaluate(variant, session, progress), write=write)
-    if write:
-        record["path"] = str(write_record(record, config.results))
+    with published(config.results, record, write):  # a process that needs it as a variant need not wait
+        annotate(record, config, lambda variant: evaluate(variant, session, progress), write=write)
+        if write:
+            record["path"] = str(write_record(record, config.results))
     return record
 
 

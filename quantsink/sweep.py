@@ -24,7 +24,10 @@ How a sweep stays correct when killed, restarted or run twice at once:
 * the record is written atomically (``results.write_record``) *before* the lock
   is released, and a claimant re-checks the store after claiming, so a run is
   never written twice;
-* a file ``<run_id>.json`` that is not a valid record is renamed ``.json.invalid`` and re-run;
+* a file ``<run_id>.json`` that is not a valid record is renamed ``.json.invalid`` (``.invalid.N``
+  when that exists: nothing set aside is overwritten) and re-run; a record written by a newer
+  quantsink is kept and not re-run;
+* worker processes die with the sweep process, even when it is SIGKILLed (``die_with_parent``);
 * a failing run writes ``<run_id>.failed`` (JSON, not a record: readers of
   ``*.json`` never see it) with its error; it is retried by the next sweep, not
   by the one that recorded it;
@@ -42,6 +45,7 @@ import socket
 import time
 import traceback
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -370,10 +374,46 @@ class Store:
     def has_record(self, run_id: str) -> bool:
         return self.record(run_id).is_file()
 
-    def has_valid_record(self, run_id: str) -> bool:
-        from .results import find_record
+    def status(self, run_id: str) -> str:
+        """``absent``, ``done`` (a valid record), ``newer`` (a record of a newer quantsink: kept,
+        never re-run) or ``invalid`` (a file that is no record: set aside, re-run)."""
+        from .results import NewerSchema, load_record
 
-        return find_record(self.root, run_id) is not None
+        path = self.record(run_id)
+        if not path.exists():
+            return "absent"
+        try:
+            load_record(path)
+            return "done"
+        except NewerSchema:
+            return "newer"
+        except QuantsinkError:
+            return "invalid"
+
+    def problem(self, run_id: str) -> str | None:
+        """Why ``<run_id>.json`` is not a valid record (None when it is)."""
+        from .results import load_record
+
+        try:
+            load_record(self.record(run_id))
+            return None
+        except QuantsinkError as err:
+            return str(err)
+
+    def has_valid_record(self, run_id: str) -> bool:
+        return self.status(run_id) in ("done", "newer")
+
+    def set_aside(self, run_id: str) -> Path:
+        """Rename an invalid ``<run_id>.json`` to the first free ``.json.invalid[.N]`` (never overwrites)."""
+        for n in range(10_000):
+            target = self.root / (f"{run_id}.json.invalid" + (f".{n}" if n else ""))
+            try:
+                os.link(self.record(run_id), target)  # fails if target exists: no overwrite race
+            except FileExistsError:
+                continue
+            self.record(run_id).unlink()
+            return target
+        raise QuantsinkError(f"{self.root}: too many {run_id}.json.invalid files; clean them up")
 
     def failed_in(self, run_id: str, sweep: str) -> bool:
         data = _read_json(self.failure(run_id))
@@ -520,9 +560,33 @@ def execute(p: PlannedRun, store: Store, sweep: str, emit: Emit, run_fn: RunFn,
 # --------------------------------------------------------------------------- processes
 
 
+def die_with_parent(parent: int, poll_s: float = 1.0) -> None:
+    """End this process when ``parent`` dies, even by SIGKILL: Linux's PR_SET_PDEATHSIG, else
+    (or also, if the parent died before the call) a daemon thread watching the parent pid."""
+    import signal
+    import threading
+
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="quantsink-parent-watch", daemon=True).start()
+
+
 def _worker_main(todo: list[PlannedRun], results: str, sweep: str, run_fn: RunFn, worker: int,
-                 threads: int, queue: Any) -> None:
-    """Entry point of a spawned worker process: its own Session, events to ``queue``."""
+                 threads: int, queue: Any, parent: int = 0) -> None:
+    """Entry point of a spawned worker process: its own Session, events to ``queue``; it dies
+    with the sweep process (a SIGKILLed sweep leaves no worker running the grid)."""
+    if parent:
+        die_with_parent(parent)
     os.environ["OMP_NUM_THREADS"] = str(threads)
     if run_fn is default_run:  # share the cores between workers; keep library chatter off the bar
         from .env import quiet_libraries
@@ -544,7 +608,8 @@ def run_parallel(todo: list[PlannedRun], results: str | Path, *, sweep: str, emi
     ctx = mp.get_context("spawn")
     events = ctx.Queue()
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    procs = [ctx.Process(target=_worker_main, args=(todo, str(results), sweep, run_fn, w, threads, events),
+    procs = [ctx.Process(target=_worker_main, args=(todo, str(results), sweep, run_fn, w, threads, events,
+                                                    os.getpid()),
                          name=f"quantsink-sweep-{w}") for w in range(jobs)]
     for proc in procs:
         proc.start()
@@ -584,16 +649,28 @@ class Summary:
         return not self.failed and not self.missing and not self.crashed_workers
 
 
+def pending(planned: list[PlannedRun], store: Store) -> list[PlannedRun]:
+    """The runs a sweep will run: those without a valid record (a newer quantsink's record
+    counts as done and is never replaced; a warning says so)."""
+    status = {p.run_id: store.status(p.run_id) for p in planned}
+    for p in planned:
+        if status[p.run_id] == "newer":
+            warnings.warn(f"{p.label}: {store.record(p.run_id).name} was written by a newer quantsink; "
+                          f"kept and not re-run", stacklevel=2)
+    return [p for p in planned if status[p.run_id] not in ("done", "newer")]
+
+
 def sweep(planned: list[PlannedRun], results: str | Path, *, jobs: int = 1, run_fn: RunFn = default_run,
           emit: Emit | None = None, ray: Any = None) -> Summary:
     """Run every planned run that has no valid record in ``results``; on Ray when ``ray`` is a
     ``ray_executor.RayOptions``, else in ``jobs`` local processes."""
     store = Store(Path(results))
     store.root.mkdir(parents=True, exist_ok=True)
-    todo = [p for p in planned if not store.has_valid_record(p.run_id)]
-    for p in todo:  # a file there that is no valid record (corrupt, newer schema): keep it aside, re-run
+    todo = pending(planned, store)
+    for p in todo:  # a file there that is no record (corrupt, wrong shape): keep it aside, re-run
         if store.has_record(p.run_id):
-            store.record(p.run_id).replace(store.root / f"{p.run_id}.json.invalid")
+            why = store.problem(p.run_id)
+            warnings.warn(f"{why}; set aside as {store.set_aside(p.run_id).name} and re-run", stacklevel=2)
     retried = sum(store.failure(p.run_id).exists() for p in todo)
     summary = Summary(total=len(planned), skipped=len(planned) - len(todo), retried=retried)
     labels = {p.index: p.label for p in planned}

@@ -122,7 +122,8 @@ def _plan_table(planned: list[Any], results: str, invalid: dict[int, str]) -> Ta
     for column in ("#", "model", "corpus", "scheme", "mitigation", "run_id", "status"):
         table.add_column(column)
     for p in planned:
-        status = "done" if store.has_record(p.run_id) else "failed before" if store.failure(p.run_id).exists() else "to run"
+        status = {"done": "done", "newer": "done (newer quantsink)", "invalid": "to run (invalid file set aside)"}.get(
+            store.status(p.run_id), "failed before" if store.failure(p.run_id).exists() else "to run")
         if p.index in invalid:
             status = f"invalid: {invalid[p.index]}"
         c = p.config
@@ -186,12 +187,14 @@ def _run_sweep(planned: list[Any], results: str, jobs: int, ray: Any = None) -> 
     from .. import sweep as sweeps
 
     store = sweeps.Store(Path(results))
-    done = sum(store.has_record(p.run_id) for p in planned)
-    out.print(f"{len(planned)} runs in the grid; {done} already in {results} (skipped); "
-              f"{len(planned) - done} to run " + (f"on Ray ({ray.num_cpus:g} CPU, {ray.num_gpus:g} GPU per cell)"
-                                                   if ray else f"with {jobs} worker(s)"),
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the sweep itself warns about what it keeps
+        todo = len(sweeps.pending(planned, store))
+    out.print(f"{len(planned)} runs in the grid; {len(planned) - todo} already in {results} (skipped); "
+              f"{todo} to run " + (f"on Ray ({ray.num_cpus:g} CPU, {ray.num_gpus:g} GPU per cell)"
+                                   if ray else f"with {jobs} worker(s)"),
               highlight=False, soft_wrap=True)
-    with SweepProgress(len(planned) - done, enabled=err.is_terminal) as progress:
+    with SweepProgress(todo, enabled=err.is_terminal) as progress:
         summary = sweeps.sweep(planned, results, jobs=jobs, emit=progress, run_fn=sweeps.default_run, ray=ray)
     out.print(f"sweep: {len(summary.done)} ran, {summary.skipped} skipped (already recorded), "
               f"{len(summary.failed)} failed, {summary.elsewhere} recorded meanwhile "

@@ -1,0 +1,211 @@
+"""Issue 12, sweeps and files: honest headers, records never replaced by older ones, workers that
+die with their sweep, variant passes computed once across processes, file modes from the umask."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import sweep_fakes
+from quantsink import sweep as sweep_mod
+from quantsink.cli import app
+from quantsink.config import RunConfig
+from quantsink.effects import annotate, published
+from quantsink.results import SCHEMA_VERSION, write_record
+from quantsink.run import run_id_for
+from quantsink.sweep import Grid, plan, sweep
+
+TESTS = Path(__file__).parent
+ROOT = TESTS.parent
+runner = CliRunner()
+
+
+def planned_runs(results: Path, schemes: str = "s1,s2"):
+    configs = Grid.from_mapping({"models": "m1", "corpora": "c1", "schemes": schemes}).configs({"results": str(results)})
+    return plan(configs, sweep_fakes.fake_id)
+
+
+def fake_record(run_id: str, version=SCHEMA_VERSION) -> dict:
+    return {"schema_version": version, "run_id": run_id, "model": {}, "corpus": {}, "protocol": {}, "scheme": {},
+            "reference": {}, "candidate": {}}
+
+
+# --------------------------------------------------------------------------- header, newer, invalid
+
+
+@pytest.fixture
+def fake_plan(monkeypatch):
+    real_plan = sweep_mod.plan
+    monkeypatch.setattr(sweep_mod, "plan", lambda configs, id_fn=None: real_plan(configs, sweep_fakes.fake_id))
+    monkeypatch.setattr(sweep_mod, "default_run", sweep_fakes.fake_run)
+
+
+def test_sweep_header_counts_what_it_will_run(tmp_path, fake_plan):
+    results = tmp_path / "runs"
+    first, second = planned_runs(results, "int8,nf4")
+    results.mkdir()
+    write_record(sweep_fakes.fake_run(first.config, session=None, progress=lambda *a: lambda n: None), results)
+    (results / f"{second.run_id}.json").write_text("{truncated")
+    result = runner.invoke(app, ["sweep", "--models", "m1", "--corpora", "c1", "--schemes", "int8,nf4",
+                                 "--results", str(results)])
+    assert result.exit_code == 0, result.output
+    assert "2 runs in the grid; 1 already in" in result.output and "1 to run" in result.output
+    assert "1 ran, 1 skipped" in result.output
+
+
+def test_a_newer_schema_record_is_kept_and_not_rerun(tmp_path):
+    results = tmp_path / "runs"
+    newer, other = planned_runs(results)
+    results.mkdir()
+    text = json.dumps(fake_record(newer.run_id, SCHEMA_VERSION + 1))
+    (results / f"{newer.run_id}.json").write_text(text)
+    with pytest.warns(UserWarning, match="written by a newer quantsink; kept and not re-run"):
+        summary = sweep([newer, other], results, run_fn=sweep_fakes.fake_run)
+    assert summary.ok and len(summary.done) == 1 and summary.skipped == 1
+    assert (results / f"{newer.run_id}.json").read_text() == text
+    assert not list(results.glob("*.invalid*"))
+
+
+def test_write_record_never_replaces_a_newer_schema_record(tmp_path):
+    path = tmp_path / "abc.json"
+    path.write_text(json.dumps(fake_record("abc", SCHEMA_VERSION + 1)))
+    before = path.read_text()
+    with pytest.warns(UserWarning, match="newer quantsink: kept"):
+        write_record(fake_record("abc"), tmp_path)
+    assert path.read_text() == before
+
+
+def test_a_second_invalidation_keeps_the_first_invalid_file(tmp_path):
+    results = tmp_path / "runs"
+    planned = planned_runs(results, "s1")
+    results.mkdir()
+    record = results / f"{planned[0].run_id}.json"
+    for n, junk in enumerate(("{first", "{second")):
+        record.write_text(junk)
+        with pytest.warns(UserWarning, match="corrupt"):
+            assert sweep(planned, results, run_fn=sweep_fakes.fake_run).ok
+    kept = sorted(p.read_text() for p in results.glob(f"{planned[0].run_id}.json.invalid*"))
+    assert kept == ["{first", "{second"]
+
+
+# --------------------------------------------------------------------------- workers die with the sweep
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
+
+
+def test_workers_die_when_the_sweep_is_killed(tmp_path):
+    log = tmp_path / "log"
+    code = f"import sweep_fakes; sweep_fakes.sweep_main({str(tmp_path / 'runs')!r}, 's1,s2,s3', 2)"
+    env = {**os.environ, "QS_FAKE_LOG": str(log), "QS_FAKE_SLEEP": "60",
+           "PYTHONPATH": os.pathsep.join([str(TESTS), str(ROOT)])}
+    parent = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    workers: set[int] = set()
+    try:
+        deadline = time.time() + 90
+        while time.time() < deadline and len(sweep_fakes.read_log(str(log)) if log.exists() else []) < 2:
+            time.sleep(0.2)
+        workers = {pid for _, _, pid, _ in sweep_fakes.read_log(str(log))}
+        assert len(workers) == 2 and parent.pid not in workers
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        deadline = time.time() + 10
+        while time.time() < deadline and any(alive(pid) for pid in workers):
+            time.sleep(0.1)
+        assert not any(alive(pid) for pid in workers)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+        for pid in workers:  # a worker that outlived its parent (the bug) is ended here, by its pid
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+# --------------------------------------------------------------------------- variant passes once
+
+
+MODEL, CORPUS = "m" * 64, "c" * 64
+
+
+class FakeEvaluate:
+    """Bare records of a fixed 4-window pass; counts evaluations per mitigation."""
+
+    def __init__(self, seconds: float = 0.4):
+        self.calls: collections.Counter = collections.Counter()
+        self.seconds = seconds
+        self.lock = threading.Lock()
+
+    def __call__(self, config: RunConfig) -> dict:
+        with self.lock:
+            self.calls[config.mitigation] += 1
+        time.sleep(self.seconds)
+        return bare_record(config)
+
+
+def bare_record(config: RunConfig) -> dict:
+    nll = [20.0 + len(config.mitigation) * 0.1 + i for i in range(4)]
+    return {**fake_record(run_id_for(config, MODEL, CORPUS)), "config": config.to_record(),
+            "model": {"sha256": MODEL}, "corpus": {"sha256": CORPUS},
+            "candidate": {"ppl": 11.0, "nll_per_token": 2.4, "bits_per_byte": 1.0, "kl": 0.1, "top1_agreement": 0.9,
+                          "nll_per_window": nll, "scored_per_window": [10] * 4, "kl_per_window": [1.0] * 4}}
+
+
+def run_like(config: RunConfig, evaluate: FakeEvaluate) -> None:
+    """What ``run.run`` does around ``annotate``, with the fake evaluation."""
+    record = evaluate(config)
+    with published(config.results, record, True):
+        annotate(record, config, evaluate, write=True)
+        write_record(record, config.results)
+
+
+def in_threads(*targets) -> None:
+    threads = [threading.Thread(target=t) for t in targets]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert not any(thread.is_alive() for thread in threads), "deadlock"
+
+
+def test_concurrent_runs_compute_a_shared_variant_once(tmp_path):
+    evaluate = FakeEvaluate()
+    configs = [RunConfig(scheme="w8a8", mitigation=m, results=str(tmp_path)) for m in ("smooth", "clip")]
+    in_threads(*(lambda c=c: run_like(c, evaluate) for c in configs))
+    assert evaluate.calls == {"smooth": 1, "clip": 1, "none": 1, "sink-fp": 1}
+    assert len(list(tmp_path.glob("*.json"))) == 4 and not list((tmp_path / ".locks").glob("*.pass.json"))
+
+
+def test_runs_that_need_each_other_as_variants_do_not_deadlock(tmp_path):
+    evaluate = FakeEvaluate()
+    configs = [RunConfig(scheme="w8a8", mitigation=m, results=str(tmp_path)) for m in ("none", "sink-fp")]
+    locks = [tmp_path / ".locks" / f"{run_id_for(c, MODEL, CORPUS)}.lock" for c in configs]
+    (tmp_path / ".locks").mkdir()
+
+    def sweep_run(config: RunConfig, lock: Path) -> None:  # each holds its own run lock, as a sweep worker does
+        assert sweep_mod.try_lock(lock)
+        try:
+            run_like(config, evaluate)
+        finally:
+            sweep_mod.release(lock)
+
+    in_threads(*(lambda c=c, lock=lock: sweep_run(c, lock) for c, lock in zip(configs, locks)))
+    assert evaluate.calls == {"none": 1, "sink-fp": 1}
+    records = {json.loads(p.read_text())["config"]["mitigation"]: json.loads(p.read_text())
+               for p in tmp_path.glob("*.json")}
+    assert "d_sink" in records["none"] and "mitigation_effect" in records["sink-fp"]
