@@ -185,9 +185,9 @@ def in_threads(*targets) -> None:
 
 def test_concurrent_runs_compute_a_shared_variant_once(tmp_path):
     evaluate = FakeEvaluate()
-    configs = [RunConfig(scheme="w8a8", mitigation=m, results=str(tmp_path)) for m in ("smooth", "clip")]
+    configs = [RunConfig(scheme="w8a8", mitigation=m, results=str(tmp_path)) for m in ("smooth", "clip-residual")]
     in_threads(*(lambda c=c: run_like(c, evaluate) for c in configs))
-    assert evaluate.calls == {"smooth": 1, "clip": 1, "none": 1, "sink-fp": 1}
+    assert evaluate.calls == {"smooth": 1, "clip-residual": 1, "none": 1, "sink-fp": 1}
     assert len(list(tmp_path.glob("*.json"))) == 4 and not list((tmp_path / ".locks").glob("*.pass.json"))
 
 
