@@ -273,12 +273,14 @@ def _eager_probs(out: Any, fn: Callable[[torch.Tensor], Any]) -> None:
 def attention_probes(model: nn.Module, probes: Mapping[nn.Module, Callable[[torch.Tensor], Any]]) -> Iterator[None]:
     """``probes[attention module](probs)`` on every forward of the block, the forward unchanged.
 
-    Eager attention returns its probabilities: they are read from each module's output.  Any
-    other kernel keeps running as it is, and the probabilities are computed beside it from the
+    Eager attention (and quantsink's own, e.g. ReLU attention) returns its weights: they are read
+    from each module's output.  Any other kernel keeps running as it is, and the probabilities are computed beside it from the
     query and key it is given (:func:`attention_probs`)."""
+    from .attention import returns_weights
+
     impl = getattr(model.config, "_attn_implementation", None) or "eager"
     with ExitStack() as stack:
-        if impl == "eager":
+        if returns_weights(impl):  # eager, or quantsink's own (ReLU attention): not a softmax to recompute
             for module, fn in probes.items():
                 stack.callback(module.register_forward_hook(lambda m, a, out, fn=fn: _eager_probs(out, fn)).remove)
         else:
@@ -377,6 +379,7 @@ class StatsCollector:
         if rows.stop > self.stats_windows:
             raise ValueError("a batch straddles the stats windows: pass boundaries=collector.boundaries")
         self._batch = _Batch()
+        self._rows = rows.stop - rows.start
         with attach(self.model, self._hooks(rows), known=self.sites):
             yield
         self._finish(self._batch, rows)
@@ -418,7 +421,8 @@ class StatsCollector:
     def _on_linear(self, name: str, x: torch.Tensor) -> None:
         batch = self._batch
         if batch.last[0] is not x:  # q/k/v and gate/up share one input: reduce it once
-            batch.last = (x, (S.token_absmax(x), S.moments(x)))
+            tokens = x.view(self._rows, -1, x.shape[-1]) if x.dim() == 2 else x  # OPT flattens to (B*T, C)
+            batch.last = (x, (S.token_absmax(tokens), S.moments(tokens)))
         batch.linear[name] = batch.last[1]
 
     # -- per batch: extreme tokens, then per-window numbers

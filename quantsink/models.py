@@ -327,8 +327,11 @@ def load_model(spec: str, *, device: str = "auto", dtype: str = "float32", trust
     and only when not ``offline`` (then it must be in the local hub cache)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .attention import implementation_for
+
     where, info = _resolve(spec)
     device = resolve_device(device)
+    attn = implementation_for(where, attn)  # e.g. a testbed model trained with ReLU attention
     local = offline or not _is_hub_id(spec)
     kwargs: dict[str, Any] = dict(dtype=torch_dtype(dtype), use_safetensors=True, local_files_only=local,
                                   trust_remote_code=trust_remote_code, attn_implementation=attn)

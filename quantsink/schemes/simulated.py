@@ -44,12 +44,21 @@ class KeepFp:
     def __init__(self, mask_fn: Any):
         self.mask_fn = mask_fn
         self.mask: torch.Tensor | None = None
+        self.shape: tuple[int, ...] | None = None  # (B, T) of the current forward
 
     def hook(self, args: tuple, kwargs: dict) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
         past = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers >= 5.2x names it `cache`
         offset = past.get_seq_length() if past is not None and hasattr(past, "get_seq_length") else 0
         self.mask = None if ids is None else self.mask_fn(ids, offset)
+        self.shape = None if ids is None else tuple(ids.shape)
+
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` as ``(B, T, C)``: OPT-style decoders flatten the tokens to ``(B*T, C)`` before the MLP."""
+        shape = self.shape
+        if x.dim() == 2 and shape is not None and len(shape) == 2 and x.shape[0] == shape[0] * shape[1]:
+            return x.view(*shape, x.shape[-1])
+        return x
 
     def rows(self, x: torch.Tensor) -> torch.Tensor | None:
         """The mask when it matches ``x``'s ``(B, T)`` (else None)."""
@@ -68,7 +77,10 @@ class ActQuantizer(nn.Module):
         self.register_buffer("hi", torch.tensor(0.0))
         self.calibrated = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C) or (B*T, C)
+        return self._quantize(self.keep.tokens(x)).reshape(x.shape)
+
+    def _quantize(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C)
         keep = self.keep.rows(x)  # (B, T) or None
         if self.observing:
             masked = x if keep is None else x.masked_fill(keep[..., None], 0)
