@@ -209,7 +209,7 @@ def test_static_calibration_excludes_kept_positions(tiny_llama):
 
 
 def test_static_ranges_are_the_calibration_extremes():
-    keep_state = type("K", (), {"rows": lambda self, x: None})()
+    keep_state = type("K", (), {"rows": lambda self, x: None, "tokens": lambda self, x: x})()
     q = ActQuantizer(8, True, "static", "tensor", keep_state)
     q.observing = True
     q(torch.tensor([[[-2.0, 1.0]]]))
