@@ -127,20 +127,24 @@ def test_relu_attention_is_registered_and_used(trained):
     assert not torch.allclose(weights.sum(-1), torch.ones(10))  # not a softmax
 
 
-def test_stats_probes_keep_relu_attention(trained):
-    from quantsink.hooks import attention_implementation
+def test_stats_probes_read_relu_weights_not_a_softmax(trained):
+    from quantsink import hooks
     from quantsink.models import load_model
 
     model = load_model(str(trained["relu"][0]), device="cpu").model
-    with attention_implementation(model, "eager"):
-        assert model.config._attn_implementation == "quantsink_relu"
+    ids = torch.arange(10)[None]  # (1, T)
+    seen = []
+    with hooks.attach(model, {"layers.0.attn": hooks.Hook(seen.append, "attention")}):
+        out = model(ids, output_attentions=True)
+    torch.testing.assert_close(seen[0], out.attentions[0].float())
+    assert not torch.allclose(seen[0].sum(-1), torch.ones(10))
 
 
 def test_act_quantizer_sees_flattened_tokens_as_sequences():
     from quantsink.schemes.simulated import ActQuantizer, KeepFp
 
     keep = KeepFp(lambda ids, offset: torch.zeros(ids.shape, dtype=torch.bool).index_fill(1, torch.tensor([0]), True))
-    keep.hook(None, (torch.zeros(2, 5, dtype=torch.long),), {})
+    keep.hook((torch.zeros(2, 5, dtype=torch.long),), {})
     quant = ActQuantizer(8, True, "dynamic", "tensor", keep)
     x = torch.randn(2, 5, 8)
     x[:, 0] *= 1000  # a massive sink token, kept in full precision

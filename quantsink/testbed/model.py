@@ -42,8 +42,22 @@ def build_config(task: BigramBackcopy, *, layers: int, d: int = 256, heads: int 
 
 
 def build_model(config: Any) -> Any:
-    """An OPTForCausalLM from ``config`` with the attention its ``quantsink_attention`` names."""
+    """An OPTForCausalLM from ``config`` with the attention its ``quantsink_attention`` names,
+    initialised as the paper's model (PyTorch defaults, see :func:`paper_init`)."""
     from transformers import OPTForCausalLM
 
     register()
-    return OPTForCausalLM._from_config(config, attn_implementation=ATTENTIONS.get(config.quantsink_attention))
+    model = OPTForCausalLM._from_config(config, attn_implementation=ATTENTIONS.get(config.quantsink_attention))
+    return paper_init(model)
+
+
+def paper_init(model: Any) -> Any:
+    """PyTorch's default initialisation, as the paper's plain ``nn`` model has: embeddings (token and
+    position) N(0, 1), Linear Kaiming-uniform, LayerNorm (1, 0).  OPT's own init (N(0, 0.02)
+    everywhere) starts the residual stream ~50x smaller and delays the sink."""
+    from torch import nn
+
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Embedding, nn.LayerNorm)):
+            module.reset_parameters()
+    return model
