@@ -58,6 +58,15 @@ class RunConfig:
     stats: bool = field(default=True, metadata=_opt("Collect extreme-token statistics in the same pass."))
     stats_windows: int = field(default=8, metadata=_opt(
         "Windows (from the first) on which attention probabilities are collected."))
+    min_windows: int = field(default=8, metadata=_opt(
+        "Fewest windows for a helps/hurts verdict; below it the verdict is insufficient-data."))
+    noise_floor: bool = field(default=True, metadata=_opt(
+        "Measure the noise floor of unmitigated runs: the candidate re-run with the other attention kernel "
+        "(one extra pass); a verdict's interval must clear it."))
+    dormant_attention: float = field(default=0.89, metadata=_opt(
+        "A query is dormant when its attention on the sink (key 0) is at least this (Guo et al.: 0.89)."))
+    dormant_queries: float = field(default=0.5, metadata=_opt(
+        "A head is dormant when at least this fraction of its queries are dormant."))
     seed: int = field(default=0, metadata=_opt("Seed for bootstrap resampling and any sampling."))
     trust_remote_code: bool = field(default=False, metadata=_opt(
         "Allow a hub model's own Python code to run (off by default)."))
@@ -78,6 +87,9 @@ class RunConfig:
             (self.calib_windows >= 1, "--calib-windows must be at least 1"),
             (self.stats_windows >= 0, "--stats-windows must be >= 0"),
             (self.batch_tokens >= 1, "--batch-tokens must be >= 1"),
+            (self.min_windows >= 2, "--min-windows must be at least 2"),
+            (0 < self.dormant_attention <= 1, "--dormant-attention must be in (0, 1]"),
+            (0 < self.dormant_queries <= 1, "--dormant-queries must be in (0, 1]"),
             (self.lm_eval_limit is None or self.lm_eval_limit >= 1, "--lm-eval-limit must be >= 1"),
             (self.protocol != "lm-eval" or self.stride is None,
              "--stride does not apply to --protocol lm-eval: its windows are disjoint by definition"),

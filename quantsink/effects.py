@@ -4,9 +4,12 @@ Both compare two passes of the same scheme over the *same* windows (same
 scored tokens, same order), paired per window (statistics in ``paired``):
 
 * ``mitigation_effect`` (runs with a mitigation): mitigated minus unmitigated
-  (``S`` with ``--mitigation none``): ``delta_ppl`` with its paired-bootstrap 95%
-  CI, ``delta_kl`` (mean KL per scored token) with its CI, ``delta_top1``, and
-  ``verdict`` = helps / hurts / inconclusive from the delta_ppl CI.
+  (``S`` with ``--mitigation none``): ``delta_ppl`` with its paired t 95% interval
+  over windows, ``delta_kl`` (mean KL per scored token) with its interval,
+  ``delta_top1``, and ``verdict`` (``paired.verdict``): insufficient-data below
+  ``RunConfig.min_windows`` windows, not-applicable when the mitigation changed
+  nothing, else helps / hurts only when the interval clears the unmitigated
+  run's measured noise floor (``record["noise_floor"]``), inconclusive otherwise.
 * ``d_sink`` (activation/KV schemes): the damage quantizing the sink does,
   ``NLL/token(S) - NLL/token(S + sink-fp)`` in nats per scored token, with its
   CI; ``sink-fp`` keeps position 0 (the sink: BOS when the protocol has one,
@@ -14,8 +17,10 @@ scored tokens, same order), paired per window (statistics in ``paired``):
 
 The unmitigated and sink-fp passes are taken from the results store when a
 record with their run_id exists and pairs with this run's windows, otherwise
-evaluated once and stored, so no pass runs twice.  Resampling is seeded with
-``RunConfig.seed``.
+evaluated once and stored, so no pass runs twice.  Where every window begins
+with the same sink token (a BOS, or a prepended sink token), ``shared_sink``
+says so: the sink's quantization error is common to all windows, which
+therefore do not sample it.
 """
 
 from __future__ import annotations
@@ -28,13 +33,17 @@ from typing import Any, Callable, Iterator
 
 from .config import RunConfig
 from .errors import QuantsinkError
-from .paired import DEFAULT_RESAMPLES, paired_delta, per_token_stat, ppl_stat, verdict
+from .paired import MIN_WINDOWS, paired_t, ppl_delta, verdict
 from .results import find_record, write_record
 
 SINK_FP = "sink-fp"
-NEGLIGIBLE = 1e-3  # a delta_ppl CI within +-0.1% of the unmitigated ppl is no verdict (float rounding)
 D_SINK = ("NLL per scored token with the scheme applied everywhere minus with the sink position "
           "(position 0) kept in full precision by sink-fp; nats/token")
+RULE = ("insufficient-data below min_windows windows; not-applicable when the mitigation changed nothing; "
+        "else helps if the delta_ppl interval lies below -noise_floor, hurts if above +noise_floor, "
+        "inconclusive otherwise")
+SHARED_SINK = ("every window begins with the same sink token ({token}): its quantization error is shared by all "
+               "windows, so the windows do not sample it and the interval covers only the other tokens' variation")
 
 
 def _pairs(a: dict[str, Any], b: dict[str, Any]) -> bool:
@@ -47,32 +56,62 @@ def _summary(record: dict[str, Any]) -> dict[str, Any]:
             **{k: cand.get(k) for k in ("ppl", "nll_per_token", "bits_per_byte", "kl", "top1_agreement")}}
 
 
-def mitigation_effect(base: dict[str, Any], mitigated: dict[str, Any], seed: int,
-                      resamples: int = DEFAULT_RESAMPLES) -> dict[str, Any]:
-    """Mitigated minus unmitigated, paired over windows (lower ppl / KL is better)."""
+def not_applicable(base: dict[str, Any], mitigated: dict[str, Any]) -> str | None:
+    """Why the mitigated run is a no-op (None when it changed something): every mitigation
+    recorded ``applied: False``, or its per-window NLL and KL equal the unmitigated run's bit for bit."""
+    notes = [m.get("applied") or {} for m in mitigated.get("mitigation") or []]
+    if notes and all(n.get("applied") is False for n in notes):
+        return "; ".join(str(n.get("why", "not applied")) for n in notes)
+    b, m = base["candidate"], mitigated["candidate"]
+    if b["nll_per_window"] == m["nll_per_window"] and b["kl_per_window"] == m["kl_per_window"]:
+        return "the mitigated pass equals the unmitigated one bit for bit"
+    return None
+
+
+def shared_sink(record: dict[str, Any]) -> str | None:
+    """The note that the sink is one token shared by all windows (BOS or a prepended sink token), else None."""
+    token = (record.get("protocol") or {}).get("bos_token_id")
+    for m in record.get("mitigation") or []:
+        if (m.get("applied") or {}).get("applied") is True and "token_id" in m["applied"]:
+            token = m["applied"]["token_id"]
+    return None if token is None else SHARED_SINK.format(token=f"id {token}")
+
+
+def floor_of(base: dict[str, Any]) -> float:
+    """The unmitigated run's noise floor in nats/token (0 when it has none recorded)."""
+    return float((base.get("noise_floor") or {}).get("nats_per_token") or 0.0)
+
+
+def mitigation_effect(base: dict[str, Any], mitigated: dict[str, Any], *,
+                      min_windows: int = MIN_WINDOWS) -> dict[str, Any]:
+    """Mitigated minus unmitigated, paired over windows (lower ppl / KL is better), with its verdict."""
     b, m = base["candidate"], mitigated["candidate"]
     n = b["scored_per_window"]
-    ppl = paired_delta(b["nll_per_window"], m["nll_per_window"], n, ppl_stat, seed=seed, resamples=resamples)
-    kl = paired_delta(b["kl_per_window"], m["kl_per_window"], n, per_token_stat, seed=seed, resamples=resamples)
-    return {"baseline": _summary(base), "delta_ppl": ppl["delta"], "ci95": ppl["ci95"],
-            "delta_kl": kl["delta"], "delta_kl_ci95": kl["ci95"],
+    nll = paired_t(b["nll_per_window"], m["nll_per_window"], n)
+    kl = paired_t(b["kl_per_window"], m["kl_per_window"], n)
+    floor = floor_of(base)
+    why = not_applicable(base, mitigated)
+    label = "not-applicable" if why else verdict(nll["ci"], nll["n_windows"], floor=floor, min_windows=min_windows)
+    return {"baseline": _summary(base),
+            "delta_ppl": ppl_delta(b["nll_per_window"], n, nll["delta"]),
+            "ci95": [ppl_delta(b["nll_per_window"], n, x) for x in nll["ci"]],
+            "delta_nll_per_token": nll["delta"], "delta_nll_ci95": nll["ci"],
+            "delta_kl": kl["delta"], "delta_kl_ci95": kl["ci"],
             "delta_top1": m["top1_agreement"] - b["top1_agreement"],
-            "verdict": verdict(ppl["ci95"], ppl["n_windows"], negligible=NEGLIGIBLE * b["ppl"]),
-            "resamples": resamples, "seed": seed, "n_windows": ppl["n_windows"], "method": ppl["method"],
-            "negligible_ppl": NEGLIGIBLE * b["ppl"],
-            "rule": (f"helps if the delta_ppl CI lies below -negligible_ppl ({NEGLIGIBLE:.1%} of the unmitigated "
-                     f"ppl), hurts if above +negligible_ppl, else inconclusive")}
+            "verdict": label, "not_applicable": why, "rule": RULE,
+            "noise_floor_nats": floor, "noise_floor_ppl": ppl_delta(b["nll_per_window"], n, floor),
+            "noise_floor_measured": bool(base.get("noise_floor")),
+            "n_windows": nll["n_windows"], "min_windows": min_windows, "confidence": nll["confidence"],
+            "method": nll["method"], "shared_sink": shared_sink(mitigated)}
 
 
-def d_sink(full: dict[str, Any], sink_fp: dict[str, Any], seed: int,
-           resamples: int = DEFAULT_RESAMPLES) -> dict[str, Any]:
-    """``NLL/token(full) - NLL/token(sink-fp)`` with its paired-bootstrap CI."""
+def d_sink(full: dict[str, Any], sink_fp: dict[str, Any]) -> dict[str, Any]:
+    """``NLL/token(full) - NLL/token(sink-fp)`` with its paired t interval."""
     f, s = full["candidate"], sink_fp["candidate"]
-    res = paired_delta(s["nll_per_window"], f["nll_per_window"], f["scored_per_window"], per_token_stat,
-                       seed=seed, resamples=resamples)
-    return {"nats_per_token": res["delta"], "ci95": res["ci95"], "full_ppl": f["ppl"], "sink_fp_ppl": s["ppl"],
-            "sink_fp_run_id": sink_fp["run_id"], "resamples": resamples, "seed": seed,
-            "n_windows": res["n_windows"], "definition": D_SINK}
+    res = paired_t(s["nll_per_window"], f["nll_per_window"], f["scored_per_window"])
+    return {"nats_per_token": res["delta"], "ci95": res["ci"], "full_ppl": f["ppl"], "sink_fp_ppl": s["ppl"],
+            "sink_fp_run_id": sink_fp["run_id"], "n_windows": res["n_windows"], "confidence": res["confidence"],
+            "method": res["method"], "shared_sink": shared_sink(full), "definition": D_SINK}
 
 
 def annotate(record: dict[str, Any], config: RunConfig, evaluate: Callable[[RunConfig], dict[str, Any]],
@@ -111,11 +150,11 @@ def annotate(record: dict[str, Any], config: RunConfig, evaluate: Callable[[RunC
         if mitigation != "none":
             base = get("none")
             _check_pairs(base, rec)
-            rec["mitigation_effect"] = mitigation_effect(base, rec, config.seed)
+            rec["mitigation_effect"] = mitigation_effect(base, rec, min_windows=config.min_windows)
         if token_scheme:
             full, fp = get("none"), get(SINK_FP)
             _check_pairs(full, fp)
-            rec["d_sink"] = d_sink(full, fp, config.seed)
+            rec["d_sink"] = d_sink(full, fp)
 
     add(record)
 
@@ -211,10 +250,13 @@ def effect_table(record: dict[str, Any]) -> Any:
     table.add_row("top-1 agreement", "1", f"{base['top1_agreement']:.4g}", f"{cand['top1_agreement']:.4g}",
                   f"{eff['delta_top1']:+.4g}")
     table.add_row("verdict", "", "", "", f"[bold]{eff['verdict']}[/bold]")
+    if eff.get("not_applicable"):
+        table.add_row("", "", "", "", eff["not_applicable"])
     if "d_sink" in record:
         ds = record["d_sink"]
         table.add_row("d_sink (nats/token)", "", f"{ds['nats_per_token']:+.4g} "
                       f"[{ds['ci95'][0]:+.3g}, {ds['ci95'][1]:+.3g}]", "", "")
-    table.caption = (f"95% CI: paired bootstrap over {eff['n_windows']} windows, {eff['resamples']} resamples, "
-                     f"seed {eff['seed']}")
+    table.caption = (f"95% interval: {eff['method']}, {eff['n_windows']} windows (verdict needs "
+                     f"{eff['min_windows']}); noise floor {eff['noise_floor_ppl']:.3g} ppl"
+                     + ("" if eff["noise_floor_measured"] else " (not measured)"))
     return table

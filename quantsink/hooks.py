@@ -329,7 +329,9 @@ class _Batch:
     def __init__(self) -> None:
         self.norms: list[torch.Tensor] = []  # L x (B, T)
         self.massive: list[dict[str, torch.Tensor]] = []  # L x {value, position, channel, median_abs}
+        self.massive_tokens: list[torch.Tensor] = []  # L x (B, T) bool
         self.key_attn: list[torch.Tensor | None] = []  # L x (B, H, T)
+        self.dormant: list[torch.Tensor] = []  # L x (B, H) share of dormant queries
         self.v_norms: list[torch.Tensor] = []  # L x (B, T, KVH)
         self.linear: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # site -> ((B, T) absmax, moments)
         self.maps: list[torch.Tensor] = []  # L x (H, m, m) attention of the first window, cropped
@@ -349,8 +351,9 @@ class StatsCollector:
     """
 
     def __init__(self, model: nn.Module, *, stats_windows: int = 8, k: float = S.DEFAULT_K,
-                 tau: float = S.DEFAULT_TAU, keep_maps: int = 0):
-        self.model, self.stats_windows, self.k, self.tau, self.keep_maps = model, stats_windows, k, tau, keep_maps
+                 tau: float = S.DEFAULT_TAU, share: float = S.DEFAULT_SHARE, keep_maps: int = 0):
+        self.model, self.stats_windows, self.k, self.keep_maps = model, stats_windows, k, keep_maps
+        self.tau, self.share = tau, share
         self.sites = {name: m for name, m in sites(model).items() if name.startswith("layers.")}
         self.n_layers = len(find_blocks(model))
         self.windows: list[dict[str, Any]] = []
@@ -403,10 +406,13 @@ class StatsCollector:
     def _on_block(self, out: Any) -> None:
         h = hidden_of(out)  # (B, T, C)
         self._batch.norms.append(S.token_norms(h).to(self.home))
-        self._batch.massive.append({k: v.to(self.home) for k, v in S.massive_activation(h).items()})
+        massive = {k: v.to(self.home) for k, v in S.massive_activation(h).items()}
+        self._batch.massive_tokens.append(massive.pop("tokens"))
+        self._batch.massive.append(massive)
 
     def _on_attention(self, probs: torch.Tensor, first: bool) -> None:  # (B, H, T, T)
         self._batch.key_attn.append(S.key_attention(probs).to(self.home))
+        self._batch.dormant.append(S.dormant_queries(probs, self.tau).to(self.home))
         if self.keep_maps and first:
             m = self.keep_maps
             self._batch.maps.append(probs[0, :, :m, :m].float().cpu())
@@ -432,19 +438,19 @@ class StatsCollector:
         if len(batch.norms) != self.n_layers:
             raise QuantsinkError(f"stats probes saw {len(batch.norms)} of {self.n_layers} decoder blocks")
         norms = torch.stack(batch.norms)  # (L, B, T)
-        extreme = S.extreme_tokens(norms, self.k)  # (B, T)
-        sink_mask = extreme.clone()
-        sink_mask[:, 0] = True  # the sink set: key 0 and every extreme token
-        attn = self._attention(batch, extreme, sink_mask)
+        massive = torch.stack(batch.massive_tokens).any(dim=0)  # (B, T)
+        extreme = S.extreme_tokens(norms, self.k) | massive  # (B, T)
+        attn = self._attention(batch, extreme)
         drain = torch.stack([S.value_drain_from_norms(n) for n in batch.v_norms], 1) \
             if len(batch.v_norms) == self.n_layers else None  # (B, L, KVH)
         for b in range(norms.shape[1]):
             self.windows.append(self._window(b, norms, batch, extreme, attn, drain))
+            self.windows[-1]["massive_positions"] = massive[b].nonzero()[:, 0].tolist()
         self._merge_linear(batch, extreme)
         if batch.maps:
             self.maps = torch.stack(batch.maps)  # (L, H, m, m)
 
-    def _attention(self, batch: _Batch, extreme: torch.Tensor, sink_mask: torch.Tensor) -> dict[str, Any]:
+    def _attention(self, batch: _Batch, extreme: torch.Tensor) -> dict[str, Any]:
         if len(batch.key_attn) != self.n_layers or any(a is None for a in batch.key_attn):
             return {}
         key_attn = torch.stack(batch.key_attn, 1)  # (B, L, H, T)
@@ -452,7 +458,7 @@ class StatsCollector:
         shape = key_attn.shape[:3]
         return {"sink": key_attn[..., 0],
                 "extreme_attn": S.attention_on(flat, extreme.to(flat.device)).view(shape),
-                "sink_set": S.attention_on(flat, sink_mask.to(flat.device)).view(shape)}
+                "dormant_queries": torch.stack(batch.dormant, 1)}  # (B, L, H)
 
     def _window(self, b: int, norms: torch.Tensor, batch: _Batch, extreme: torch.Tensor,
                 attn: dict[str, Any], drain: torch.Tensor | None) -> dict[str, Any]:
@@ -489,12 +495,14 @@ class StatsCollector:
         massive = {key: torch.stack([w["massive"][key] for w in ws]) for key in ws[0]["massive"]}
         return S.WindowStats(norm_sink=stack("norm_sink"), norm_median=stack("norm_median"), massive=massive,
                              extreme=[w["extreme"] for w in ws], sink=stack("sink"),
-                             extreme_attn=stack("extreme_attn"), sink_set=stack("sink_set"),
+                             massive_positions=[w["massive_positions"] for w in ws],
+                             extreme_attn=stack("extreme_attn"), dormant_queries=stack("dormant_queries"),
                              drain=stack("drain"), linear=self.linear)
 
     def summary(self, sink_positions: tuple[int, ...] = ()) -> dict[str, Any]:
         """JSON-ready stats (see :func:`quantsink.stats.summarize`)."""
-        return S.summarize(self.window_stats(), k=self.k, tau=self.tau, sink_positions=sink_positions)
+        return S.summarize(self.window_stats(), k=self.k, tau=self.tau, share=self.share,
+                           sink_positions=sink_positions)
 
 
 # --------------------------------------------------------------------------- the evaluator's pass, with stats
@@ -504,7 +512,9 @@ def stats_settings(config: Any) -> dict[str, Any] | None:
     """What determines the stats of a pass (part of the reference cache key); None when off."""
     if not config.stats or config.stats_windows == 0:
         return None
-    return {"windows": config.stats_windows, "k": S.DEFAULT_K, "tau": S.DEFAULT_TAU, "version": S.STATS_VERSION}
+    return {"windows": config.stats_windows, "k": S.DEFAULT_K, "tau": config.dormant_attention,
+            "dormant_queries": config.dormant_queries, "massive": [S.MASSIVE_VALUE, S.MASSIVE_RATIO],
+            "version": S.STATS_VERSION}
 
 
 def stats_pass(config: Any, model: nn.Module, windows: Any, **kwargs: Any) -> Any:
@@ -513,7 +523,8 @@ def stats_pass(config: Any, model: nn.Module, windows: Any, **kwargs: Any) -> An
 
     if stats_settings(config) is None:
         return run_pass(model, windows, **kwargs)
-    with StatsCollector(model, stats_windows=config.stats_windows) as collector:
+    with StatsCollector(model, stats_windows=config.stats_windows, tau=config.dormant_attention,
+                        share=config.dormant_queries) as collector:
         result = run_pass(model, windows, batch_context=collector.batch_context,
                           boundaries=collector.boundaries, **kwargs)
     result.extra["stats"] = collector.summary(tuple(windows.sink_positions))

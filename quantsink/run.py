@@ -22,7 +22,7 @@ from .config import EVALUATOR_VERSION, RunConfig, __version__, stable_hash
 from .corpus import Corpus, TokenStream, Windows, load_corpus, sliding_windows, tokenize
 from .errors import QuantsinkError
 from .evaluate import PassResult, ReferenceHead
-from .hooks import stats_pass, stats_settings
+from .hooks import attention_implementation, stats_pass, stats_settings
 from .mitigations import MitigationStack, parse_mitigations
 from .models import LoadedModel, check_window, load_model
 from .plan import canonical, run_id_for
@@ -245,6 +245,29 @@ def candidate_pass(prep: Prepared, model: Any, reference: PassResult, progress: 
     return result
 
 
+NOOP_KERNEL = {"sdpa": "eager", "eager": "sdpa"}  # attention kernel -> the float-level no-op swap
+
+
+def noise_floor_pass(prep: Prepared, model: Any, candidate: PassResult) -> dict[str, Any]:
+    """The candidate's noise floor: the same pass again with the other attention kernel and one window
+    per forward (float-level no-ops), and what that moves the NLL by (``paired.noise_floor``)."""
+    from .evaluate import run_pass
+    from .paired import noise_floor, ppl_delta
+
+    before = model.config._attn_implementation
+    other = NOOP_KERNEL.get(before, "eager")
+    windows = prep.mitigations.windows(prep.windows)
+    with attention_implementation(model, other), prep.mitigations.attach(model):
+        noop = run_pass(model, windows, batch_tokens=windows.input_ids.shape[1])
+    nll, n = candidate.nll.tolist(), candidate.n_scored.tolist()
+    floor = noise_floor(nll, noop.nll.tolist(), n)
+    return {"nats_per_token": floor, "ppl": ppl_delta(nll, n, floor),
+            "perturbation": f"attention {before} -> {other}, one window per forward",
+            "nll_per_window": [round(float(x), 6) for x in noop.nll],
+            "definition": "sum_i |NLL_i(no-op) - NLL_i(candidate)| / scored tokens: the worst-case shift of "
+                          "the mean NLL/token that float-level noise alone produces on these windows"}
+
+
 def environment(device: Any) -> dict[str, Any]:
     import importlib.metadata as md
 
@@ -351,6 +374,11 @@ def evaluate(config: RunConfig, session: Session, progress: Progress = _no_progr
     t0 = time.perf_counter()
     candidate = candidate_pass(prep, model, reference, progress)
     timing["candidate_s"] = time.perf_counter() - t0
+    floor = None
+    if config.noise_floor and config.mitigation == "none":
+        t0 = time.perf_counter()
+        floor = noise_floor_pass(prep, model, candidate)
+        timing["noise_floor_s"] = time.perf_counter() - t0
     downstream = None
     if config.lm_eval:
         from . import lmeval
@@ -360,6 +388,8 @@ def evaluate(config: RunConfig, session: Session, progress: Progress = _no_progr
         timing["lm_eval_s"] = time.perf_counter() - t0
     del model
     record = make_record(prep, reference, ref_cached, candidate, notes, timing)
+    if floor is not None:
+        record["noise_floor"] = floor
     if downstream:
         record["reference"]["lm_eval"] = downstream["reference"]
         record["reference"]["lm_eval_cached"] = downstream["reference_cached"]

@@ -10,17 +10,21 @@ these functions.  Definitions (also written into every record under
   residual stream after a decoder block, per window.
 * massive activation: ``max |h|`` over positions and channels of a window, its
   (position, channel), and its ratio to the median ``|h|`` of that window.
+  A token carries a massive activation (Sun et al.) when one of its values
+  exceeds ``MASSIVE_VALUE`` (100) and ``MASSIVE_RATIO`` (1000) x the median ``|h|``.
 * extreme tokens: positions whose residual norm exceeds ``k x`` the median norm
-  of their window in at least one layer (default k = 50): found from the data.
+  of their window in at least one layer (default k = 50), or that carry a
+  massive activation in at least one layer: found from the data.  (gemma3's BOS
+  has a norm ratio of only ~26 but single values ~100,000, 1,000-7,600x the median.)
 * sink score of a head: mean over queries ``i >= 1`` of the attention put on
   key 0 (``sink_score``) and on the detected extreme tokens (``extreme_score``).
 * value-state drain of a KV head: ``||v_0|| / median_{i>=1} ||v_i||`` of the
   ``v_proj`` output (grouped-query models: per KV head).
-* dormant head on a window: its attention on the sink set (key 0 and the
-  extreme tokens), averaged over queries ``i >= 1``, is at least ``tau``
-  (default 0.9, after the paper's 0.89 cutoff); ``dormant_fraction`` = share
-  of stats windows on which the head is dormant; *dormant* overall when that
-  share is at least one half, otherwise *active*.
+* dormant query (Guo et al.): a query ``i >= 1`` whose attention on the sink
+  (key 0) is at least ``tau`` (default 0.89, the paper's cutoff);
+  ``dormant_fraction`` of a head = share of its queries, over all stats windows,
+  that are dormant; the head is *dormant* when that share is at least ``share``
+  (default 0.5), otherwise *active*.
 * Linear inputs (what activation quantization sees): absmax, absmax with the
   extreme tokens left out, and the kurtosis of all input values.
 """
@@ -34,7 +38,10 @@ from typing import Any
 import torch
 
 DEFAULT_K = 50.0
-DEFAULT_TAU = 0.9
+DEFAULT_TAU = 0.89  # a query is dormant when its attention on the sink is >= this (Guo et al.)
+DEFAULT_SHARE = 0.5  # a head is dormant when at least this share of its queries is dormant
+MASSIVE_VALUE = 100.0  # Sun et al.: a massive activation exceeds 100 ...
+MASSIVE_RATIO = 1000.0  # ... and ~1000x the median magnitude
 TOP = 10  # entries kept in each `changes` list
 STATS_VERSION = "2"  # bump when a change alters any recorded statistic
 
@@ -53,11 +60,12 @@ def peak_ratio(norms: torch.Tensor) -> torch.Tensor:
 
 
 def massive_activation(h: torch.Tensor, sample: int = 64) -> dict[str, torch.Tensor]:
-    """Largest ``|h|`` per window with its position and channel, and the window's median ``|h|``.
+    """Largest ``|h|`` per window with its position and channel, the window's median ``|h|``,
+    and which tokens carry a massive activation (:func:`massive_tokens`).
 
     The median is taken over every ``s``-th position (``s = T // sample``, at
     least 1; all channels): exact enough for a ratio of 10^2-10^4 and 10x cheaper.
-    (B, T, C) -> dict of (B,) tensors: value, position, channel, median_abs.
+    (B, T, C) -> dict of (B,) tensors: value, position, channel, median_abs; and tokens (B, T) bool.
     """
     a = h.float().abs()  # (B, T, C)
     tok_max, tok_chan = a.max(dim=-1)  # (B, T)
@@ -65,7 +73,17 @@ def massive_activation(h: torch.Tensor, sample: int = 64) -> dict[str, torch.Ten
     channel = tok_chan.gather(1, position[:, None])[:, 0]  # (B,)
     step = max(1, h.shape[1] // sample)
     median = a[:, ::step].flatten(1).median(dim=1).values  # (B,)
-    return {"value": value, "position": position, "channel": channel, "median_abs": median}
+    return {"value": value, "position": position, "channel": channel, "median_abs": median,
+            "tokens": massive_tokens(tok_max, median)}
+
+
+def massive_tokens(tok_max: torch.Tensor, median_abs: torch.Tensor, value: float = MASSIVE_VALUE,
+                   ratio: float = MASSIVE_RATIO) -> torch.Tensor:
+    """Tokens with a massive activation (Sun et al.): a value above ``value`` and ``ratio`` x the median.
+
+    ``tok_max`` (B, T) largest ``|h|`` per token, ``median_abs`` (B,) -> (B, T) bool
+    """
+    return (tok_max > value) & (tok_max >= ratio * median_abs[:, None])
 
 
 def extreme_tokens(norms: torch.Tensor, k: float = DEFAULT_K) -> torch.Tensor:
@@ -108,9 +126,14 @@ def value_drain_from_norms(norms: torch.Tensor) -> torch.Tensor:
     return norms[:, 0] / norms[:, 1:].median(dim=1).values
 
 
-def dormant(sink_attention: torch.Tensor, tau: float = DEFAULT_TAU) -> torch.Tensor:
-    """A head is dormant on a window when its attention on the sink set is >= tau.  (...) -> bool"""
-    return sink_attention >= tau
+def dormant_queries(probs: torch.Tensor, tau: float = DEFAULT_TAU) -> torch.Tensor:
+    """Share of queries ``i >= 1`` whose attention on the sink (key 0) is >= ``tau``.  (B, H, T, T) -> (B, H)"""
+    return (probs[:, :, 1:, 0] >= tau).float().mean(dim=-1)
+
+
+def dormant(fraction: torch.Tensor, share: float = DEFAULT_SHARE) -> torch.Tensor:
+    """A head is dormant when at least ``share`` of its queries are dormant.  (...) -> bool"""
+    return fraction >= share
 
 
 # --------------------------------------------------------------------------- Linear inputs
@@ -159,10 +182,11 @@ class WindowStats:
     norm_sink: torch.Tensor  # (W, L) ||h_0||
     norm_median: torch.Tensor  # (W, L) median_{i>=1} ||h_i||
     massive: dict[str, torch.Tensor]  # value/position/channel/median_abs, each (W, L)
-    extreme: list[list[int]]  # per window: extreme-token positions
+    extreme: list[list[int]]  # per window: extreme-token positions (norm ratio or massive activation)
+    massive_positions: list[list[int]] = field(default_factory=list)  # per window: massive-activation tokens
     sink: torch.Tensor | None = None  # (W, L, H) attention on key 0
     extreme_attn: torch.Tensor | None = None  # (W, L, H) attention on the extreme tokens
-    sink_set: torch.Tensor | None = None  # (W, L, H) attention on key 0 and the extreme tokens
+    dormant_queries: torch.Tensor | None = None  # (W, L, H) share of queries >= tau on key 0
     drain: torch.Tensor | None = None  # (W, L, KVH)
     linear: dict[str, dict[str, Any]] = field(default_factory=dict)  # site -> absmax/absmax_wo/moments
 
@@ -179,7 +203,7 @@ def _rows(t: torch.Tensor) -> list[list[float | None]]:
     return [[_r(v) for v in row] for row in t.tolist()]
 
 
-def layer_profile(ws: WindowStats, tau: float) -> list[dict[str, Any]]:
+def layer_profile(ws: WindowStats, share: float = DEFAULT_SHARE) -> list[dict[str, Any]]:
     """One dict per layer: peak ratio, massive activation, mean sink score, drain, dormant heads."""
     ratio = (ws.norm_sink / ws.norm_median).mean(0)  # (L,)
     value = ws.massive["value"]  # (W, L)
@@ -196,23 +220,25 @@ def layer_profile(ws: WindowStats, tau: float) -> list[dict[str, Any]]:
             "massive_position": int(ws.massive["position"][w, layer]),
             "massive_channel": int(ws.massive["channel"][w, layer]),
             "massive_ratio": _r(value[w, layer] / ws.massive["median_abs"][w, layer]),
+            "massive_token": bool(massive_tokens(value[w:w + 1, layer:layer + 1],
+                                                 ws.massive["median_abs"][w:w + 1, layer]).any()),
         }
         if ws.sink is not None:
             row["sink_score"] = _r(ws.sink[:, layer].mean())
-            row["dormant_heads"] = int((dormant(ws.sink_set[:, layer], tau).float().mean(0) >= 0.5).sum())
+            row["dormant_heads"] = int(dormant(ws.dormant_queries[:, layer].mean(0), share).sum())
         if ws.drain is not None:
             row["value_drain"] = _r(ws.drain[:, layer].mean())
         out.append(row)
     return out
 
 
-def head_tables(ws: WindowStats, tau: float) -> dict[str, Any]:
-    """Per head (layer x head) means over the stats windows."""
+def head_tables(ws: WindowStats) -> dict[str, Any]:
+    """Per head (layer x head) means over the stats windows (``dormant_fraction``: share of dormant queries)."""
     if ws.sink is None:
         heads: dict[str, Any] = {"sink_score": None, "extreme_score": None, "dormant_fraction": None}
     else:
         heads = {"sink_score": _rows(ws.sink.mean(0)), "extreme_score": _rows(ws.extreme_attn.mean(0)),
-                 "dormant_fraction": _rows(dormant(ws.sink_set, tau).float().mean(0))}
+                 "dormant_fraction": _rows(ws.dormant_queries.mean(0))}
     heads["value_drain"] = _rows(ws.drain.mean(0)) if ws.drain is not None else None
     return heads
 
@@ -224,37 +250,42 @@ def linear_table(ws: WindowStats) -> dict[str, list[float | None]]:
 
 
 def summarize(ws: WindowStats, *, k: float = DEFAULT_K, tau: float = DEFAULT_TAU,
-              sink_positions: tuple[int, ...] = ()) -> dict[str, Any]:
+              share: float = DEFAULT_SHARE, sink_positions: tuple[int, ...] = ()) -> dict[str, Any]:
     """The compact, JSON-ready stats of one model on the stats windows."""
     counts: dict[str, int] = {}
     for positions in ws.extreme:
         for p in positions:
             counts[str(p)] = counts.get(str(p), 0) + 1
     return {
-        "protocol": protocol(k, tau, len(ws.extreme), sink_positions),
-        "layers": layer_profile(ws, tau),
-        "heads": head_tables(ws, tau),
-        "extreme_tokens": {"k": k, "windows_with_position": counts, "per_window": ws.extreme},
+        "protocol": protocol(k, tau, share, len(ws.extreme), sink_positions),
+        "layers": layer_profile(ws, share),
+        "heads": head_tables(ws),
+        "extreme_tokens": {"k": k, "massive_value": MASSIVE_VALUE, "massive_ratio": MASSIVE_RATIO,
+                           "windows_with_position": counts, "per_window": ws.extreme,
+                           "massive_per_window": ws.massive_positions},
         "linear_inputs": {"columns": ["absmax", "absmax_without_extreme", "kurtosis"],
                           "sites": linear_table(ws)},
     }
 
 
-def protocol(k: float, tau: float, n_windows: int, sink_positions: tuple[int, ...]) -> dict[str, Any]:
+def protocol(k: float, tau: float, share: float, n_windows: int, sink_positions: tuple[int, ...]) -> dict[str, Any]:
     return {
-        "windows": n_windows, "k": k, "tau": tau, "sink_positions": list(sink_positions),
+        "windows": n_windows, "k": k, "tau": tau, "dormant_queries": share, "sink_positions": list(sink_positions),
         "stats_windows": "the first `windows` evaluation windows, in the same forward pass as the metrics, "
                          "with eager attention (SDPA elsewhere); sliding-window layers: queries beyond the "
                          "window cannot see key 0",
         "residual": "output of each decoder block; peak ratio ||h_0|| / median_{i>=1} ||h_i||, mean over windows",
         "massive": "max |h| over positions and channels (largest window), ratio to that window's median |h| "
                    "(median over every (T//64)-th position, all channels)",
-        "extreme_tokens": "positions with residual norm > k x the window's median norm in any layer",
+        "extreme_tokens": "positions with residual norm > k x the window's median norm in any layer, or with a "
+                          "massive activation (one |h| > massive_value and >= massive_ratio x the window's "
+                          "median |h|, Sun et al.) in any layer",
         "sink_score": "mean over queries i>=1 of attention on key 0 (eager attention), mean over windows",
         "extreme_score": "same, on the detected extreme tokens",
         "value_drain": "||v_0|| / median_{i>=1} ||v_i|| of v_proj's output, per KV head, mean over windows",
-        "dormant": "attention of queries i>=1 on key 0 + extreme tokens >= tau; fraction of windows; "
-                   "dormant overall when >= 0.5",
+        "dormant": "a query i>=1 is dormant when its attention on key 0 is >= tau (Guo et al.: 0.89); "
+                   "dormant_fraction = share of dormant queries over all stats windows; a head is dormant "
+                   "when dormant_fraction >= dormant_queries",
         "linear_inputs": "absmax, absmax without extreme tokens, Pearson kurtosis of all values (3 = Gaussian)",
     }
 
@@ -277,9 +308,10 @@ def _shifts(ref: dict[tuple[int, int], float], cand: dict[tuple[int, int], float
 
 def _dormancy_flips(ref: dict[str, Any], cand: dict[str, Any]) -> tuple[list[str], list[str]]:
     rd, cd = _head_list(ref["heads"]["dormant_fraction"]), _head_list(cand["heads"]["dormant_fraction"])
+    share = ref["protocol"].get("dormant_queries", DEFAULT_SHARE)
     common = sorted(set(rd) & set(cd))
-    woken = [f"L{l}H{h}" for l, h in common if rd[(l, h)] >= 0.5 > cd[(l, h)]]
-    slept = [f"L{l}H{h}" for l, h in common if cd[(l, h)] >= 0.5 > rd[(l, h)]]
+    woken = [f"L{l}H{h}" for l, h in common if rd[(l, h)] >= share > cd[(l, h)]]
+    slept = [f"L{l}H{h}" for l, h in common if cd[(l, h)] >= share > rd[(l, h)]]
     return woken, slept
 
 
@@ -297,7 +329,7 @@ def _peak_shifts(ref: dict[str, Any], cand: dict[str, Any], top: int) -> list[di
 def changes(reference: dict[str, Any], candidate: dict[str, Any], top: int = TOP) -> dict[str, Any]:
     """What the candidate did to the extreme tokens, from two :func:`summarize` outputs.
 
-    Heads *woken* are dormant in the reference (dormant fraction >= 0.5) and
+    Heads *woken* are dormant in the reference (dormant fraction >= ``dormant_queries``) and
     active in the candidate; heads *put to sleep* the reverse.  Shifts are
     sorted by absolute change (peak ratios by absolute log ratio).  A candidate
     whose windows carry an extra prepended sink token has its positions shifted
@@ -324,7 +356,7 @@ def domain_dependence(a: dict[str, Any], b: dict[str, Any], top: int = TOP) -> d
     """How one model's heads differ between two corpora (two summaries of the same model).
 
     ``heads``: the ``top`` heads by absolute sink-score difference; ``dormant_only_a``
-    / ``dormant_only_b``: heads dormant (fraction >= 0.5) on one corpus and active on
+    / ``dormant_only_b``: heads dormant (fraction >= ``dormant_queries``) on one corpus and active on
     the other -- the paper's active-dormant claim (dormant on Wikipedia, active on GitHub).
     """
     sa, sb = _head_list(a["heads"]["sink_score"]), _head_list(b["heads"]["sink_score"])

@@ -10,7 +10,7 @@ from quantsink.errors import QuantsinkError
 from quantsink.results import SCHEMA_VERSION
 from quantsink.plan import run_id_for
 
-N = [100, 120, 110, 90, 105]
+N = [100, 120, 110, 90, 105, 95, 115, 100]  # 8 windows: the default min_windows
 
 
 def record(config, per_token, kl=0.1, n=N):
@@ -23,8 +23,8 @@ def record(config, per_token, kl=0.1, n=N):
             "protocol": {}, "scheme": {}, "reference": {"ppl": 5.0}, "candidate": cand}
 
 
-LEVELS = {"none": [3.0, 3.2, 2.9, 3.1, 3.0], "sink-fp": [2.2, 2.3, 2.1, 2.4, 2.2],
-          "intact-kv": [3.0, 3.2, 2.9, 3.1, 3.0]}
+LEVELS = {"none": [3.0, 3.2, 2.9, 3.1, 3.0, 3.1, 2.9, 3.0], "sink-fp": [2.2, 2.3, 2.1, 2.4, 2.2, 2.3, 2.2, 2.1],
+          "intact-kv": [3.0, 3.2, 2.9, 3.1, 3.0, 3.1, 2.9, 3.0]}
 
 
 class Evaluator:
@@ -91,8 +91,8 @@ def test_effect_functions_refuse_nothing_silently():
     a = record(RunConfig(), LEVELS["none"])
     b = record(RunConfig(), LEVELS["none"][:4], n=N[:4])
     with pytest.raises(ValueError):
-        mitigation_effect(a, b, seed=0)
-    assert d_sink(a, a, seed=0)["nats_per_token"] == 0.0
+        mitigation_effect(a, b)
+    assert d_sink(a, a)["nats_per_token"] == 0.0
     with pytest.raises(QuantsinkError):
         from quantsink.effects import _check_pairs
 
@@ -113,3 +113,37 @@ def test_variant_passes_skip_lm_eval_and_reuse_plain_records(tmp_path):
     # the stored unmitigated pass is the one a plain `--mitigation none` run (no lm-eval) would find
     plain = config.replace(mitigation="none", lm_eval="", lm_eval_limit=None)
     assert (tmp_path / f"{run_id_for(plain, 'm', 'c')}.json").is_file()
+
+
+def test_noise_floor_of_the_unmitigated_run_gates_the_verdict():
+    base, mitigated = record(RunConfig(), LEVELS["none"]), record(RunConfig(), LEVELS["sink-fp"])
+    assert mitigation_effect(base, mitigated)["verdict"] == "helps"
+    base["noise_floor"] = {"nats_per_token": 1.0}  # float noise as large as the effect
+    eff = mitigation_effect(base, mitigated)
+    assert eff["verdict"] == "inconclusive" and eff["noise_floor_nats"] == 1.0 and eff["noise_floor_measured"]
+    assert eff["noise_floor_ppl"] == pytest.approx(base["candidate"]["ppl"] * (math.e - 1))
+
+
+def test_too_few_windows_is_insufficient_data_stated_in_the_record():
+    base, mitigated = record(RunConfig(), LEVELS["none"]), record(RunConfig(), LEVELS["sink-fp"])
+    eff = mitigation_effect(base, mitigated, min_windows=9)
+    assert eff["verdict"] == "insufficient-data" and eff["min_windows"] == 9 and eff["n_windows"] == 8
+
+
+def test_a_mitigation_that_changed_nothing_is_not_applicable():
+    base = record(RunConfig(), LEVELS["none"])
+    same = record(RunConfig(mitigation="smooth"), LEVELS["none"])
+    assert mitigation_effect(base, same)["verdict"] == "not-applicable"
+    noop = record(RunConfig(mitigation="sink-token"), LEVELS["sink-fp"])  # numbers aside: it says it did nothing
+    noop["mitigation"] = [{"name": "sink-token", "applied": {"applied": False, "why": "no-op: BOS already there"}}]
+    eff = mitigation_effect(base, noop)
+    assert eff["verdict"] == "not-applicable" and "BOS" in eff["not_applicable"]
+
+
+def test_a_bos_sink_is_recorded_as_shared_by_all_windows():
+    base, other = record(RunConfig(), LEVELS["none"]), record(RunConfig(), LEVELS["sink-fp"])
+    assert mitigation_effect(base, other)["shared_sink"] is None  # no BOS: every window has its own first token
+    for rec in (base, other):
+        rec["protocol"] = {"bos_token_id": 2}
+    assert "shared by all windows" in mitigation_effect(base, other)["shared_sink"]
+    assert "id 2" in d_sink(base, other)["shared_sink"]

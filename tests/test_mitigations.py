@@ -96,6 +96,29 @@ def test_clip_norms_bounds_the_norm_and_keeps_direction():
     assert (out.norm(dim=-1) <= 2.0 + 1e-5).all()
 
 
+def test_clip_norms_sink_only_touches_position_0():
+    h = torch.randn(2, 10, 16)
+    h[:, 0] *= 500
+    h[:, 5] *= 400  # another extreme token: left alone by the default target
+    out, mask = clip_norms(h, tau=3.0, bound=None, sink_only=True)
+    assert mask[:, 0].all() and not mask[:, 1:].any() and torch.equal(out[:, 1:], h[:, 1:])
+    assert (out[:, 0].norm(dim=-1) < h[:, 0].norm(dim=-1) / 10).all()
+
+
+def test_clip_residual_targets_the_sink_by_default(tiny):
+    ids = windows().input_ids
+    free = _layer_norms(tiny, ids)
+    bound = float(min(n.max() for n in free)) / 2
+    stack = stack_of(f"clip-residual:max={bound}", tiny)
+    assert stack.mitigations[0].target == "sink"
+    with stack.attach(tiny):
+        clipped = _layer_norms(tiny, ids)
+    notes = stack.record()[0]["applied"]
+    assert all(v["clipped"] == v["clipped_at_0"] for v in notes["per_layer"].values())
+    assert (clipped[0][:, 0] <= bound * (1 + 1e-5)).all()
+    assert "sink" in notes["clipped"]
+
+
 def _layer_norms(model, ids):
     norms = []
     layers = layer_sites(model)
@@ -109,7 +132,7 @@ def test_clip_residual_bounds_every_layer_output_and_records_it(tiny):
     ids = windows().input_ids
     free = _layer_norms(tiny, ids)
     bound = float(min(n.max() for n in free)) / 2  # clips something in every layer
-    stack = stack_of(f"clip-residual:max={bound}", tiny)
+    stack = stack_of(f"clip-residual:max={bound},target=any", tiny)
     with stack.attach(tiny):  # registered first, so the measuring hooks see clipped outputs
         clipped = _layer_norms(tiny, ids)
     assert all((n <= bound * (1 + 1e-5)).all() for n in clipped)
@@ -390,4 +413,4 @@ def test_intact_kv_run_with_stats_keeps_reference_stats_and_says_why_candidate_h
     stats = record["stats"]
     assert stats["reference"]["layers"] and stats["candidate"] is None
     assert "intact-kv" in stats["note"]
-    assert record["mitigation_effect"]["verdict"] in ("helps", "hurts", "inconclusive")
+    assert record["mitigation_effect"]["verdict"] == "insufficient-data"  # 4 windows < min_windows

@@ -36,7 +36,33 @@ def test_attention_on_a_key_set_and_dormancy():
     keys = torch.tensor([[True, False, True, False]])
     on = S.attention_on(key_attn, keys)
     assert float(on) == pytest.approx(0.95)
-    assert bool(S.dormant(on, 0.9)) and not bool(S.dormant(on, 0.96))
+
+
+def test_dormancy_is_per_query():
+    """Guo et al.: a query is dormant when its attention on the sink is >= 0.89; a head when half its queries are."""
+    probs = torch.zeros(1, 2, 5, 5)  # (B, H, T, T)
+    probs[0, 0, :, 0] = torch.tensor([1.0, 0.95, 0.9, 0.5, 0.3])  # head 0: queries 1, 2 dormant of 1..4
+    probs[0, 1, :, 0] = 0.8  # head 1: mean 0.8, no query reaches 0.89
+    share = S.dormant_queries(probs)  # (1, 2)
+    assert share.tolist() == [[0.5, 0.0]]
+    assert S.dormant(share).tolist() == [[True, False]]
+    assert S.dormant_queries(probs, tau=0.92).tolist() == [[0.25, 0.0]]
+    # the averaged criterion it replaces would call head 0 active (mean 0.66) like head 1 (0.8)
+    assert float(S.sink_score(probs)[0, 0]) < 0.89
+
+
+def test_massive_tokens_follow_sun_et_al():
+    """One value > 100 and >= 1000x the median |h|; the norm ratio alone misses a BOS like gemma3's."""
+    torch.manual_seed(0)
+    h = torch.randn(1, 64, 640) * 20  # median |h| ~ 13.5, token norms ~ 500
+    h[0, 0, 3] = 30_000.0  # gemma3-like BOS: one huge value (norm ratio ~ 60, > 1000x the median)
+    h[0, 9, 5] = 5_000.0  # large, but < 1000x the median
+    m = S.massive_activation(h)
+    assert m["tokens"][0].nonzero()[:, 0].tolist() == [0]
+    norms = S.token_norms(h)[None]  # (L=1, B, T)
+    assert not S.extreme_tokens(norms, k=100)[0, 0]  # the norm criterion alone misses it
+    small = torch.full((1, 4), 50.0)
+    assert not S.massive_tokens(small, torch.tensor([0.01])).any()  # 5000x the median but not > 100
 
 
 def test_peak_ratio_and_extreme_tokens():
@@ -86,14 +112,16 @@ def _window_stats(sink: float, drain: float, peak: float, w: int = 2) -> S.Windo
     sinks = torch.full((w, L, H), 0.2)
     sinks[:, 1, 0] = sink  # the head under test: L1H0
     return S.WindowStats(norm_sink=torch.full((w, L), peak), norm_median=torch.ones(w, L), massive=massive,
-                         extreme=[[0]] * w, sink=sinks, extreme_attn=sinks, sink_set=sinks,
+                         extreme=[[0]] * w, sink=sinks, extreme_attn=sinks,
+                         dormant_queries=(sinks >= 0.89).float(),
                          drain=torch.full((w, L, KVH), drain), linear={
                              "layers.0.mlp.down_proj.in": {"absmax": 9.0, "absmax_without_extreme": 2.0,
                                                            "moments": S.moments(torch.randn(1000))}})
 
 
 def test_summarize_layer_profile_and_heads():
-    out = S.summarize(_window_stats(sink=0.95, drain=0.2, peak=80.0), k=50, tau=0.9, sink_positions=())
+    out = S.summarize(_window_stats(sink=0.95, drain=0.2, peak=80.0), k=50, tau=0.9, share=0.6,
+                      sink_positions=())
     layer = out["layers"][1]
     assert layer["residual_peak_ratio"] == 80.0 and layer["massive_channel"] == 7
     assert layer["massive_ratio"] == 1600.0 and layer["dormant_heads"] == 1 and layer["value_drain"] == 0.2
@@ -101,7 +129,8 @@ def test_summarize_layer_profile_and_heads():
     assert out["extreme_tokens"]["windows_with_position"] == {"0": 2}
     absmax, without, kurt = out["linear_inputs"]["sites"]["layers.0.mlp.down_proj.in"]
     assert (absmax, without) == (9.0, 2.0) and 2 < kurt < 4
-    assert out["protocol"]["k"] == 50 and out["protocol"]["tau"] == 0.9
+    assert out["protocol"]["k"] == 50 and out["protocol"]["tau"] == 0.9 and out["protocol"]["dormant_queries"] == 0.6
+    assert layer["massive_token"] and out["extreme_tokens"]["massive_value"] == 100.0
 
 
 def test_changes_reports_woken_heads_and_largest_shifts():

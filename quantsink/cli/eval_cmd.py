@@ -52,6 +52,9 @@ def result_table(record: dict[str, Any]) -> Table:
         ds = record["d_sink"]
         table.add_row("d_sink (nats/token)", "", f"{ds['nats_per_token']:+.4g}",
                       f"95% CI [{ds['ci95'][0]:+.3g}, {ds['ci95'][1]:+.3g}]")
+    if record.get("noise_floor"):
+        floor = record["noise_floor"]
+        table.add_row("noise floor (ppl)", "", _fmt(floor["ppl"]), floor["perturbation"])
     return table
 
 

@@ -1,10 +1,12 @@
-"""``clip-residual[:tau=10|:max=...]``: clip the residual-state peak after every decoder layer.
+"""``clip-residual[:tau=10|:max=...][:target=sink|any]``: clip the residual-state peak after every decoder layer.
 
-After each decoder layer, every token whose residual-state norm exceeds the
-bound is scaled down (direction kept) to the bound: ``tau`` x the median norm
-of the window's tokens at that layer, or the absolute ``max`` when given
-(``max`` wins over ``tau``).  In practice that is the sink token(s): the
-residual-state peak is ~160x the median on smollm2-135m.  Per layer the record
+After each decoder layer, the first token's residual state (position 0: the
+sink, i.e. BOS or a prepended sink token when the windows have one, else the
+first token) is scaled down (direction kept) to the bound when its norm
+exceeds it: ``tau`` x the median norm of the window's tokens at that layer, or
+the absolute ``max`` when given (``max`` wins over ``tau``).  ``target=any``
+clips every token above the bound instead (the residual-state peak is ~160x
+the median on smollm2-135m, and other extreme tokens may exceed it too).  Per layer the record
 says how many token states were clipped, how many of them at position 0, and
 the largest norm before and after.  Run it with ``--scheme fp32`` to see what
 clipping alone costs the float model (Sun et al. 2024: the model needs its
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterator, Literal
 
 import torch
 
@@ -23,14 +25,18 @@ from . import Env, Mitigation, register
 from ..hooks import attach, hidden_of, layer_sites, with_hidden
 
 
-def clip_norms(h: torch.Tensor, tau: float | None, bound: float | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale rows of ``h`` (B, T, C) whose norm exceeds the bound down to it -> (clipped h, clipped mask (B, T))."""
+def clip_norms(h: torch.Tensor, tau: float | None, bound: float | None,
+               sink_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale rows of ``h`` (B, T, C) whose norm exceeds the bound down to it (only position 0 with
+    ``sink_only``) -> (clipped h, clipped mask (B, T))."""
     norms = h.float().norm(dim=-1)  # (B, T)
     if bound is None:
         limit = tau * norms.median(dim=-1, keepdim=True).values  # (B, 1)
     else:
         limit = torch.full_like(norms[:, :1], bound)  # (B, 1)
     scale = (limit / norms.clamp_min(1e-12)).clamp(max=1.0)  # (B, T)
+    if sink_only:
+        scale[:, 1:] = 1.0
     return (h.float() * scale[..., None]).to(h.dtype), scale < 1.0
 
 
@@ -38,14 +44,16 @@ def clip_norms(h: torch.Tensor, tau: float | None, bound: float | None) -> tuple
 class ClipResidual(Mitigation):
     tau: float = 10.0
     max: float | None = None
+    target: Literal["sink", "any"] = "sink"
 
     def __post_init__(self) -> None:
         if self.tau <= 0 or (self.max is not None and self.max <= 0):
             raise ValueError("tau and max must be > 0")
 
     def describe(self) -> str:
-        return (f"token states with norm > {self.max:g} (absolute)" if self.max is not None
-                else f"token states with norm > {self.tau:g} x the window's median norm")
+        who = "the sink's (position 0) state" if self.target == "sink" else "token states"
+        return (f"{who} with norm > {self.max:g} (absolute)" if self.max is not None
+                else f"{who} with norm > {self.tau:g} x the window's median norm")
 
     @contextmanager
     def attach(self, model: Any, env: Env) -> Iterator[None]:
@@ -54,7 +62,7 @@ class ClipResidual(Mitigation):
         def hook(name: str) -> Any:
             def clip(output: Any) -> Any:
                 h = hidden_of(output)  # (B, T, C)
-                clipped_h, mask = clip_norms(h, self.tau, self.max)
+                clipped_h, mask = clip_norms(h, self.tau, self.max, sink_only=self.target == "sink")
                 stats = per_layer.setdefault(name, {"clipped": 0, "clipped_at_0": 0, "peak_before": 0.0,
                                                     "peak_after": 0.0})
                 stats["clipped"] += int(mask.sum())
@@ -73,5 +81,5 @@ class ClipResidual(Mitigation):
                              total_clipped=sum(s["clipped"] for s in per_layer.values()))
 
 
-register(ClipResidual(name="clip-residual"), "after each decoder layer, clip token states whose residual "
-         "norm exceeds tau x the median (or max) to that bound; recorded per layer")
+register(ClipResidual(name="clip-residual"), "after each decoder layer, clip the sink's (position 0) residual "
+         "state to tau x the median norm (or max) when above it; target=any clips every token; recorded per layer")
