@@ -13,8 +13,11 @@ the record, never stored twice:
 * ``heads_woken``: heads dormant in the reference and active in the candidate
   (``stats.changes.woken`` when the record lists them, e.g. ``"L20H5"``; else
   dormant fraction >= 0.5 in the reference and < 0.5 in the candidate).
+* ``bits``: weight / activation / KV-cache bits, e.g. ``W8A8KV32`` (float parts at the
+  run's dtype); ``w_bits``: nominal weight bits (the plot's axis).
 * ``effect`` / ``effect_ci``/ ``verdict``: the record's ``mitigation_effect``
-  (mitigated minus unmitigated perplexity, paired bootstrap 95% CI).
+  (mitigated minus unmitigated perplexity, paired t 95% interval over windows);
+  a ``not-applicable`` run (the mitigation changed nothing) shows no effect.
 * ``d_sink`` / ``d_sink_ci``: the record's sink damage in nats per token.
 
 Fields a record lacks (no stats, no mitigation) are left empty, never invented.
@@ -36,7 +39,7 @@ from typing import Any, Iterable
 KEY = ("model", "corpus", "protocol", "scheme", "mitigation")
 COLUMNS = {  # column -> (markdown header, digits); order = table order
     "model": ("model", None), "corpus": ("corpus", None), "scheme": ("scheme", None),
-    "mitigation": ("mitigation", None), "bits": ("bits", 3), "ppl_ref": ("ppl ref", 4), "ppl": ("ppl", 4),
+    "mitigation": ("mitigation", None), "bits": ("bits", None), "w_bits": ("weight bits", 3), "ppl_ref": ("ppl ref", 4), "ppl": ("ppl", 4),
     "ppl_ratio": ("ppl ×ref", 4), "kl": ("KL", 3), "top1": ("top-1", 3), "bpb": ("bits/byte", 4),
     "delta_bpb": ("Δ bits/byte", 3), "d_sink": ("d_sink", 3), "d_sink_ci": ("d_sink CI", 3),
     "verdict": ("verdict", None), "effect": ("Δppl vs unmitigated", 3), "effect_ci": ("Δppl CI", 3),
@@ -49,7 +52,9 @@ COLUMNS = {  # column -> (markdown header, digits); order = table order
 MARKDOWN = ("model", "corpus", "scheme", "mitigation", "bits", "ppl", "ppl_ratio", "kl", "top1", "bpb",
             "d_sink", "verdict", "effect", "effect_ci", "sink_before", "sink_after", "heads_woken",
             "peak_before", "peak_after", "simulated", "backend")
-VERDICT_COLORS = {"helps": "#2e7d32", "hurts": "#c62828", "inconclusive": "#757575"}
+VERDICT_COLORS = {"helps": "#2e7d32", "hurts": "#c62828", "inconclusive": "#757575",
+                  "insufficient-data": "#9e9e9e", "not-applicable": "#bdbdbd"}
+DTYPE_BITS = {"float32": 32, "bfloat16": 16, "float16": 16}
 
 
 # --------------------------------------------------------------------------- record -> row (pure)
@@ -132,6 +137,17 @@ def protocol_label(record: dict[str, Any]) -> str:
             f"BOS {p.get('bos', '?')}, {p.get('dtype', '?')}")
 
 
+def bits_label(scheme: dict[str, Any], dtype: Any) -> str:
+    """``W8A8KV32``: weight / activation / KV-cache bits, float parts at the run's dtype."""
+    widths = scheme.get("bit_widths")
+    if not isinstance(widths, dict):  # an older record: weight bits only
+        bits = _num(scheme.get("bits"))
+        return "" if bits is None else f"W{bits:g}"
+    fallback = DTYPE_BITS.get(str(dtype), 32)
+    return "".join(f"{tag}{widths.get(key) or fallback}"
+                   for tag, key in (("W", "weights"), ("A", "activations"), ("KV", "kv")))
+
+
 def mitigation_label(record: dict[str, Any]) -> str:
     configured = _get(record, "config", "mitigation")
     if isinstance(configured, str):
@@ -147,20 +163,23 @@ def row(record: dict[str, Any]) -> dict[str, Any]:
     effect = record.get("mitigation_effect") or {}
     d_sink = record.get("d_sink", effect.get("d_sink") if isinstance(effect, dict) else None)
     woken = woken_heads(record)
+    verdict = effect.get("verdict") if isinstance(effect, dict) else None
+    no_effect = not isinstance(effect, dict) or verdict == "not-applicable"  # shown as such, not as 0 [0, 0]
     ppl_ref, ppl = _num(ref.get("ppl")), _num(cand.get("ppl"))
     bpb_ref, bpb = _num(ref.get("bits_per_byte")), _num(cand.get("bits_per_byte"))
     backend = " ".join(str(x) for x in (scheme.get("backend"), scheme.get("backend_version")) if x)
     return {
         "model": str(_get(record, "model", "name")), "corpus": str(_get(record, "corpus", "name")),
         "scheme": str(scheme.get("spec") or scheme.get("name")), "mitigation": mitigation_label(record),
-        "bits": _num(scheme.get("bits")), "ppl_ref": ppl_ref, "ppl": ppl,
+        "bits": bits_label(scheme, _get(record, "protocol", "dtype")), "w_bits": _num(scheme.get("bits")),
+        "ppl_ref": ppl_ref, "ppl": ppl,
         "ppl_ratio": ppl / ppl_ref if ppl is not None and ppl_ref else None,
         "kl": _num(cand.get("kl")), "top1": _num(cand.get("top1_agreement")), "bpb": bpb,
         "delta_bpb": bpb - bpb_ref if bpb is not None and bpb_ref is not None else None,
         "d_sink": _num(d_sink), "d_sink_ci": _ci(d_sink),
-        "verdict": effect.get("verdict") if isinstance(effect, dict) else None,
-        "effect": _num(effect.get("delta_ppl")) if isinstance(effect, dict) else None,
-        "effect_ci": _ci(effect) if isinstance(effect, dict) else None,
+        "verdict": verdict,
+        "effect": None if no_effect else _num(effect.get("delta_ppl")),
+        "effect_ci": None if no_effect else _ci(effect),
         "sink_before": _mean(_get(stats_ref, "heads", "sink_score")),
         "sink_after": _mean(_get(stats_cand, "heads", "sink_score")),
         "drain_before": _mean(_get(stats_ref, "heads", "value_drain")),
@@ -262,17 +281,17 @@ def _subplots(n: int, width: float = 5.0, height: float = 3.6, cols: int = 2) ->
 
 def plot_ppl_vs_bits(frame: Any) -> bytes | None:
     """Perplexity ratio to the reference vs nominal bits, one point per unmitigated scheme."""
-    data = frame[(frame["mitigation"] == "none") & frame["bits"].notna() & frame["ppl_ratio"].notna()]
+    data = frame[(frame["mitigation"] == "none") & frame["w_bits"].notna() & frame["ppl_ratio"].notna()]
     if data.empty:
         return None
     corpora = list(dict.fromkeys(data["corpus"]))
     fig, axes = _subplots(len(corpora))
     for ax, corpus in zip(axes, corpora):
         for model, part in data[data["corpus"] == corpus].groupby("model", sort=False):
-            ax.scatter(part["bits"], part["ppl_ratio"], label=model, s=36,
+            ax.scatter(part["w_bits"], part["ppl_ratio"], label=model, s=36,
                        marker="x" if part["simulated"].all() else "o")
             for _, r in part.iterrows():
-                ax.annotate(r["scheme"], (r["bits"], r["ppl_ratio"]), fontsize=7, xytext=(3, 3),
+                ax.annotate(r["scheme"], (r["w_bits"], r["ppl_ratio"]), fontsize=7, xytext=(3, 3),
                             textcoords="offset points")
         ax.set(title=f"{corpus}", xlabel="nominal weight bits", ylabel="ppl / reference ppl", yscale="log")
         ax.axhline(1.0, color="black", lw=0.6)
@@ -472,7 +491,10 @@ def to_html(frame: Any, images: dict[str, bytes | None], failures: list[dict[str
         f'<p class="note">{len(frame)} rows. Protocol: {html.escape(protocols)}. Click a column header to sort. '
         "ppl ×ref = candidate / reference perplexity; sink = mean attention on key 0 over layers and heads; "
         "drain = mean value-state drain; peak = largest residual-state peak ratio over layers; "
-        "Δppl vs unmitigated with its paired-bootstrap 95% CI gives the verdict.</p>",
+        "bits = weight / activation / KV-cache bits (float parts at the run's dtype); "
+        "Δppl vs unmitigated with its paired t 95% interval over windows gives the verdict: helps / hurts only "
+        "when the interval clears the measured noise floor, insufficient-data below the minimum number of "
+        "windows, not-applicable when the mitigation changed nothing.</p>",
         f'<div class="wrap"><table class="sortable" id="leaderboard"><thead><tr>{head}</tr></thead>'
         f"<tbody>\n{body}\n</tbody></table></div>",
         _failures_html(failures), _notes_html(skipped, superseded), "<h2>Plots</h2>",

@@ -67,6 +67,8 @@ def markdown(corpus: str, rows: list[dict], reference_ppl: float, protocol: dict
             lines.append(f"| {r['scheme']} | {r['mitigation']} | error: {r['error']} | | | | | |")
             continue
         ci = f"{r['delta_ppl']:+.3f} [{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}]" if "delta_ppl" in r else ""
+        if r.get("verdict") == "not-applicable":
+            ci = "not applicable (changed nothing)"
         dkl = f"{r['delta_kl']:+.4f}" if "delta_kl" in r else ""
         lines.append(f"| {r['scheme']} | {r['mitigation']} | {r['ppl']:.3f} | {r['kl']:.4f} | {r['top1']:.3f} "
                      f"| {ci} | {dkl} | {r.get('verdict', '')} |")

@@ -47,6 +47,28 @@ def test_mitigation_effect_and_d_sink_pass_through_with_their_cis():
     assert r["mitigation"] == "sink-fp"
 
 
+def test_not_applicable_shows_no_effect_and_bits_name_every_part():
+    effect = {"delta_ppl": 0.0, "delta_kl": 0.0, "ci95": [0.0, 0.0], "verdict": "not-applicable"}
+    r = row(make_record(mitigation="sink-token", effect=effect))
+    assert (r["verdict"], r["effect"], r["effect_ci"]) == ("not-applicable", None, None)
+    kv_only = make_record(scheme="kv4", bits=32.0)
+    kv_only["scheme"]["bit_widths"] = {"weights": None, "activations": None, "kv": 4}
+    assert row(kv_only)["bits"] == "W32A32KV4" and row(kv_only)["w_bits"] == 32.0
+    kv_only["protocol"]["dtype"] = "bfloat16"
+    assert row(kv_only)["bits"] == "W16A16KV4"
+    assert row(make_record(bits=8.0))["bits"] == "W8"  # an older record: weight bits only
+
+
+def test_schemes_record_their_bit_widths():
+    from quantsink.report import bits_label
+    from quantsink.schemes import parse_scheme
+
+    labels = {spec: bits_label(parse_scheme(spec).record(), "float32")
+              for spec in ("w8a8", "kv4", "w8a8-kv8", "int8", "nf4", "bf16")}
+    assert labels == {"w8a8": "W8A8KV32", "kv4": "W32A32KV4", "w8a8-kv8": "W8A8KV8", "int8": "W8A8KV32",
+                      "nf4": "W4A32KV32", "bf16": "W16A16KV16"}
+
+
 def test_records_without_stats_leave_cells_empty():
     r = row(make_record(stats=False))
     assert all(r[k] is None for k in ("sink_before", "sink_after", "heads_woken", "peak_before", "drain_after"))

@@ -79,6 +79,11 @@ class Scheme:
         """Nominal weight bits (for the leaderboard's bits axis)."""
         return 32.0
 
+    @property
+    def bit_widths(self) -> dict[str, int | None]:
+        """Bits of weights, activations and the KV cache; None = left in the run's float dtype."""
+        return {"weights": None, "activations": None, "kv": None}
+
     def apply(self, model: Any, ctx: QuantContext) -> Any:
         """Quantize ``model`` (a private copy); hooks it needs while running go into ``ctx.hooks``."""
         raise NotImplementedError
@@ -110,7 +115,8 @@ class Scheme:
     def record(self) -> dict[str, Any]:
         return {"name": self.name, "spec": self.spec(), "params": params_of(self),
                 "simulated": self.simulated, "backend": self.backend,
-                "backend_version": self.backend_version(), "bits": self.bits}
+                "backend_version": self.backend_version(), "bits": self.bits,
+                "bit_widths": self.bit_widths}
 
 
 SCHEMES: Registry[Scheme] = Registry("scheme")

@@ -32,6 +32,10 @@ class BnbInt8(Scheme):
     def bits(self) -> float:
         return 8.0
 
+    @property
+    def bit_widths(self) -> dict[str, int | None]:
+        return {"weights": 8, "activations": 8, "kv": None}  # LLM.int8: int8 activations, outliers in float
+
     def apply(self, model: Any, ctx: QuantContext) -> Any:
         import bitsandbytes as bnb
 
@@ -72,6 +76,10 @@ class Bnb4bit(Scheme):
     @property
     def bits(self) -> float:
         return 4.0
+
+    @property
+    def bit_widths(self) -> dict[str, int | None]:
+        return {"weights": 4, "activations": None, "kv": None}
 
     def apply(self, model: Any, ctx: QuantContext) -> Any:
         import bitsandbytes as bnb

@@ -18,6 +18,11 @@ class FloatScheme(Scheme):
     def bits(self) -> float:
         return {"float32": 32.0, "bfloat16": 16.0, "float16": 16.0}[self.dtype]
 
+    @property
+    def bit_widths(self) -> dict[str, int | None]:
+        bits = int(self.bits)
+        return {"weights": bits, "activations": bits, "kv": bits}
+
     def apply(self, model: Any, ctx: QuantContext) -> Any:
         from ..models import torch_dtype
 

@@ -205,6 +205,10 @@ class Simulated(Scheme):
     def quantizes_tokens(self) -> bool:  # type: ignore[override]
         return self.act_bits is not None or self.kv_bits is not None
 
+    @property
+    def bit_widths(self) -> dict[str, int | None]:
+        return {"weights": self.w_bits, "activations": self.act_bits, "kv": self.kv_bits}
+
     def spec_key(self, key: str) -> str:
         """``group`` names the group size of the part this preset quantizes group-wise;
         ``key_gran`` / ``value_gran`` are ``k_gran`` / ``v_gran``."""
