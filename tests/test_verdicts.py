@@ -1,0 +1,41 @@
+"""Verdicts on real passes (tiny model): a no-op mitigation is never helps/hurts; the noise floor is recorded."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from quantsink.config import RunConfig
+from quantsink.run import run
+
+
+def _config(tiny_model_dir, tiny_text_file, tmp_path, **changes):
+    base = RunConfig(model=str(tiny_model_dir), corpus=f"file:{tiny_text_file}", window=32, max_tokens=8 * 32,
+                     calib_windows=1, stats=False, device="cpu", results=str(tmp_path))
+    return base.replace(**changes)
+
+
+@pytest.mark.parametrize("scheme,mitigation,expected", [
+    ("kv4", "smooth", {"inconclusive", "not-applicable"}),  # smooth is a float no-op when only the KV cache is quantized
+    ("w8a8-dyn", "clip-residual:max=1e30", {"not-applicable"}),  # clips nothing: bit-identical
+])
+def test_a_no_op_mitigation_is_never_helps_or_hurts(tiny_model_dir, tiny_text_file, tmp_path, scheme, mitigation,
+                                                    expected):
+    record = run(_config(tiny_model_dir, tiny_text_file, tmp_path, scheme=scheme, mitigation=mitigation))
+    effect = record["mitigation_effect"]
+    assert effect["n_windows"] == 8 and effect["verdict"] in expected, effect
+    assert effect["noise_floor_measured"] and effect["noise_floor_nats"] >= 0
+    stored = [json.loads(p.read_text()) for p in tmp_path.glob("*.json")]
+    base = next(r for r in stored if r["config"]["mitigation"] == "none")
+    floor = base["noise_floor"]
+    assert "attention" in floor["perturbation"] and len(floor["nll_per_window"]) == 8
+    assert floor["nats_per_token"] == pytest.approx(effect["noise_floor_nats"])
+
+
+def test_no_floor_and_few_windows_are_stated(tiny_model_dir, tiny_text_file, tmp_path):
+    config = _config(tiny_model_dir, tiny_text_file, tmp_path, scheme="w8a8-dyn", mitigation="sink-fp",
+                     noise_floor=False, max_tokens=4 * 32)
+    effect = run(config, write=False)["mitigation_effect"]
+    assert effect["verdict"] == "insufficient-data" and effect["min_windows"] == 8
+    assert not effect["noise_floor_measured"] and effect["noise_floor_nats"] == 0.0
