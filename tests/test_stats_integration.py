@@ -88,3 +88,25 @@ def test_inspect_cli_profile_compare_and_plots(tmp_path):
     assert all(os.path.getsize(p) > 10_000 for p in report["plots"])
     bad = CliRunner().invoke(app, ["inspect", "--stats-windows", "0", "--window", "64", "--max-tokens", "128"])
     assert bad.exit_code == 2 and "stats-windows" in bad.output
+
+
+def _reference_stats(session, **changes):
+    from quantsink.hooks import stats_pass
+    from quantsink.run import prepare
+
+    config = RunConfig(window=256, max_tokens=256, calib_windows=1, stats_windows=1).replace(**changes)
+    prep = prepare(config, session)
+    return stats_pass(config, prep.loaded.model, prep.windows).extra["stats"]
+
+
+def test_per_query_dormancy_finds_the_papers_dormant_heads(session):
+    """Guo et al.'s criterion (>= 0.89 on the sink for at least half the queries) on window 0 of stdlib code:
+    ~20 dormant heads, where the old one (mean attention >= 0.9) found 2."""
+    stats = _reference_stats(session, corpus="python-code")
+    fraction = stats["heads"]["dormant_fraction"]
+    dormant = [(l, h) for l, row in enumerate(fraction) for h, v in enumerate(row) if v >= 0.5]
+    assert sum(layer["dormant_heads"] for layer in stats["layers"]) == len(dormant)
+    assert 12 <= len(dormant) <= 40, dormant
+    mean_dormant = sum(v >= 0.9 for row in stats["heads"]["sink_score"] for v in row)
+    assert mean_dormant < len(dormant) / 3
+    assert stats["protocol"]["tau"] == 0.89 and stats["protocol"]["dormant_queries"] == 0.5
