@@ -30,9 +30,11 @@ Mitigations' ``attach`` hooks stay attached while lm-eval runs.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import math
+import warnings
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -387,9 +389,32 @@ def reference_cached(prep: Any, names: Sequence[str]) -> tuple[dict[str, dict[st
     return result, False
 
 
+def announce_cost(prep: Any, names: Sequence[str]) -> None:
+    """Before any lm-eval pass, without ``--lm-eval-limit``: a one-line warning of how much each
+    task scores (lm-eval scores whole tasks, whatever ``--max-tokens`` says) and how to limit it.
+    Local tasks: documents and tokens estimated from the bytes per token of this run's windows."""
+    config = prep.config
+    if config.lm_eval_limit is not None:
+        return
+    per_token = float(prep.windows.nbytes.sum()) / max(prep.windows.n_scored, 1)  # bytes per token
+    for name in names:
+        if not (name in TASKS and TASKS.get(name).local):
+            warnings.warn(f"--lm-eval {name}: scores every document of the task on each model; "
+                          f"--lm-eval-limit N scores the first N", stacklevel=2)
+            continue
+        tokens = list(itertools.accumulate(len(d.encode("utf-8")) / per_token
+                                           for d in load_corpus(TASKS.get(name).corpus).documents))
+        if tokens[-1] > config.max_tokens:
+            fit = max(1, sum(t <= config.max_tokens for t in tokens))
+            warnings.warn(f"--lm-eval {name}: scores all {len(tokens)} documents (~{tokens[-1]:,.0f} tokens, "
+                          f"{tokens[-1] / config.max_tokens:.0f}x --max-tokens) on each model; "
+                          f"--lm-eval-limit {fit} stays within --max-tokens", stacklevel=2)
+
+
 def evaluate_run(prep: Any, candidate: Any) -> dict[str, Any]:
     """Both sides of a run: ``{"reference": {task: ...}, "candidate": {task: ...}, "reference_cached": bool}``."""
     names = task_names(prep.config.lm_eval)
+    announce_cost(prep, names)
     reference, cached = reference_cached(prep, names)
     cand = evaluate_model(candidate, prep.loaded.tokenizer, names, limit=prep.config.lm_eval_limit,
                           max_length=prep.config.window, batch_tokens=prep.config.batch_tokens,

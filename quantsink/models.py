@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import QuantsinkError, UsageError
-from .io import atomic_write_text, cache_root
+from .io import atomic_write_text, cache_root, umask
 from .registry import Registry
 
 
@@ -156,6 +156,7 @@ def install_converted(fill: Callable[[Path], None], target: Path) -> None:
     try:
         fill(tmp)
         write_manifest(tmp)
+        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes 0700
         _replace_dir(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

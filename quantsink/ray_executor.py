@@ -27,7 +27,6 @@ loads a pickle from disk.
 from __future__ import annotations
 
 import functools
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,19 +105,10 @@ def install_reference(name: str, data: bytes) -> None:
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    import tempfile
+    from .io import atomic_path
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def cell(config: Any, reference: tuple[str, bytes] | None, run_fn: Callable[..., dict[str, Any]],

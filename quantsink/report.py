@@ -633,6 +633,5 @@ def write_report(results: str | Path, out: str | Path) -> Written:
     written = Written(n_records=len(records), n_rows=len(frame), n_failures=len(failures), n_skipped=len(skipped))
     for name, text in files.items():
         atomic_write_text(out / name, text)
-        (out / name).chmod(0o644)
         written.paths.append(out / name)
     return written

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -209,3 +210,65 @@ def test_runs_that_need_each_other_as_variants_do_not_deadlock(tmp_path):
     records = {json.loads(p.read_text())["config"]["mitigation"]: json.loads(p.read_text())
                for p in tmp_path.glob("*.json")}
     assert "d_sink" in records["none"] and "mitigation_effect" in records["sink-fp"]
+
+
+# --------------------------------------------------------------------------- file modes
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077, 0o002])
+def test_written_files_follow_the_umask(tmp_path, mask):
+    from quantsink.io import atomic_write_text, umask
+
+    old = os.umask(mask)
+    try:
+        assert umask() == mask
+        path = write_record(fake_record("abc"), tmp_path / "runs")
+        atomic_write_text(tmp_path / "x.txt", "x")
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask
+    assert (tmp_path / "x.txt").stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_converted_model_directory_follows_the_umask(tmp_path, monkeypatch):
+    from quantsink import models
+
+    monkeypatch.setenv("QUANTSINK_CACHE", str(tmp_path / "cache"))
+    old = os.umask(0o022)
+    try:
+        models.install_converted(lambda tmp: (tmp / "config.json").write_text("{}"), tmp_path / "model")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "model").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "model" / models.MANIFEST).stat().st_mode & 0o777 == 0o644
+
+
+# --------------------------------------------------------------------------- lm-eval cost
+
+
+def fake_prep(max_tokens: int, limit=None):
+    import types
+
+    import torch
+
+    windows = types.SimpleNamespace(nbytes=torch.tensor([400, 400]), n_scored=200)  # 4 bytes per token
+    return types.SimpleNamespace(config=RunConfig(window=2, max_tokens=max_tokens, lm_eval="python-docs",
+                                                                 lm_eval_limit=limit),
+                                 windows=windows)
+
+
+def test_lm_eval_without_a_limit_says_what_it_will_score_and_how_to_limit_it():
+    from quantsink import lmeval
+    from quantsink.corpus import load_corpus
+
+    docs = load_corpus("python-docs").documents
+    first = len(docs[0].encode()) / 4
+    with pytest.warns(UserWarning) as caught:
+        lmeval.announce_cost(fake_prep(int(first) + 1), ["python-docs", "wikitext"])
+    local, hub = (str(w.message) for w in caught)
+    assert f"--lm-eval python-docs: scores all {len(docs)} documents" in local
+    assert "--lm-eval-limit 1 stays within --max-tokens" in local
+    assert "wikitext: scores every document" in hub and "--lm-eval-limit N" in hub
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lmeval.announce_cost(fake_prep(512, limit=4), ["python-docs"])  # a limit given: silent
