@@ -301,7 +301,8 @@ def test_sink_fp_detect_keeps_the_detected_positions(tiny):
     calib.input_ids[:, 2] = 7
     env = Env(reference=model, calibration=lambda: calib)
     ctx = SinkFP(name="sink-fp", k="detect", ratio=10.0).quant_context(QuantContext(keep_fp_positions=(0,)), env)
-    assert ctx.keep_fp_positions == (0, 2) and env.notes["positions"] == [2]
+    assert ctx.keep_fp_positions == (0,) and env.notes["predicted_on_calibration"] == [[2]] * len(calib)
+    assert ctx.keep_fp(calib.input_ids).nonzero()[:, 1].tolist() == [2] * len(calib)  # per window, anywhere
     ctx = SinkFP(name="sink-fp", k=3).quant_context(QuantContext(), Env())
     assert ctx.keep_fp_positions == (0, 1, 2)
 

@@ -39,6 +39,7 @@ class Env:
     scheme: Any = None
     notes: dict[str, Any] = field(default_factory=dict)
     sink_positions: tuple[int, ...] = ()  # of the windows the candidate sees (after every transform)
+    state: dict[str, Any] = field(default_factory=dict)  # a mitigation's own objects between its steps; not recorded
 
 
 @dataclass(frozen=True)
@@ -154,4 +155,4 @@ def register(default: Mitigation, help: str = "") -> Mitigation:
     return MITIGATIONS.register(default.name, default, help=help)
 
 
-from . import clip, intact_kv, rotate, sink_fp, sink_token, smooth  # noqa: E402,F401  (register them)
+from . import clip, cushion, intact_kv, rotate, sink_fp, sink_token, smooth  # noqa: E402,F401  (register them)

@@ -3,17 +3,17 @@
 The scheme leaves the chosen sequence positions out of activation and KV
 quantization and out of static calibration ranges (``QuantContext.keep_fp_positions``).
 ``k=N`` keeps positions ``0..N-1`` of every window (after any prepended sink
-token, so with ``sink-token`` position 0 is that token).  ``k=detect`` finds the
-extreme tokens from data: positions whose residual-state peak (max over layers
-of ``||h_t|| / median_t' ||h_t'||``, float reference) exceeds ``ratio`` in at
-least half of the first ``detect_windows`` calibration windows.
+token, so with ``sink-token`` position 0 is that token).  ``k=detect`` predicts
+the sink tokens of each window, anywhere in it, from stable outlier channels at
+one early layer (KVSink; ``ratio``, ``detect_windows``, ``layer``, ``channels``:
+see :mod:`quantsink.mitigations.sink_detect`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ContextManager, Literal
 
 import torch
 
@@ -44,49 +44,47 @@ def residual_norms(model: Any, into: list[torch.Tensor]) -> Any:
     return attach(model, {name: grab for name in layers}, known=layers)
 
 
-@torch.inference_mode()
-def detect_extreme_positions(model: Any, windows: Any, ratio: float) -> tuple[list[int], dict[str, float]]:
-    """Positions whose peak ratio exceeds ``ratio`` in at least half of ``windows`` (float forward)."""
-    norms: list[torch.Tensor] = []
-    device = model.get_input_embeddings().weight.device
-    with residual_norms(model, norms):
-        model(input_ids=windows.input_ids.to(device), attention_mask=windows.attention_mask.to(device),
-              use_cache=False)
-    peaks = peak_ratio(torch.stack(norms))  # (B, T)
-    share = (peaks > ratio).float().mean(0)  # (T,)
-    positions = [int(p) for p in (share >= 0.5).nonzero()[:, 0]]
-    return positions, {str(p): round(float(peaks[:, p].median()), 2) for p in positions}
-
-
 @dataclass(frozen=True)
 class SinkFP(Mitigation):
     k: int | Literal["detect"] = 1
     ratio: float = 20.0
     detect_windows: int = 4
+    layer: int | None = None
+    channels: int = 4
 
     def __post_init__(self) -> None:
         if self.k != "detect" and self.k < 1:
             raise ValueError("k must be >= 1 or 'detect'")
-        if self.ratio <= 1 or self.detect_windows < 1:
-            raise ValueError("ratio must be > 1 and detect_windows >= 1")
+        if self.ratio <= 1 or self.detect_windows < 1 or self.channels < 1:
+            raise ValueError("ratio must be > 1, detect_windows and channels >= 1")
+        if self.layer is not None and self.layer < 0:
+            raise ValueError("layer must be >= 0")
 
     def check(self, scheme: Any) -> None:
         require_token_scheme("sink-fp", scheme)
 
-    def positions(self, env: Env) -> list[int]:
-        if self.k != "detect":
-            env.notes["positions"] = list(range(self.k))
-            return env.notes["positions"]
-        windows = env.calibration().subset(slice(0, self.detect_windows))
-        positions, peaks = detect_extreme_positions(env.reference, windows, self.ratio)
-        env.notes.update(positions=positions, peak_ratio=peaks, detected_on=f"{len(windows)} calibration windows")
-        return positions
-
     def quant_context(self, ctx: Any, env: Env) -> Any:
-        keep = sorted(set(ctx.keep_fp_positions) | set(self.positions(env)))
+        if self.k == "detect":
+            return self.detect(ctx, env)
+        env.notes["positions"] = list(range(self.k))
+        keep = sorted(set(ctx.keep_fp_positions) | set(env.notes["positions"]))
         env.notes["how"] = "scheme keeps these positions in full precision and out of calibration ranges"
         return dataclasses.replace(ctx, keep_fp_positions=tuple(keep))
 
+    def detect(self, ctx: Any, env: Env) -> Any:
+        from .sink_detect import calibrate, combine
 
-register(SinkFP(name="sink-fp"), "keep the first k (or detected extreme) positions in full precision "
+        windows = env.calibration().subset(slice(0, self.detect_windows))
+        env.state["detector"], found = calibrate(env.reference, windows, self.ratio, self.layer, self.channels)
+        env.notes.update(found, how="per window, predicted sink positions kept in full precision and out of "
+                         "calibration ranges (KVSink)")
+        return dataclasses.replace(ctx, keep_fp=combine(ctx.keep_fp, env.state["detector"]))
+
+    def attach(self, model: Any, env: Env) -> ContextManager[Any]:
+        from .sink_detect import evaluation
+
+        return evaluation(env.state.get("detector"), env.notes)
+
+
+register(SinkFP(name="sink-fp"), "keep the first k (or, k=detect, per window predicted sink) positions in full precision "
          "in activation/KV quantization and out of calibration ranges")
