@@ -124,7 +124,8 @@ class Cushion(Mitigation):
             found = greedy_prefix(env.reference, calib, self.length, pool, self.tokens)
             names = env.tokenizer.convert_ids_to_tokens(found["token_ids"]) if env.tokenizer else []
             env.notes.update(found, tokens=[str(t) for t in names], search_windows=len(calib),
-                             search_tokens=self.tokens, candidates=len(pool), search_s=round(time.perf_counter() - t0, 2))
+                             search_tokens=self.tokens, candidates=len(pool),
+                             search_s=round(time.perf_counter() - t0, 2))
         return env.notes["token_ids"]
 
     def transform_windows(self, windows: Any, env: Env) -> Any:

@@ -249,6 +249,9 @@ class Rotate(Mitigation):
         env.notes.update(done, seed=self.seed, online=self.online, hidden=q.shape[0],
                          float_max_logit_diff=diff, float_max_logit=scale,
                          checked_on="the first calibration window, float model before vs after rotation")
+        if not (getattr(env.scheme, "act_bits", None) or getattr(env.scheme, "w_bits", None)):
+            env.notes["note"] = ("no-op in effect for the KV cache: the residual rotation leaves k_proj/v_proj "
+                                 "outputs unchanged (QuaRot's head-wise K/V Hadamards are not applied)")
         return model
 
 

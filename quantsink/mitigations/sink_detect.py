@@ -79,7 +79,8 @@ def stable_channels(h: torch.Tensor, ratio: float, top: int) -> list[int]:
 
 
 def predict(h: torch.Tensor, channels: list[int], ratio: float) -> torch.Tensor:
-    """Sink positions: score (max |h| over ``channels``) > ``ratio`` x the window's median score.  (B, T, C) -> (B, T)"""
+    """Sink positions: score (max |h| over ``channels``) > ``ratio`` x the window's median score.
+    (B, T, C) -> (B, T)"""
     score = h[..., channels].abs().amax(-1)  # (B, T)
     return score > ratio * score.median(-1, keepdim=True).values.clamp_min(1e-12)
 

@@ -86,5 +86,5 @@ class SinkFP(Mitigation):
         return evaluation(env.state.get("detector"), env.notes)
 
 
-register(SinkFP(name="sink-fp"), "keep the first k (or, k=detect, per window predicted sink) positions in full precision "
-         "in activation/KV quantization and out of calibration ranges")
+register(SinkFP(name="sink-fp"), "keep the first k (or, k=detect, per window predicted sink) positions in full "
+         "precision in activation/KV quantization and out of calibration ranges")
