@@ -67,6 +67,20 @@ def prepared(spec, model, scheme="w8a8-dyn", calib=None):
     return stack, candidate, ctx
 
 
+def quantized(stack, candidate, ctx, scheme):
+    """The scheme applied, its hooks handed to the stack (as ``run.build_candidate`` does)."""
+    candidate = parse_scheme(scheme).apply(candidate, ctx)
+    stack.scheme_hooks = ctx.hooks
+    return candidate
+
+
+def logits(model, ids, stack=None):
+    from contextlib import nullcontext
+
+    with torch.no_grad(), stack.attach(model) if stack else nullcontext():
+        return model(input_ids=ids).logits
+
+
 @pytest.mark.parametrize("bad", ["rotate:online=up", "rotate:seed=x", "cushion:length=0", "cushion:tokens=1",
                                  "sink-fp:k=detect,channels=0", "sink-fp:k=detect,layer=-1"])
 def test_bad_specs_are_usage_errors(bad):
@@ -101,8 +115,7 @@ def test_rotate_keeps_the_float_logits_and_unties_a_tied_head(tie):
     stack, candidate, _ = prepared("rotate", model)
     notes = stack.envs[0].notes
     ids = windows(seed=3).input_ids
-    with torch.no_grad():
-        diff = (candidate(input_ids=ids).logits - model(input_ids=ids).logits).abs().max()
+    diff = (logits(candidate, ids, stack) - logits(model, ids)).abs().max()
     assert diff < 1e-5 and notes["float_max_logit_diff"] < 1e-5
     assert notes["writers_rotated"] == 4 and notes["online_down_rotations"] == 2
     assert "model.norm" in notes["norms_folded"]
@@ -113,7 +126,7 @@ def test_rotate_keeps_the_float_logits_and_unties_a_tied_head(tie):
 def test_rotate_online_none_rotates_no_down_projection():
     stack, candidate, _ = prepared("rotate:online=none,seed=3", llama())
     assert stack.envs[0].notes["online_down_rotations"] == 0 and stack.envs[0].notes["seed"] == 3
-    assert not candidate.model.layers[0].mlp.down_proj._forward_pre_hooks
+    assert stack.envs[0].state["online"] == {}
 
 
 def test_rotate_is_exact_on_gemma3_with_online_rotations_after_the_post_norms():
@@ -121,9 +134,8 @@ def test_rotate_is_exact_on_gemma3_with_online_rotations_after_the_post_norms():
     stack, candidate, _ = prepared("rotate", model)
     notes = stack.envs[0].notes
     ids = windows(seed=3).input_ids
-    with torch.no_grad():
-        diff = (candidate(input_ids=ids).logits - model(input_ids=ids).logits).abs().max()
-    assert diff < 1e-5
+    assert (logits(candidate, ids, stack) - logits(model, ids)).abs().max() < 1e-5
+    assert (logits(candidate, ids) - logits(model, ids)).abs().max() > 1e-3  # the online rotations matter
     assert len(notes["online_residual_rotations"]) == 4 and notes["writers_rotated"] == 0
     assert all(float(n.weight.detach().abs().max()) < 1e-4 for f, n in candidate.named_modules()  # (1 + w) -> 1
                if f in notes["norms_folded"])
@@ -148,20 +160,25 @@ def test_rotate_spreads_a_massive_activation_over_the_channels():
     assert seen["float"].max() > 5 and seen["rotated"].max() < 1.5
 
 
-def test_rotate_online_hadamard_survives_the_scheme_replacing_down_proj():
+def test_rotate_online_hadamard_runs_before_the_schemes_input_quantizer():
+    from quantsink.hooks import attached_hooks
+
     model = llama()
-    _, candidate, ctx = prepared("rotate", model, scheme="w8a8-dyn")
-    candidate = parse_scheme("w8a8-dyn").apply(candidate, ctx)
+    stack, candidate, ctx = prepared("rotate", model, scheme="w8a8-dyn")
+    candidate = quantized(stack, candidate, ctx, "w8a8-dyn")
     down = candidate.model.layers[0].mlp.down_proj
-    seen = []
-    down.input_quantizer.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
-    down.register_forward_pre_hook(lambda m, args: seen.append(args[0]))  # registered later: sees rotated input
+    seen = {}
+    h1 = down.input_quantizer.register_forward_pre_hook(lambda m, args: seen.__setitem__("quantized", args[0]))
+    h2 = model.model.layers[0].mlp.down_proj.register_forward_pre_hook(lambda m, args: seen.__setitem__("float",
+                                                                                                          args[0]))
     ids = windows(seed=3).input_ids
-    with torch.no_grad():
-        out = candidate(input_ids=ids).logits
-        ref = model(input_ids=ids).logits
-    assert type(down).__name__ == "QuantLinear" and len(down._forward_pre_hooks) == 2
-    assert torch.equal(seen[0], seen[1])
+    out, ref = logits(candidate, ids, stack), logits(model, ids)
+    h1.remove(), h2.remove()
+    assert type(down).__name__ == "QuantLinear" and attached_hooks(candidate) == 0
+    # the quantizer sees the rotated input: the same norm per token (up to int8 noise upstream), other values
+    q, f = seen["quantized"], seen["float"]
+    assert torch.allclose(q.norm(dim=-1), f.norm(dim=-1), rtol=0.03)
+    assert (q - f).norm() > 0.5 * f.norm()
     assert (out - ref).abs().max() < 0.1 * ref.abs().max()  # int8 on a rotated model stays close
 
 
@@ -241,7 +258,7 @@ def test_sink_fp_detect_predicts_sinks_anywhere_per_window_and_records_them():
     notes = stack.envs[0].notes
     assert notes["layer"] == 0 and notes["channels"][0] == 5
     assert notes["predicted_on_calibration"] == [[0], [3], [5], [0]]
-    candidate = parse_scheme("w8a8-dyn").apply(candidate, ctx)
+    candidate = quantized(stack, candidate, ctx, "w8a8-dyn")
     w = windows(n=2, seed=4)
     w.input_ids[w.input_ids == 7] = 8
     w.input_ids[0, 6] = w.input_ids[1, 2] = w.input_ids[1, 9] = 7
@@ -250,7 +267,7 @@ def test_sink_fp_detect_predicts_sinks_anywhere_per_window_and_records_them():
     q.register_forward_hook(lambda m, args, out: seen.append((args[0], out)))
     with torch.no_grad(), stack.attach(candidate):
         candidate(input_ids=w.input_ids)
-    kept = notes["kept"]["evaluation"]
+    kept = notes["kept"]
     assert kept["positions"] == [[6], [2, 9]] and kept["kept_per_window"] == [1, 2]
     assert kept["windows_keeping_beyond_0"] == 2
     x, out = seen[0]

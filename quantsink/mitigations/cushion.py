@@ -24,11 +24,12 @@ import dataclasses
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterator
+from typing import Any, ClassVar, ContextManager, Iterator
 
 import torch
 
 from ..errors import QuantsinkError
+from ..hooks import FQN, Hook, attach
 from ..schemes import default_filter
 from . import Env, Mitigation, register
 from ._layers import cache_kwarg
@@ -36,25 +37,18 @@ from .intact_kv import prefix_length, reference_prefix
 from .sink_token import prepend
 
 
-@contextmanager
-def site_maxima(model: Any, skip: int, into: list[torch.Tensor], mask: torch.Tensor) -> Iterator[None]:
+def site_maxima(model: Any, skip: int, into: list[torch.Tensor], mask: torch.Tensor) -> ContextManager[Any]:
     """Append, per quantized site, each row's largest |activation| over positions ``>= skip``.  (B,) per site"""
     last: list[Any] = [None]
 
-    def grab(module: Any, args: tuple) -> None:
-        x = args[0]  # (B, T, C)
+    def grab(x: torch.Tensor) -> None:  # (B, T, C)
         if x is last[0]:  # q/k/v (gate/up) read one tensor: count it once
             return
         last[0] = x
         into.append((x[:, skip:].float().abs() * mask[:, skip:, None]).amax(dim=(1, 2)))  # (B,)
 
-    linears = [m for fqn, m in model.named_modules() if fqn and default_filter(m, fqn)]
-    handles = [m.register_forward_pre_hook(grab) for m in linears]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
+    linears = [fqn for fqn, m in model.named_modules() if fqn and default_filter(m, fqn)]
+    return attach(model, {f"{FQN}{fqn}": Hook(grab, "input") for fqn in linears})
 
 
 @torch.no_grad()
@@ -147,12 +141,13 @@ class Cushion(Mitigation):
         dtype = model.get_input_embeddings().weight.dtype
         state: dict[str, Any] = {}
 
-        def pre(module: Any, args: Any, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        def pre(args: Any, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
             ids = kwargs["input_ids"]  # (B, T)
             mask = kwargs.get("attention_mask")
             mask = torch.ones_like(ids) if mask is None else mask
             if not torch.equal(ids[:, :p], ids[:1, :p].expand(len(ids), p)):
-                raise QuantsinkError("cushion: windows do not share the prefix; combine it with intact-kv never")
+                raise QuantsinkError("cushion: the windows do not begin with one prefix (another mitigation "
+                                     "replaced it, e.g. intact-kv); use cushion without it")
             if "prefix" not in state:  # computed once, in full precision, by the reference
                 state["prefix"] = reference_prefix(env.reference, ids[:1], mask[:1], p, dtype)
             cache, logits = state["prefix"]
@@ -161,19 +156,15 @@ class Cushion(Mitigation):
             state["logits"] = logits.expand(len(ids), -1, -1)
             return args, {**kwargs, "input_ids": ids[:, p:], "attention_mask": mask, name: cache, "use_cache": True}
 
-        def post(module: Any, args: Any, kwargs: dict[str, Any], output: Any) -> Any:
+        def post(output: Any) -> Any:
             output.logits = torch.cat([state.pop("logits").to(output.logits.dtype), output.logits], 1)  # (B, T, V)
             return output
 
-        handles = [model.register_forward_pre_hook(pre, with_kwargs=True, prepend=True),
-                   model.register_forward_hook(post, with_kwargs=True)]
         env.notes.update(prefix_length=p, how="prefix KV computed once by the float reference, handed to the "
                          "quantized model as its KV cache; prefix never scored, never calibrated")
-        try:
+        # prepend: before the scheme's own hooks on the model call, so they see the ids and cache it gets
+        with attach(model, {"model": [Hook(pre, "call", prepend=True), Hook(post)]}, known={"model": model}):
             yield
-        finally:
-            for handle in handles:
-                handle.remove()
 
 
 register(Cushion(name="cushion"), "CushionCache: a greedily searched prefix (on calibration windows) whose KV "

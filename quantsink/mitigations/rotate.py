@@ -14,6 +14,9 @@ signs drawn from ``seed``), the model computes the same function on the rotated 
 * ``online=down`` (default) also rotates the input of every MLP down projection online with a randomised
   Hadamard of the intermediate size (``x -> x H'``, ``W_down <- W_down H'``), as QuaRot does.
 
+The online rotations are hooks (``hooks.attach``) attached while the candidate runs, static calibration
+included, ahead of the scheme's quantizers and of any probe.
+
 The parts are found from the data flow of a short traced forward (which module's output is which module's
 input), not from per-architecture names.  The float model must compute the same logits afterwards: the max
 logit difference on a calibration window is measured and recorded, and a model where it exceeds 1% of the
@@ -24,12 +27,13 @@ residual-state norms, so the peak ratio by norm, are unchanged; the largest sing
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ContextManager, Literal
 
 import torch
 from torch import nn
 
 from ..errors import QuantsinkError
+from ..hooks import FQN, Hook, attach, sites
 from . import Env, Mitigation, register
 
 TOLERANCE = 1e-2  # refuse when the float logits move by more than this share of the max |logit|
@@ -94,21 +98,16 @@ def data_flow(model: nn.Module, ids: torch.Tensor) -> dict[str, str]:
     is its first input."""
     made: dict[int, tuple[str, torch.Tensor]] = {}
     fed: dict[str, torch.Tensor] = {}
-    leaves = [(fqn, m) for fqn, m in model.named_modules() if fqn and not list(m.children())]
+    leaves = [fqn for fqn, m in model.named_modules() if fqn and not list(m.children())]
 
     def produced(fqn: str) -> Any:
-        return lambda m, a, out: made.__setitem__(id(out), (fqn, out)) if torch.is_tensor(out) else None
+        return lambda out: made.__setitem__(id(out), (fqn, out)) if torch.is_tensor(out) else None
 
     def consumed(fqn: str) -> Any:
-        return lambda m, args: fed.__setitem__(fqn, args[0]) if args and torch.is_tensor(args[0]) else None
+        return lambda x: fed.__setitem__(fqn, x) if torch.is_tensor(x) else None
 
-    handles = [m.register_forward_hook(produced(f)) for f, m in leaves]
-    handles += [m.register_forward_pre_hook(consumed(f)) for f, m in leaves]
-    try:
+    with attach(model, {f"{FQN}{f}": [Hook(produced(f)), Hook(consumed(f), "input")] for f in leaves}):
         model(input_ids=ids, use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
     flow = {}
     for fqn, x in fed.items():
         for t in (x, x._base):  # a view (the head reads ``hidden[:, -k:]``) counts as its base
@@ -131,8 +130,6 @@ class Plan:
 
 
 def plan(model: nn.Module, ids: torch.Tensor) -> Plan:
-    from ..hooks import sites
-
     flow = data_flow(model, ids)
     names = {m: f for f, m in model.named_modules()}
     linears = {f for f, m in model.named_modules() if isinstance(m, nn.Linear)}
@@ -181,21 +178,15 @@ def _set(linear: nn.Linear, weight: torch.Tensor) -> None:
     linear.weight = nn.Parameter(weight.to(linear.weight.dtype), requires_grad=False)
 
 
-class OnlineRotation:
-    """A forward (pre-)hook multiplying a module's output (or input) by a fixed matrix."""
-
-    def __init__(self, matrix: torch.Tensor):
-        self.matrix = matrix
-
-    def output(self, module: Any, args: Any, out: torch.Tensor) -> torch.Tensor:
-        return out @ self.matrix.to(out)
-
-    def input(self, module: Any, args: tuple) -> tuple:
-        return (args[0] @ self.matrix.to(args[0]), *args[1:])
+def online(matrix: torch.Tensor) -> Any:
+    """``x -> x @ matrix`` (a hook's function: at an ``output`` hook the output, at an ``input`` hook the input)."""
+    return lambda x: x @ matrix.to(x)
 
 
-def rotate_model(model: nn.Module, parts: Plan, q: torch.Tensor, down: torch.Tensor | None) -> dict[str, Any]:
-    """Fuse ``q`` into ``model`` as described in the module doc (in place); what was done."""
+def rotate_model(model: nn.Module, parts: Plan, q: torch.Tensor, down: torch.Tensor | None,
+                 hooks: dict[str, list[Hook]]) -> dict[str, Any]:
+    """Fuse ``q`` into ``model`` as described in the module doc (in place); the online rotations go into
+    ``hooks`` (``{fqn:<path>: [Hook]}``, attached while the model runs); what was done."""
     get = model.get_submodule
     n = q.shape[0]
     head = get(parts.head)
@@ -214,10 +205,10 @@ def rotate_model(model: nn.Module, parts: Plan, q: torch.Tensor, down: torch.Ten
         if lin.bias is not None:
             lin.bias.data = (lin.bias.double() @ q).to(lin.bias.dtype)
     for f in parts.post_norms:
-        get(f).register_forward_hook(OnlineRotation(q.float()).output)
+        hooks[f"{FQN}{f}"] = [Hook(online(q.float()), "output")]
     for f in parts.down if down is not None else ():
         _set(get(f), get(f).weight.double() @ down)
-        get(f).register_forward_pre_hook(OnlineRotation(down.float()).input)
+        hooks[f"{FQN}{f}"] = [Hook(online(down.float()), "input", prepend=True)]  # before any probe or quantizer
     return {"norms_folded": sorted(parts.feeds), "writers_rotated": len(parts.writers),
             "online_residual_rotations": parts.post_norms,
             "online_down_rotations": len(parts.down) if down is not None else 0}
@@ -240,8 +231,10 @@ class Rotate(Mitigation):
         down = None
         if self.online == "down" and parts.down:
             down = random_hadamard(model.get_submodule(parts.down[0]).in_features, gen).to(device)
-        done = rotate_model(model, parts, q, down)
-        diff = float((model(input_ids=ids, use_cache=False).logits.double() - before).abs().max())
+        hooks = env.state["online"] = {}
+        done = rotate_model(model, parts, q, down, hooks)
+        with attach(model, hooks):
+            diff = float((model(input_ids=ids, use_cache=False).logits.double() - before).abs().max())
         scale = float(before.abs().max())
         if diff > TOLERANCE * scale:
             raise QuantsinkError(f"rotate changed the float model's logits by {diff:.3g} (max |logit| {scale:.3g}); "
@@ -253,6 +246,9 @@ class Rotate(Mitigation):
             env.notes["note"] = ("no-op in effect for the KV cache: the residual rotation leaves k_proj/v_proj "
                                  "outputs unchanged (QuaRot's head-wise K/V Hadamards are not applied)")
         return model
+
+    def attach(self, model: Any, env: Env) -> ContextManager[Any]:
+        return attach(model, env.state.get("online", {}))
 
 
 register(Rotate(name="rotate"), "randomised Hadamard rotation of the residual stream fused into the weights "

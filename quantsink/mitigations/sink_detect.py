@@ -15,7 +15,7 @@ is a sink when its largest |activation| over the stable channels exceeds ``ratio
 over the window's positions.  Those positions' activations, keys and values stay in full precision and out
 of every range (``QuantContext.keep_fp``).  KVSink reads the quantized model's own early-layer state; the float
 reference's is used here (the same up to the quantization error of the first layers).  The record says, per
-evaluation window, how many positions were kept and where.
+evaluation window, how many positions were kept and where (``applied.kept``).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Any, Iterator
 
 import torch
 
-from ._layers import decoder_layers, hidden_of
+from ..hooks import attach, hidden_of, layer_sites
 
 MAX_LISTED = 32  # positions listed per window in the record
 
@@ -40,18 +40,18 @@ def layer_state(model: Any, ids: torch.Tensor, layer: int, mask: torch.Tensor | 
     """The residual state after decoder layer ``layer``; the forward stops there.  (B, T, C)"""
     got: list[torch.Tensor] = []
 
-    def grab(module: Any, args: Any, output: Any) -> None:
+    def grab(output: Any) -> None:
         got.append(hidden_of(output))
         raise _Stop
 
     device = model.get_input_embeddings().weight.device
-    handle = decoder_layers(model)[layer][1].register_forward_hook(grab)
+    name = f"layers.{layer}"
     try:
-        model(input_ids=ids.to(device), attention_mask=None if mask is None else mask.to(device), use_cache=False)
+        with attach(model, {name: grab}, known={name: layer_sites(model)[name]}):
+            model(input_ids=ids.to(device), attention_mask=None if mask is None else mask.to(device),
+                  use_cache=False)
     except _Stop:
         pass
-    finally:
-        handle.remove()
     return got[0].float()
 
 
@@ -87,31 +87,27 @@ def predict(h: torch.Tensor, channels: list[int], ratio: float) -> torch.Tensor:
 
 @dataclass
 class Detector:
-    """The calibrated rule and what it kept (``phase`` says which forwards are the evaluation)."""
+    """The calibrated rule, and the positions it kept in each row of the current attachment's forwards."""
 
     reference: Any
     layer: int
     channels: list[int]
     ratio: float
-    phase: str = "calibration"
-    kept: dict[str, list[list[int]]] = field(default_factory=lambda: {"calibration": [], "evaluation": []})
+    kept: list[list[int]] = field(default_factory=list)
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T) bool
         if not self.channels:
             return torch.zeros(ids.shape, dtype=torch.bool)
         mask = predict(layer_state(self.reference, ids, self.layer), self.channels, self.ratio).cpu()
-        self.kept[self.phase].extend(row.nonzero()[:, 0].tolist() for row in mask)
+        self.kept.extend(row.nonzero()[:, 0].tolist() for row in mask)
         return mask
 
     def record(self) -> dict[str, Any]:
-        def summary(rows: list[list[int]]) -> dict[str, Any]:
-            counts = [len(r) for r in rows]
-            return {"forwards_rows": len(rows), "kept_per_window": counts,
-                    "positions": [r[:MAX_LISTED] for r in rows],
-                    "mean_kept": sum(counts) / max(1, len(counts)),
-                    "windows_keeping_position_0": sum(1 for r in rows if 0 in r),
-                    "windows_keeping_beyond_0": sum(1 for r in rows if any(p > 0 for p in r))}
-        return {phase: summary(rows) for phase, rows in self.kept.items()}
+        counts = [len(r) for r in self.kept]
+        return {"windows": len(counts), "kept_per_window": counts, "positions": [r[:MAX_LISTED] for r in self.kept],
+                "mean_kept": sum(counts) / max(1, len(counts)),
+                "windows_keeping_position_0": sum(1 for r in self.kept if 0 in r),
+                "windows_keeping_beyond_0": sum(1 for r in self.kept if any(p > 0 for p in r))}
 
 
 def calibrate(reference: Any, windows: Any, ratio: float, layer: int | None, top: int) -> tuple[Detector, dict]:
@@ -144,13 +140,15 @@ def combine(first: Any, second: Any) -> Any:
 
 @contextmanager
 def evaluation(detector: Detector | None, notes: dict[str, Any]) -> Iterator[None]:
-    """Forwards inside are the evaluation's; what was kept lands in ``notes`` at the end."""
+    """The forwards of one attachment: what was kept lands in ``notes["kept"]`` at the end.  A run attaches
+    twice, for calibration then for the evaluation pass: an earlier ``kept`` moves to ``kept_calibration``."""
     if detector is None:
         yield
         return
-    detector.phase = "evaluation"
+    detector.kept = []
     try:
         yield
     finally:
-        detector.phase = "calibration"
+        if "kept" in notes:
+            notes["kept_calibration"] = notes["kept"]
         notes["kept"] = detector.record()
