@@ -33,7 +33,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", default="smollm2-135m,gemma3-270m")
     parser.add_argument("--schemes", default="w8a8,w8a8-dyn,kv4")
-    parser.add_argument("--mitigations", default=",".join(MITIGATIONS).replace(",", ";"))
+    parser.add_argument("--mitigations", default=";".join(MITIGATIONS), help="';'-separated (a spec may hold ',')")
     parser.add_argument("--out", default="/tmp/new-mitig")
     parser.add_argument("--no-stats", action="store_true", help="skip the extreme-token statistics (faster)")
     args = parser.parse_args()
