@@ -24,7 +24,7 @@ from .errors import QuantsinkError
 from .evaluate import PassResult, ReferenceHead
 from .hooks import attention_implementation, stats_pass, stats_settings
 from .mitigations import MitigationStack, parse_mitigations
-from .models import LoadedModel, check_window, load_model
+from .models import LoadedModel, check_window, load_model, resolve_device
 from .plan import canonical, run_id_for
 from .registry import Registry
 from .results import SCHEMA_VERSION, check_writable_dir, write_record
@@ -161,6 +161,7 @@ def prepare(config: RunConfig, session: Session) -> Prepared:
     for mitigation in mitigations:
         mitigation.check(scheme)  # refuse what cannot apply, with a one-line reason
     protocol_of = PROTOCOLS.get(config.protocol)
+    resolve_device(config.device)  # no CUDA here: one line now, not after the corpus
     timing: dict[str, float] = {}
     t0 = time.perf_counter()
     corpus = session.corpus(config)

@@ -120,6 +120,13 @@ def test_results_that_cannot_be_a_directory_are_refused_before_the_load(tiny_mod
         run_mod.run(RunConfig(model=str(tiny_model_dir), results=str(tmp_path / where)))
 
 
+def test_results_that_is_not_writable_is_refused_before_the_load(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr("os.access", lambda path, mode: False)  # as root every directory is writable
+    no_load(monkeypatch)
+    with pytest.raises(QuantsinkError, match="is not writable; give a directory you can write to"):
+        run_mod.run(RunConfig(model=str(tiny_model_dir), results=str(tmp_path / "runs")))
+
+
 def test_report_out_that_is_a_file(tmp_path):
     write_record(make_record(), tmp_path / "runs")
     (tmp_path / "out").write_text("x")
@@ -187,6 +194,10 @@ def test_device_is_checked_before_any_load(monkeypatch, tmp_path):
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     result = runner.invoke(app, ["sweep", "--schemes", "int8", "--device", "cuda", "--results", str(tmp_path)])
     one_line_error(result, 1, "no CUDA device is available here")
+    no_load(monkeypatch)
+    monkeypatch.setattr(run_mod.Session, "corpus", lambda *a: pytest.fail("the corpus was loaded first"))
+    with pytest.raises(QuantsinkError, match="no CUDA device is available here"):
+        run_mod.run(RunConfig(device="cuda:1"), write=False)
 
 
 def test_unknown_lm_eval_task_is_refused_before_the_load(tiny_model_dir, monkeypatch):
