@@ -211,10 +211,11 @@ def test_cushion_picks_the_candidate_with_the_smallest_site_maxima():
     assert notes["objective_per_step"][0] == pytest.approx(min(scores), rel=1e-5)
 
 
-def test_cushion_hands_the_reference_prefix_kv_to_the_candidate():
-    model = llama()
+@pytest.mark.parametrize("build", [llama, gemma3])
+def test_cushion_hands_the_reference_prefix_kv_to_the_candidate(build):
+    model = build()  # gemma3: windows (23 positions) longer than its sliding window (8)
     stack = stack_of("cushion:length=2,candidates=4,tokens=8", model, scheme="w8a8", calib=windows(seed=9, prefix=1))
-    w = stack.windows(windows(prefix=1))  # BOS windows: the kept prefix is cushion + BOS
+    w = stack.windows(windows(prefix=1, t=20))  # BOS windows: the kept prefix is cushion + BOS
     assert w.sink_positions == (0, 1, 2)
     _, ctx = stack.prepare(copy.deepcopy(model), QuantContext(calibration=stack.calibration))
     assert ctx.keep_fp_positions == (0, 1, 2)
