@@ -144,8 +144,7 @@ def build_tokenizer(task: BigramBackcopy) -> Any:
     tok = Tokenizer(models.WordLevel({c: i for i, c in enumerate(task.vocab)}, unk_token=UNK))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, pad_token=PAD, unk_token=UNK,
-                                   model_max_length=task.seq_len)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, pad_token=PAD, unk_token=UNK)
 
 
 def write_heldout(task: BigramBackcopy, path: Path, *, n: int, seed: int) -> None:

@@ -52,10 +52,10 @@ class Preset:
 
 
 PRESETS: Registry[Preset] = Registry("preset")
-PRESETS.register("cpu", Preset(batch={1: 32, 3: 16}, steps={1: 800, 3: 300}, eval_every=50, probe_batch=32,
+PRESETS.register("cpu", Preset(batch={1: 32, 3: 16}, steps={1: 800, 3: 600}, eval_every=50, probe_batch=32,
                                 heldout=64, precision="bf16"),
-                 help="bf16 autocast; 1 layer: batch 32, 800 steps; 3 layers: batch 16, 300 steps "
-                      "(each ~15-25 min on a shared 2-core CPU)")
+                 help="bf16 autocast; 1 layer: batch 32, 800 steps; 3 layers: batch 16, 600 steps "
+                      "(each ~15-20 min on a shared 2-core CPU)")
 PRESETS.register("paper", Preset(batch={1: 512, 3: 512}, steps={1: 10000, 3: 10000}, eval_every=100, probe_batch=128,
                                  heldout=256,
                                   precision="float32"),
@@ -126,7 +126,7 @@ class TrainConfig:
     optimizer: str = field(default="adam", metadata=_opt("adam (AdamW) | sgd, with the paper's settings."))
     steps: int | None = field(default=None, metadata=_opt("Training steps (default: the preset's)."))
     batch: int | None = field(default=None, metadata=_opt("Sequences per step (default: the preset's)."))
-    preset: str = field(default="cpu", metadata=_opt("cpu (bf16 autocast; 800 steps of 32 for 1 layer, 300 of 16 "
+    preset: str = field(default="cpu", metadata=_opt("cpu (bf16 autocast; 800 steps of 32 for 1 layer, 600 of 16 "
                                                      "for 3) | paper (batch 512, 10k steps, float32)."))
     seed: int = field(default=0, metadata=_opt("Seed of the initialisation and of the data streams."))
     d: int = field(default=256, metadata=_opt("Hidden size d (MLP 4d)."))
