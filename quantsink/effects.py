@@ -200,7 +200,7 @@ def published(results: str, record: dict[str, Any], write: bool) -> Iterator[Non
     if not write:
         yield
         return
-    from .models import atomic_write_text
+    from .io import atomic_write_text
     from .results import _finite
 
     path = Path(results) / ".locks" / f"{record['run_id']}.pass.json"

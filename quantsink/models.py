@@ -163,8 +163,10 @@ def install_converted(fill: Callable[[Path], None], target: Path) -> None:
 
 
 def _replace_dir(tmp: Path, target: Path) -> None:
-    """Move ``tmp`` to ``target``; the old ``target`` is moved aside first, then removed.
-    A concurrent conversion that got there first and left a valid cache wins."""
+    """Move ``tmp`` to ``target``; an invalid old ``target`` is moved aside first, then removed.
+    A concurrent conversion that got there first and left a valid cache wins (it may be in use)."""
+    if target.exists() and cache_problem(target) is None:
+        return
     if target.exists():
         aside = Path(tempfile.mkdtemp(dir=target.parent, prefix=".stale-"))
         try:

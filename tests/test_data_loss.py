@@ -135,6 +135,14 @@ def test_damaged_converted_cache_is_rebuilt(embedded, damage):
     assert models.load_model(str(target), device="cpu").info.arch == "LlamaForCausalLM"
 
 
+def test_a_concurrent_conversion_never_replaces_a_valid_cache_in_use(embedded, tiny_model_dir):
+    convert, calls = embedded
+    target = convert()
+    inode = (target / "model.safetensors").stat().st_ino
+    models.install_converted(lambda tmp: [shutil.copy(p, tmp) for p in tiny_model_dir.iterdir()], target)
+    assert (target / "model.safetensors").stat().st_ino == inode and models.cache_problem(target) is None
+
+
 def test_converted_cache_without_manifest_is_rebuilt(embedded):
     convert, calls = embedded
     target = convert()
