@@ -513,7 +513,8 @@ def stats_settings(config: Any) -> dict[str, Any] | None:
     if not config.stats or config.stats_windows == 0:
         return None
     return {"windows": config.stats_windows, "k": S.DEFAULT_K, "tau": config.dormant_attention,
-            "dormant_queries": config.dormant_queries, "massive": [S.MASSIVE_VALUE, S.MASSIVE_RATIO],
+            "dormant_queries": config.dormant_queries,
+            "massive": [S.MASSIVE_VALUE, S.MASSIVE_RATIO, S.MASSIVE_TOKEN_RATIO],
             "version": S.STATS_VERSION}
 
 

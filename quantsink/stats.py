@@ -11,7 +11,11 @@ these functions.  Definitions (also written into every record under
 * massive activation: ``max |h|`` over positions and channels of a window, its
   (position, channel), and its ratio to the median ``|h|`` of that window.
   A token carries a massive activation (Sun et al.) when one of its values
-  exceeds ``MASSIVE_VALUE`` (100) and ``MASSIVE_RATIO`` (1000) x the median ``|h|``.
+  exceeds ``MASSIVE_VALUE`` (100) and ``MASSIVE_RATIO`` (1000) x the median ``|h|``,
+  and the token stands out among the window's tokens: its largest ``|h|`` is at least
+  ``MASSIVE_TOKEN_RATIO`` (10) x the median over tokens of their largest ``|h|``
+  (in gemma3-270m's layers 1-3 most tokens carry a value ~1,000x the median ``|h|``:
+  Sun's rule alone flags most tokens there).
 * extreme tokens: positions whose residual norm exceeds ``k x`` the median norm
   of their window in at least one layer (default k = 50), or that carry a
   massive activation in at least one layer: found from the data.  (gemma3's BOS
@@ -42,8 +46,9 @@ DEFAULT_TAU = 0.89  # a query is dormant when its attention on the sink is >= th
 DEFAULT_SHARE = 0.5  # a head is dormant when at least this share of its queries is dormant
 MASSIVE_VALUE = 100.0  # Sun et al.: a massive activation exceeds 100 ...
 MASSIVE_RATIO = 1000.0  # ... and ~1000x the median magnitude
+MASSIVE_TOKEN_RATIO = 10.0  # ... on a token that stands out: >= 10x the median of the tokens' largest |h|
 TOP = 10  # entries kept in each `changes` list
-STATS_VERSION = "2"  # bump when a change alters any recorded statistic
+STATS_VERSION = "3"  # bump when a change alters any recorded statistic
 
 
 # --------------------------------------------------------------------------- residual stream
@@ -78,12 +83,14 @@ def massive_activation(h: torch.Tensor, sample: int = 64) -> dict[str, torch.Ten
 
 
 def massive_tokens(tok_max: torch.Tensor, median_abs: torch.Tensor, value: float = MASSIVE_VALUE,
-                   ratio: float = MASSIVE_RATIO) -> torch.Tensor:
-    """Tokens with a massive activation (Sun et al.): a value above ``value`` and ``ratio`` x the median.
+                   ratio: float = MASSIVE_RATIO, token_ratio: float = MASSIVE_TOKEN_RATIO) -> torch.Tensor:
+    """Tokens with a massive activation (Sun et al.): a value above ``value`` and ``ratio`` x the median
+    ``|h|``, on a token whose largest ``|h|`` is ``token_ratio`` x the median of the tokens' largest ``|h|``.
 
     ``tok_max`` (B, T) largest ``|h|`` per token, ``median_abs`` (B,) -> (B, T) bool
     """
-    return (tok_max > value) & (tok_max >= ratio * median_abs[:, None])
+    typical = tok_max.median(dim=1, keepdim=True).values  # (B, 1)
+    return (tok_max > value) & (tok_max >= ratio * median_abs[:, None]) & (tok_max >= token_ratio * typical)
 
 
 def extreme_tokens(norms: torch.Tensor, k: float = DEFAULT_K) -> torch.Tensor:
@@ -220,8 +227,8 @@ def layer_profile(ws: WindowStats, share: float = DEFAULT_SHARE) -> list[dict[st
             "massive_position": int(ws.massive["position"][w, layer]),
             "massive_channel": int(ws.massive["channel"][w, layer]),
             "massive_ratio": _r(value[w, layer] / ws.massive["median_abs"][w, layer]),
-            "massive_token": bool(massive_tokens(value[w:w + 1, layer:layer + 1],
-                                                 ws.massive["median_abs"][w:w + 1, layer]).any()),
+            "massive_token": bool(massive_tokens(value[w:w + 1, layer:layer + 1],  # Sun's rule on the largest
+                                                 ws.massive["median_abs"][w:w + 1, layer], token_ratio=0.0)),
         }
         if ws.sink is not None:
             row["sink_score"] = _r(ws.sink[:, layer].mean())
@@ -261,6 +268,7 @@ def summarize(ws: WindowStats, *, k: float = DEFAULT_K, tau: float = DEFAULT_TAU
         "layers": layer_profile(ws, share),
         "heads": head_tables(ws),
         "extreme_tokens": {"k": k, "massive_value": MASSIVE_VALUE, "massive_ratio": MASSIVE_RATIO,
+                           "massive_token_ratio": MASSIVE_TOKEN_RATIO,
                            "windows_with_position": counts, "per_window": ws.extreme,
                            "massive_per_window": ws.massive_positions},
         "linear_inputs": {"columns": ["absmax", "absmax_without_extreme", "kurtosis"],
@@ -279,7 +287,8 @@ def protocol(k: float, tau: float, share: float, n_windows: int, sink_positions:
                    "(median over every (T//64)-th position, all channels)",
         "extreme_tokens": "positions with residual norm > k x the window's median norm in any layer, or with a "
                           "massive activation (one |h| > massive_value and >= massive_ratio x the window's "
-                          "median |h|, Sun et al.) in any layer",
+                          "median |h|, Sun et al., on a token whose largest |h| is >= massive_token_ratio x "
+                          "the median of the tokens' largest |h|) in any layer",
         "sink_score": "mean over queries i>=1 of attention on key 0 (eager attention), mean over windows",
         "extreme_score": "same, on the detected extreme tokens",
         "value_drain": "||v_0|| / median_{i>=1} ||v_i|| of v_proj's output, per KV head, mean over windows",

@@ -10,13 +10,13 @@ pytestmark = pytest.mark.slow
 
 
 def test_w8a8_dyn_sink_fp_helps_and_d_sink_is_positive(tmp_path):
-    config = RunConfig(scheme="w8a8-dyn", mitigation="sink-fp", corpus="python-code", max_tokens=384, window=128,
+    config = RunConfig(scheme="w8a8-dyn", mitigation="sink-fp", corpus="python-code", max_tokens=512, window=64,
                        calib_windows=1, results=str(tmp_path))
     session = Session()
     rec = run(config, session=session)
     eff, ds = rec["mitigation_effect"], rec["d_sink"]
     base = eff["baseline"]
-    assert rec["candidate"]["ppl"] < base["ppl"] and eff["verdict"] == "helps"
+    assert rec["candidate"]["ppl"] < base["ppl"] and eff["verdict"] == "helps" and eff["n_windows"] == 8
     # most of the damage recovered (FACTS: 17.8 -> 9.2 vs 6.87 on 512 tokens of json/decoder.py)
     ref = rec["reference"]["ppl"]
     assert rec["candidate"]["ppl"] - ref < 0.6 * (base["ppl"] - ref)

@@ -63,6 +63,10 @@ def test_massive_tokens_follow_sun_et_al():
     assert not S.extreme_tokens(norms, k=100)[0, 0]  # the norm criterion alone misses it
     small = torch.full((1, 4), 50.0)
     assert not S.massive_tokens(small, torch.tensor([0.01])).any()  # 5000x the median but not > 100
+    # gemma3's early layers: every token carries a value ~1000x the median |h|; only one that stands out counts
+    every = torch.full((1, 64), 1_200.0)
+    every[0, 0] = 24_000.0
+    assert S.massive_tokens(every, torch.tensor([1.0])).nonzero()[:, 1].tolist() == [0]
 
 
 def test_peak_ratio_and_extreme_tokens():
