@@ -55,8 +55,9 @@ class Hook:
     * ``output``: ``fn(output)``; a non-None return replaces the output;
     * ``input``: ``fn(x)`` with the first positional input; a non-None return replaces it;
     * ``call``: ``fn(args, kwargs)`` before the module runs; a non-None return is the new ``(args, kwargs)``;
-    * ``attention`` (attention modules only): ``fn(probs)`` with the attention probabilities
-      ``(B, H, T, S)`` of the forward (float32), never changing the forward.
+    * ``attention`` (attention modules only): ``fn(probs, row)`` for each row (window) of the batch
+      in order, with that row's attention probabilities ``(1, H, T, S)`` (float32; one row at a
+      time, so never a whole batch of attention matrices), never changing the forward.
 
     ``prepend`` runs it before hooks already registered on that module.
     """
@@ -219,19 +220,27 @@ def attention_probs(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor |
     rotary embedding and any cache); ``mask``: None (causal), bool (True attends) or additive,
     broadcastable to (B, H, T, S).  -> (B, H, T, S)
     """
-    q, k = query.float(), key.float()
-    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # (B, H, S, D): query head h reads KV head h // rep
-    scores = q @ k.transpose(2, 3) * (scaling if scaling is not None else q.shape[-1] ** -0.5)  # (B, H, T, S)
+    (b, h, t, d), (kvh, s) = query.shape, key.shape[1:3]
+    q = query.float() * (scaling if scaling is not None else d ** -0.5)
+    scores = (q.reshape(b, kvh, h // kvh * t, d) @ key.float().transpose(2, 3)).view(b, h, t, s)  # head h reads KV head h // rep
     if softcap:
         scores = torch.tanh(scores / softcap) * softcap
-    t, s = scores.shape[-2:]
     if mask is None:
         mask = torch.ones(t, s, dtype=torch.bool, device=scores.device).tril(s - t)  # (T, S) causal
     if mask.dtype == torch.bool:
-        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        scores.masked_fill_(~mask, torch.finfo(scores.dtype).min)
     else:
-        scores = scores + mask[..., :s].float()
+        scores += mask[..., :s].float()
     return scores.softmax(-1)
+
+
+def _row_probs(fn: Callable[..., Any], query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None,
+               **kwargs: Any) -> None:
+    """``fn(probs, row)`` row by row: one window's matrices at a time stay in cache and in memory."""
+    for row in range(query.shape[0]):
+        m = mask if mask is None or mask.dim() < 4 or mask.shape[0] == 1 else mask[row:row + 1]
+        fn(attention_probs(query[row:row + 1], key[row:row + 1], m, kwargs.get("scaling"), kwargs.get("softcap")),
+           row)
 
 
 _PROBES: "weakref.WeakKeyDictionary[nn.Module, Callable[[torch.Tensor], Any]]" = weakref.WeakKeyDictionary()
@@ -255,7 +264,7 @@ def _probe_implementation(inner: str) -> str:
         out = kernel(module, query, key, value, attention_mask, **kwargs)
         probe = _PROBES.get(module)
         if probe is not None:
-            probe(attention_probs(query, key, attention_mask, kwargs.get("scaling"), kwargs.get("softcap")))
+            _row_probs(probe, query, key, attention_mask, **kwargs)
         return out
 
     AttentionInterface.register(name, attention)
@@ -263,10 +272,11 @@ def _probe_implementation(inner: str) -> str:
     return name
 
 
-def _eager_probs(out: Any, fn: Callable[[torch.Tensor], Any]) -> None:
+def _eager_probs(out: Any, fn: Callable[..., Any]) -> None:
     probs = out[1] if isinstance(out, (tuple, list)) and len(out) > 1 else None  # (B, H, T, S)
     if isinstance(probs, torch.Tensor):
-        fn(probs.float())
+        for row in range(probs.shape[0]):
+            fn(probs[row:row + 1].float(), row)
 
 
 @contextmanager
@@ -330,8 +340,8 @@ class _Batch:
         self.norms: list[torch.Tensor] = []  # L x (B, T)
         self.massive: list[dict[str, torch.Tensor]] = []  # L x {value, position, channel, median_abs}
         self.massive_tokens: list[torch.Tensor] = []  # L x (B, T) bool
-        self.key_attn: list[torch.Tensor | None] = []  # L x (B, H, T)
-        self.dormant: list[torch.Tensor] = []  # L x (B, H) share of dormant queries
+        self.key_attn: list[torch.Tensor] = []  # L*B x (1, H, T), layer-major, rows in order
+        self.dormant: list[torch.Tensor] = []  # L*B x (1, H) share of dormant queries, as key_attn
         self.v_norms: list[torch.Tensor] = []  # L x (B, T, KVH)
         self.linear: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # site -> ((B, T) absmax, moments)
         self.maps: list[torch.Tensor] = []  # L x (H, m, m) attention of the first window, cropped
@@ -396,7 +406,8 @@ class StatsCollector:
             if name.endswith(".in"):
                 hooks[name] = lambda x, name=name: self._on_linear(name, x)
             elif name.endswith(".attn"):
-                hooks[name] = Hook(lambda probs, first=rows.start == 0: self._on_attention(probs, first), "attention")
+                hooks[name] = Hook(lambda probs, row, first=rows.start == 0: self._on_attention(probs, first and not row),
+                                   "attention")
             elif name.endswith(".v_proj"):
                 hooks[name] = self._on_value
             else:
@@ -410,7 +421,7 @@ class StatsCollector:
         self._batch.massive_tokens.append(massive.pop("tokens"))
         self._batch.massive.append(massive)
 
-    def _on_attention(self, probs: torch.Tensor, first: bool) -> None:  # (B, H, T, T)
+    def _on_attention(self, probs: torch.Tensor, first: bool) -> None:  # (1, H, T, T): one window
         self._batch.key_attn.append(S.key_attention(probs).to(self.home))
         self._batch.dormant.append(S.dormant_queries(probs, self.tau).to(self.home))
         if self.keep_maps and first:
@@ -451,14 +462,18 @@ class StatsCollector:
             self.maps = torch.stack(batch.maps)  # (L, H, m, m)
 
     def _attention(self, batch: _Batch, extreme: torch.Tensor) -> dict[str, Any]:
-        if len(batch.key_attn) != self.n_layers or any(a is None for a in batch.key_attn):
+        b = extreme.shape[0]
+        if len(batch.key_attn) != self.n_layers * b:
             return {}
-        key_attn = torch.stack(batch.key_attn, 1)  # (B, L, H, T)
+        def per_window(rows: list[torch.Tensor]) -> torch.Tensor:  # L*B x (1, ...) -> (B, L, ...)
+            return torch.cat(rows).unflatten(0, (self.n_layers, b)).transpose(0, 1)
+
+        key_attn = per_window(batch.key_attn)  # (B, L, H, T)
         flat = key_attn.flatten(1, 2)  # (B, L*H, T)
         shape = key_attn.shape[:3]
         return {"sink": key_attn[..., 0],
                 "extreme_attn": S.attention_on(flat, extreme.to(flat.device)).view(shape),
-                "dormant_queries": torch.stack(batch.dormant, 1)}  # (B, L, H)
+                "dormant_queries": per_window(batch.dormant)}  # (B, L, H)
 
     def _window(self, b: int, norms: torch.Tensor, batch: _Batch, extreme: torch.Tensor,
                 attn: dict[str, Any], drain: torch.Tensor | None) -> dict[str, Any]:

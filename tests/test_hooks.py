@@ -159,7 +159,7 @@ def test_attention_probes_beside_sdpa_equal_eager_probabilities(kind):
 
     def probe(impl):
         model.set_attn_implementation(impl)
-        hooks_ = {f"layers.{i}.attn": hooks.Hook(lambda p, i=i: seen.setdefault(impl, {}).__setitem__(i, p),
+        hooks_ = {f"layers.{i}.attn": hooks.Hook(lambda p, row, i=i: seen.setdefault(impl, {}).setdefault(i, []).append(p),
                                                  "attention") for i in range(2)}
         with hooks.attach(model, hooks_), torch.no_grad():
             out = model(input_ids=ids).logits
@@ -169,8 +169,8 @@ def test_attention_probes_beside_sdpa_equal_eager_probabilities(kind):
     sdpa, eager = probe("sdpa"), probe("eager")
     torch.testing.assert_close(sdpa, eager, rtol=1e-4, atol=1e-4)
     for i in range(2):
-        torch.testing.assert_close(seen["sdpa"][i], seen["eager"][i], rtol=1e-5, atol=1e-6)
-    assert seen["sdpa"][0].shape == (2, 4, 20, 20)
+        torch.testing.assert_close(torch.cat(seen["sdpa"][i]), torch.cat(seen["eager"][i]), rtol=1e-5, atol=1e-6)
+    assert [p.shape for p in seen["sdpa"][0]] == [(1, 4, 20, 20)] * 2  # row by row
 
 
 def test_attach_replaces_outputs_inputs_and_call_kwargs_then_removes_everything():
