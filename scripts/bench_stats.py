@@ -1,7 +1,7 @@
 """Wall-time cost of the extreme-token stats over plain evaluation, on the same windows.
 
-    python scripts/bench_stats.py [--model smollm2-135m] [--max-tokens 8192] [--window 512]
-                                  [--stats-windows 8] [--repeats 2] [--warmup 1]
+    python scripts/bench_stats.py [--model smollm2-135m] [--max-tokens 16384] [--window 512]
+                                  [--stats-windows 8] [--repeats 2] [--warmup 1] [--threads N]
 
 Runs the evaluator's pass on the same windows alternately without stats and
 with the stats probes riding on it (the first ``--stats-windows`` windows run
@@ -30,14 +30,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--corpus", default="python-docs")
-    parser.add_argument("--max-tokens", type=int, default=8192)
+    parser.add_argument("--max-tokens", type=int, default=16384, help="default: eval's default budget")
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--stats-windows", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=1, help="untimed plain passes first")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args()
 
     import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from quantsink.env import quiet_libraries
     from quantsink.config import RunConfig
