@@ -213,34 +213,41 @@ def attached_hooks(model: nn.Module) -> int:
 
 
 def attention_probs(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None,
-                    scaling: float | None = None, softcap: float | None = None) -> torch.Tensor:
+                    scaling: float | None = None, softcap: float | None = None,
+                    out: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Attention probabilities as eager attention defines them, in float32.
 
     ``query`` (B, H, T, D) and ``key`` (B, KVH, S, D) as the attention kernel gets them (after
     rotary embedding and any cache); ``mask``: None (causal), bool (True attends) or additive,
-    broadcastable to (B, H, T, S).  -> (B, H, T, S)
+    broadcastable to (B, H, T, S).  ``out``: two float32 buffers of B*H*T*S elements (scores,
+    probabilities) reused across calls: a fresh multi-MB tensor per call costs more in page
+    faults than the arithmetic.  -> (B, H, T, S)
     """
     (b, h, t, d), (kvh, s) = query.shape, key.shape[1:3]
+    scores, probs = out if out is not None else [torch.empty(b * h * t * s, device=query.device) for _ in "sp"]
     q = query.float() * (scaling if scaling is not None else d ** -0.5)
-    scores = (q.reshape(b, kvh, h // kvh * t, d) @ key.float().transpose(2, 3)).view(b, h, t, s)  # head h reads KV head h // rep
+    scores = torch.matmul(q.reshape(b, kvh, h // kvh * t, d), key.float().transpose(2, 3),  # head h reads KV h // rep
+                          out=scores.view(b, kvh, h // kvh * t, s)).view(b, h, t, s)
     if softcap:
-        scores = torch.tanh(scores / softcap) * softcap
+        scores.div_(softcap).tanh_().mul_(softcap)
     if mask is None:
         mask = torch.ones(t, s, dtype=torch.bool, device=scores.device).tril(s - t)  # (T, S) causal
     if mask.dtype == torch.bool:
-        scores.masked_fill_(~mask, torch.finfo(scores.dtype).min)
+        scores.masked_fill_(~mask, torch.finfo(scores.dtype).min)  # as eager: a fully masked row is uniform
     else:
-        scores += mask[..., :s].float()
-    return scores.softmax(-1)
+        scores.add_(mask[..., :s].float())
+    return torch.softmax(scores, -1, out=probs.view(b, h, t, s))
 
 
 def _row_probs(fn: Callable[..., Any], query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None,
                **kwargs: Any) -> None:
-    """``fn(probs, row)`` row by row: one window's matrices at a time stay in cache and in memory."""
+    """``fn(probs, row)`` row by row, in reused buffers: ``probs`` is valid during the call only."""
+    size = query.shape[1] * query.shape[2] * key.shape[2]
+    buffers = (torch.empty(size, device=query.device), torch.empty(size, device=query.device))
     for row in range(query.shape[0]):
         m = mask if mask is None or mask.dim() < 4 or mask.shape[0] == 1 else mask[row:row + 1]
-        fn(attention_probs(query[row:row + 1], key[row:row + 1], m, kwargs.get("scaling"), kwargs.get("softcap")),
-           row)
+        fn(attention_probs(query[row:row + 1], key[row:row + 1], m, kwargs.get("scaling"), kwargs.get("softcap"),
+                           out=buffers), row)
 
 
 _PROBES: "weakref.WeakKeyDictionary[nn.Module, Callable[[torch.Tensor], Any]]" = weakref.WeakKeyDictionary()
@@ -426,7 +433,7 @@ class StatsCollector:
         self._batch.dormant.append(S.dormant_queries(probs, self.tau).to(self.home))
         if self.keep_maps and first:
             m = self.keep_maps
-            self._batch.maps.append(probs[0, :, :m, :m].float().cpu())
+            self._batch.maps.append(probs[0, :, :m, :m].to("cpu", torch.float32, copy=True))  # probs is reused
 
     def _on_value(self, out: Any) -> None:
         v = hidden_of(out)  # (B, T, KVH*D)
