@@ -159,7 +159,7 @@ def test_attention_probes_beside_sdpa_equal_eager_probabilities(kind):
 
     def probe(impl):
         model.set_attn_implementation(impl)
-        hooks_ = {f"layers.{i}.attn": hooks.Hook(lambda p, row, i=i: seen.setdefault(impl, {}).setdefault(i, []).append(p),
+        hooks_ = {f"layers.{i}.attn": hooks.Hook(lambda p, row, i=i: seen.setdefault(impl, {}).setdefault(i, []).append(p.clone()),
                                                  "attention") for i in range(2)}
         with hooks.attach(model, hooks_), torch.no_grad():
             out = model(input_ids=ids).logits
