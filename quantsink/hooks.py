@@ -413,8 +413,8 @@ class StatsCollector:
             if name.endswith(".in"):
                 hooks[name] = lambda x, name=name: self._on_linear(name, x)
             elif name.endswith(".attn"):
-                hooks[name] = Hook(lambda probs, row, first=rows.start == 0: self._on_attention(probs, first and not row),
-                                   "attention")
+                first = rows.start == 0  # the batch holds window 0: keep its maps
+                hooks[name] = Hook(lambda probs, row: self._on_attention(probs, first and not row), "attention")
             elif name.endswith(".v_proj"):
                 hooks[name] = self._on_value
             else:

@@ -159,8 +159,10 @@ def test_attention_probes_beside_sdpa_equal_eager_probabilities(kind):
 
     def probe(impl):
         model.set_attn_implementation(impl)
-        hooks_ = {f"layers.{i}.attn": hooks.Hook(lambda p, row, i=i: seen.setdefault(impl, {}).setdefault(i, []).append(p.clone()),
-                                                 "attention") for i in range(2)}
+        def keep(p, row, i):
+            seen.setdefault(impl, {}).setdefault(i, []).append(p.clone())  # the probe's buffer is reused
+
+        hooks_ = {f"layers.{i}.attn": hooks.Hook(lambda p, row, i=i: keep(p, row, i), "attention") for i in range(2)}
         with hooks.attach(model, hooks_), torch.no_grad():
             out = model(input_ids=ids).logits
         assert model.config._attn_implementation == impl and _hook_count(model) == 0

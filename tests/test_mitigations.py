@@ -397,7 +397,9 @@ def test_intact_kv_leaves_the_prefix_out_of_static_calibration(tiny):
     model, ctx, _ = _candidate(tiny, "w8a8:w_bits=none", "intact-kv")
     plain, _, _ = _candidate(tiny, "w8a8:w_bits=none", "sink-fp")
     assert ctx.keep_fp_positions == (0,)
-    ranges = lambda m: torch.tensor([(float(q.lo), float(q.hi)) for q in quantizers(m, ActQuantizer).values()])  # noqa: E731
+    def ranges(m):
+        return torch.tensor([(float(q.lo), float(q.hi)) for q in quantizers(m, ActQuantizer).values()])
+
     # calibrated with intact-kv attached: position 0's states come from the float reference, as they do
     # (in float, weights unquantized) under sink-fp; position 0 is in neither range
     torch.testing.assert_close(ranges(model), ranges(plain), rtol=1e-4, atol=1e-5)
