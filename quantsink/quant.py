@@ -14,6 +14,13 @@ out of a range can be zeroed before reducing.  Round-to-nearest, ties to even
 scale 1: the block quantizes to exact zeros, never NaN.  Arithmetic runs in
 float32 and the result has the input's dtype.
 
+Speed: one float32 buffer per call, rounded, clamped and rescaled in place
+(``x / scale`` -> round -> clamp to ``[qmin - zero, qmax - zero]`` -> ``* scale``,
+which equals ``(clamp(round(x / scale) + zero) - zero) * scale`` exactly: the
+grid values are small integers), and ranges reduced in the input's dtype (min and
+max are exact in any float dtype).  Each temporary of an activation's size costs a page-faulting
+allocation on CPU, more than the arithmetic itself.
+
 Granularity, on a tensor laid out ``(..., R, C)`` (leading dims, e.g. the
 sequences of a batch, are always quantized independently):
 
@@ -61,10 +68,15 @@ def qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int, sym: bool) -> tuple[t
 
 
 def quant_dequant(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, sym: bool) -> torch.Tensor:
-    """Round ``x`` to the grid of ``(scale, zero)`` (broadcast) and map it back."""
+    """Round ``x`` to the grid of ``(scale, zero)`` (broadcast) and map it back (float32 inside)."""
     qmin, qmax = qbounds(bits, sym)
-    q = torch.clamp(torch.round(x.float() / scale) + zero, qmin, qmax)
-    return ((q - zero) * scale).to(x.dtype)
+    q = x / scale if x.dtype == torch.float32 else x.float().div_(scale)  # the one float32 buffer
+    q.round_()
+    if sym:
+        q.clamp_(qmin, qmax)  # zero is 0
+    else:
+        q.clamp_(qmin - zero, qmax - zero)  # = clamp(q + zero, qmin, qmax) - zero, exactly
+    return q.mul_(scale).to(x.dtype)
 
 
 def _pad_last(x: torch.Tensor, group: int) -> torch.Tensor:
@@ -94,8 +106,9 @@ def minmax(x: torch.Tensor, gran: Granularity = "tensor", group: int | None = No
     """Per-block ``(lo, hi)`` of ``x`` (0 included), ``keep`` rows left out; shaped like ``_blocks``."""
     if keep is not None:
         x = x.masked_fill(keep[..., None], 0)
-    blocked, _ = _blocks(x.float(), gran, group)
-    return blocked.amin(-1, keepdim=True).clamp(max=0), blocked.amax(-1, keepdim=True).clamp(min=0)
+    blocked, _ = _blocks(x, gran, group)
+    lo, hi = blocked.amin(-1, keepdim=True), blocked.amax(-1, keepdim=True)  # exact in any float dtype
+    return lo.float().clamp_(max=0), hi.float().clamp_(min=0)
 
 
 def fake_quant(x: torch.Tensor, bits: int, *, sym: bool = True, gran: Granularity = "tensor",
@@ -109,4 +122,10 @@ def fake_quant(x: torch.Tensor, bits: int, *, sym: bool = True, gran: Granularit
     scale, zero = qparams(lo, hi, bits, sym)
     blocked, restore = _blocks(x, gran, group)
     out = restore(quant_dequant(blocked, scale, zero, bits, sym))
-    return out if keep is None else torch.where(keep[..., None], x, out)
+    return out if keep is None else keep_rows(out, x, keep)
+
+
+def keep_rows(out: torch.Tensor, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``out`` with the ``keep`` rows put back from ``x`` (in place: ``out`` is a fresh tensor)."""
+    out[keep] = x[keep]
+    return out

@@ -137,3 +137,36 @@ def test_bfloat16_keeps_dtype():
     x = torch.randn(4, 32, dtype=torch.bfloat16)
     y = fake_quant(x, 8, gran="row")
     assert y.dtype == torch.bfloat16 and torch.isfinite(y.float()).all()
+
+
+def _reference_quant_dequant(x, scale, zero, bits, sym):
+    """The textbook formula, out of place: (clamp(round(x / s) + z, qmin, qmax) - z) * s."""
+    qmin, qmax = qbounds(bits, sym)
+    q = torch.clamp(torch.round(x.float() / scale) + zero, qmin, qmax)
+    return ((q - zero) * scale).to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bits,sym", [(8, True), (8, False), (4, False), (3, True)])
+def test_in_place_quant_dequant_equals_the_formula_bit_for_bit(dtype, bits, sym):
+    torch.manual_seed(bits)
+    x = (torch.randn(2, 16, 40) * 4).to(dtype)
+    x[0, 0, 0], x[1, 3, 5] = 1e6, -1e6  # far outside any range below: clamped
+    for lo, hi in [(-3.0, 5.0), (-0.2, 0.1), (0.0, 2.0)]:  # a narrow static range too
+        scale, zero = qparams(torch.tensor(lo), torch.tensor(hi), bits, sym)
+        y = quant_dequant(x, scale, zero, bits, sym)
+        assert y.dtype == dtype and torch.equal(y, _reference_quant_dequant(x, scale, zero, bits, sym))
+    lo, hi = minmax(x, "row", 8)  # per-block scales and zero points, broadcast
+    scale, zero = qparams(lo, hi, bits, sym)
+    blocked = x.reshape(2, 16, 5, 8)
+    assert torch.equal(quant_dequant(blocked, scale, zero, bits, sym),
+                       _reference_quant_dequant(blocked, scale, zero, bits, sym))
+
+
+def test_quant_dequant_never_writes_its_input():
+    x = torch.randn(4, 32)
+    before = x.clone()
+    scale, zero = qparams(x.min(), x.max(), 4, False)
+    quant_dequant(x, scale, zero, 4, False)
+    fake_quant(x, 8, gran="row", keep=torch.tensor([True, False, False, True]))
+    assert torch.equal(x, before)

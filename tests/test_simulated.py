@@ -311,3 +311,40 @@ def test_smollm2_sink_dominates_per_tensor_activations(smollm2_code):
     assert dyn > 1.5 * ref and kept < ref + 0.5 * (dyn - ref)
     assert ppl("w8a8-tok") < 1.1 * ref
     assert ppl("kv8") < 1.01 * ref
+
+
+def test_linears_reading_one_tensor_quantize_it_once(tiny_llama, monkeypatch):
+    """q/k/v_proj (and gate/up_proj) read one tensor: quantized once per settings, same values."""
+    from quantsink.schemes import simulated
+
+    calls = []
+    real = simulated.fake_quant
+    monkeypatch.setattr(simulated, "fake_quant", lambda x, *a, **k: calls.append(x.shape) or real(x, *a, **k))
+    model, _ = quantize(tiny_llama, "w8a8-dyn")
+    outs = {}
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    handles = [m.input_quantizer.register_forward_hook(lambda m, a, o, n=n: outs.update({n: (a[0], o)}))
+               for n, m in (("q", attn.q_proj), ("k", attn.k_proj), ("v", attn.v_proj), ("up", mlp.up_proj))]
+    calls.clear()  # weights were quantized when the scheme was applied
+    try:
+        logits(model, ids_with_sink())
+    finally:
+        for handle in handles:
+            handle.remove()
+    same = [outs[n][1].data_ptr() for n in "qkv"]
+    assert outs["q"][0] is outs["k"][0] and same == [same[0]] * 3  # one quantized tensor for q, k and v
+    assert torch.equal(outs["q"][1], real(outs["q"][0], 8, gran="tensor"))
+    assert len(calls) == 2 * 4  # per layer: q/k/v once, o, gate/up once, down
+    lone = ActQuantizer(8, True, "dynamic", "tensor", type("K", (), {"rows": lambda self, x: None})())
+    x = outs["up"][0]
+    assert torch.equal(lone(x), outs["up"][1])  # a quantizer with its own memo: the same values
+
+
+def test_static_scale_follows_a_changed_range():
+    keep_state = type("K", (), {"rows": lambda self, x: None})()
+    q = ActQuantizer(8, True, "static", "tensor", keep_state)
+    q.lo, q.hi, q.calibrated = torch.tensor(-1.0), torch.tensor(1.0), True
+    x = torch.tensor([[[0.5, 2.0]]])
+    assert q(x)[0, 0, 1] == 1.0  # clamped to the range
+    q.lo, q.hi = torch.tensor(-4.0), torch.tensor(4.0)  # a new range (e.g. re-calibrated)
+    assert torch.isclose(q(x.clone())[0, 0, 1], torch.tensor(2.0), atol=4 / 127)

@@ -19,20 +19,25 @@ Where each part acts (small wrapper modules, optimum-quanto style):
 Positions that ``ctx`` keeps in full precision (``keep_fp_positions`` / ``keep_fp``)
 pass through every activation and KV quantizer unchanged and are left out of
 dynamic ranges and static calibration ranges.
+
+Speed: weights are quantized once, when the scheme is applied; Linears that read
+the same tensor (``q/k/v_proj``, ``gate/up_proj``) with the same quantizer settings
+quantize it once (``SharedInput``), and a static quantizer's scale is computed
+once per calibrated range.
 """
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, Callable, ClassVar, Literal
 
 import torch
 from torch import nn
 
 from ..errors import QuantsinkError, UsageError
 from ..hooks import Hook
-from ..quant import fake_quant, qparams, quant_dequant
+from ..quant import fake_quant, keep_rows, qparams, quant_dequant
 from . import QuantContext, Scheme, register
 from .kv_sites import key_norm_note, post_rope
 
@@ -45,6 +50,7 @@ class KeepFp:
         self.mask_fn = mask_fn
         self.mask: torch.Tensor | None = None
         self.shape: tuple[int, ...] | None = None  # (B, T) of the current forward
+        self.inputs = SharedInput()  # Linear inputs quantized so far, shared by the input quantizers
 
     def hook(self, args: tuple, kwargs: dict) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
@@ -66,16 +72,35 @@ class KeepFp:
         return mask.to(x.device) if mask is not None and mask.shape == x.shape[:-1] else None
 
 
+class SharedInput:
+    """The last tensor some Linear's input quantizer saw and its quantized values, per settings:
+    Linears fed the same tensor object (q/k/v, gate/up) quantize it once.  Holding the tensor
+    keeps its identity from being reused; inputs are never modified in place during a forward."""
+
+    def __init__(self) -> None:
+        self.x: torch.Tensor | None = None
+        self.out: dict[tuple[Any, ...], torch.Tensor] = {}
+
+    def get(self, x: torch.Tensor, key: tuple[Any, ...], quantize: Callable[[], torch.Tensor]) -> torch.Tensor:
+        if x is not self.x:
+            self.x, self.out = x, {}
+        if key not in self.out:
+            self.out[key] = quantize()
+        return self.out[key]
+
+
 class ActQuantizer(nn.Module):
     """Input quantizer of a Linear: dynamic (per sequence or per token) or static per-tensor."""
 
     def __init__(self, bits: int, sym: bool, mode: str, gran: str, keep: KeepFp):
         super().__init__()
         self.bits, self.sym, self.mode, self.gran, self.keep = bits, sym, mode, gran, keep
+        self.shared = getattr(keep, "inputs", None) or SharedInput()  # one per model, with the keep mask
         self.observing = False
         self.register_buffer("lo", torch.tensor(0.0))  # static range, 0 included
         self.register_buffer("hi", torch.tensor(0.0))
         self.calibrated = False
+        self._static: tuple[Any, ...] = ()  # (lo, hi, (lo, hi) as floats, scale, zero) of the last range
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C) or (B*T, C)
         return self._quantize(self.keep.tokens(x)).reshape(x.shape)
@@ -88,13 +113,25 @@ class ActQuantizer(nn.Module):
             self.hi = torch.maximum(self.hi, masked.max().float())
             return x
         if self.mode == "dynamic":
-            return fake_quant(x, self.bits, sym=self.sym, gran={"tensor": "tensor", "token": "row"}[self.gran],
-                              keep=keep)
+            gran = {"tensor": "tensor", "token": "row"}[self.gran]
+            return self.shared.get(x, (self.bits, self.sym, gran),
+                                   lambda: fake_quant(x, self.bits, sym=self.sym, gran=gran, keep=keep))
         if not self.calibrated:
             raise QuantsinkError("static activation quantizer used before calibration")
-        scale, zero = qparams(self.lo, self.hi, self.bits, self.sym)
+        _, _, bounds, scale, zero = self.static_qparams()
+        return self.shared.get(x, (self.bits, self.sym, bounds), lambda: self._static_quant(x, scale, zero, keep))
+
+    def static_qparams(self) -> tuple[Any, ...]:
+        """``(lo, hi, bounds, scale, zero)``, recomputed only when the range tensors change."""
+        if not self._static or self._static[0] is not self.lo or self._static[1] is not self.hi:
+            bounds = (float(self.lo), float(self.hi))
+            self._static = (self.lo, self.hi, bounds, *qparams(self.lo, self.hi, self.bits, self.sym))
+        return self._static
+
+    def _static_quant(self, x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                      keep: torch.Tensor | None) -> torch.Tensor:
         out = quant_dequant(x, scale, zero, self.bits, self.sym)
-        return out if keep is None else torch.where(keep[..., None], x, out)
+        return out if keep is None else keep_rows(out, x, keep)
 
     def extra_repr(self) -> str:
         return f"int{self.bits} {'sym' if self.sym else 'asym'} {self.mode} per-{self.gran}"
