@@ -96,7 +96,14 @@ class ReferenceHead:
         return logits.log_softmax(-1)
 
 
+SCORE_ELEMENTS = 1 << 24  # (positions x vocab) scored per step: temporaries stay ~64 MiB in float32
+
+
 class _Accumulator:
+    """Scores the positions of each batch in steps of ``SCORE_ELEMENTS`` logits: every step's
+    temporaries are small and reused (no full (B, T, V) float32 copies); the numbers are those
+    of whole-batch scoring, as each step only picks rows (row-wise ops, sums added in order)."""
+
     def __init__(self, n: int, reference: Targets | None, head: ReferenceHead | None):
         self.nll = torch.zeros(n, dtype=torch.float64)
         self.kl = torch.zeros(n, dtype=torch.float64) if reference is not None else None
@@ -107,23 +114,28 @@ class _Accumulator:
 
     def add(self, first: int, logits: torch.Tensor, windows: Windows, hidden: torch.Tensor | None) -> None:
         mask = windows.scored[:, 1:].to(logits.device)  # (B, T-1) targets scored
-        where = mask.nonzero()[:, 0].cpu() + first  # window index of each scored position
-        # log_softmax is row-wise: over all rows it gives bit-for-bit the values it gives on the
-        # scored rows alone, and it saves copying the scored logits out first
-        logq_all = logits.float().log_softmax(-1)[:, :-1]  # (B, T-1, V)
-        target = windows.input_ids[:, 1:].to(logits.device)  # (B, T-1)
-        nll = -logq_all.gather(2, target[..., None])[..., 0][mask]  # (S,)
-        self.nll.index_add_(0, where, nll.double().cpu())
-        span = slice(self.cursor, self.cursor + len(nll))
-        self.cursor = span.stop
+        b, t = mask.nonzero(as_tuple=True)  # (S,) each, window order
+        where = b.cpu() + first  # window index of each scored position
+        flat = logits.reshape(-1, logits.shape[-1])  # (B*T, V), a view
+        rows = b * logits.shape[1] + t  # (S,) row of each scored position in flat
+        target = windows.input_ids[:, 1:].to(logits.device)[b, t]  # (S,)
         if hidden is not None:
             self.hidden.append(hidden[:, :-1][mask].float().cpu())  # (S, H)
+        step = max(128, SCORE_ELEMENTS // flat.shape[1])
+        for lo in range(0, len(rows), step):
+            part = slice(lo, lo + step)
+            self._score(flat.index_select(0, rows[part]), target[part], where[part], self.cursor + lo)
+        self.cursor += len(rows)
+
+    def _score(self, logits: torch.Tensor, target: torch.Tensor, where: torch.Tensor, start: int) -> None:
+        """NLL (and KL, top-1 vs the reference) of ``logits`` (c, V), positions ``start..start+c``."""
+        logq = logits.float().log_softmax(-1)  # (c, V)
+        self.nll.index_add_(0, where, -logq.gather(1, target[:, None])[:, 0].double().cpu())
         if self.reference is not None:
-            logq = logq_all[mask]  # (S, V)
-            logp = self.head.logp(self.reference.hidden[span]).to(logq.device)  # (S, V)
-            kl = (logp.exp() * (logp - logq)).sum(1)  # (S,)
-            self.kl.index_add_(0, where, kl.double().cpu())
+            logp = self.head.logp(self.reference.hidden[start:start + len(target)]).to(logq.device)  # (c, V)
             self.top1.index_add_(0, where, (logp.argmax(1) == logq.argmax(1)).long().cpu())
+            kl = torch.nn.functional.kl_div(logq, logp, reduction="none", log_target=True)  # exp(p) (p - q)
+            self.kl.index_add_(0, where, kl.sum(1).double().cpu())
 
     def targets(self) -> Targets | None:
         return Targets(torch.cat(self.hidden)) if self.hidden else None

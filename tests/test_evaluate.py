@@ -99,3 +99,26 @@ def test_reference_needs_its_head(tiny):
     ref = run_pass(tiny, windows, keep_targets=True)
     with pytest.raises(ValueError, match="reference_head"):
         run_pass(tiny, windows, reference=ref.targets)
+
+
+def test_scoring_in_steps_gives_the_numbers_of_whole_batch_scoring(tiny, monkeypatch):
+    """The accumulator scores a batch's positions a few rows at a time: same NLL, KL, top-1."""
+    from quantsink import evaluate
+
+    windows = random_windows(prefix=0)
+    noisy = copy.deepcopy(tiny)
+    with torch.no_grad():
+        for p in noisy.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    results = []
+    for elements in (1 << 40, 1):  # one step per batch; then steps of 128 positions (the minimum)
+        monkeypatch.setattr(evaluate, "SCORE_ELEMENTS", elements)
+        ref = run_pass(tiny, windows, keep_targets=True, batch_tokens=4096)
+        cand = run_pass(noisy, windows, reference=ref.targets, reference_head=ReferenceHead.of(tiny),
+                        batch_tokens=4096)
+        results.append((ref, cand))
+    (ref_a, cand_a), (ref_b, cand_b) = results
+    assert windows.n_scored > 2 * 128  # several steps in the second run
+    assert torch.equal(ref_a.nll, ref_b.nll) and torch.equal(ref_a.targets.hidden, ref_b.targets.hidden)
+    assert torch.allclose(cand_a.kl, cand_b.kl, rtol=1e-6) and torch.equal(cand_a.nll, cand_b.nll)
+    assert torch.equal(cand_a.top1, cand_b.top1) and float(cand_a.kl.sum()) > 0
