@@ -335,13 +335,13 @@ def test_linears_reading_one_tensor_quantize_it_once(tiny_llama, monkeypatch):
     assert outs["q"][0] is outs["k"][0] and same == [same[0]] * 3  # one quantized tensor for q, k and v
     assert torch.equal(outs["q"][1], real(outs["q"][0], 8, gran="tensor"))
     assert len(calls) == 2 * 4  # per layer: q/k/v once, o, gate/up once, down
-    lone = ActQuantizer(8, True, "dynamic", "tensor", type("K", (), {"rows": lambda self, x: None})())
+    lone = ActQuantizer(8, True, "dynamic", "tensor", type("K", (), {"rows": lambda self, x: None, "tokens": lambda self, x: x})())
     x = outs["up"][0]
     assert torch.equal(lone(x), outs["up"][1])  # a quantizer with its own memo: the same values
 
 
 def test_static_scale_follows_a_changed_range():
-    keep_state = type("K", (), {"rows": lambda self, x: None})()
+    keep_state = type("K", (), {"rows": lambda self, x: None, "tokens": lambda self, x: x})()
     q = ActQuantizer(8, True, "static", "tensor", keep_state)
     q.lo, q.hi, q.calibrated = torch.tensor(-1.0), torch.tensor(1.0), True
     x = torch.tensor([[[0.5, 2.0]]])
