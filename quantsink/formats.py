@@ -48,15 +48,22 @@ def round_e4m3(x: torch.Tensor) -> torch.Tensor:
 
 
 def round_e2m1(x: torch.Tensor) -> torch.Tensor:
-    """Nearest E2M1 value (ties to the even code, saturating at +-6), as float32.
+    """Nearest E2M1 value (ties to the even code, saturating at +-6), as float32."""
+    x = x.float()
+    return _round_e2m1_magnitude_(x.abs()).copysign_(x)
+
+
+def _round_e2m1_magnitude_(a: torch.Tensor) -> torch.Tensor:
+    """Round magnitudes ``a`` (float32, >= 0, overwritten) to E2M1, in place.
 
     The grid's spacing is 0.5 below 2, 1 in [2, 4) and 2 in [4, 6].  Adding and subtracting
-    ``c = 2^22, 2^23, 2^24`` (whose float32 spacing is exactly that) rounds to a multiple of the
-    spacing, ties to an even multiple, which is the even code (0.25 -> 0, 0.75 -> 1, 2.5 -> 2, 5 -> 4)."""
-    x = x.float()
-    a = x.abs().clamp_(max=E2M1_MAX)
-    c = torch.where(a < 2, 2.0 ** 22, torch.where(a < 4, 2.0 ** 23, 2.0 ** 24))
-    return (a + c).sub_(c).copysign_(x)
+    ``c = 2^22, 2^23, 2^24`` (whose float32 spacing is exactly that; ``c``'s exponent is ``a``'s
+    clamped to [0, 2], plus 22) rounds to a multiple of the spacing, ties to an even multiple,
+    which is the even code (0.25 -> 0, 0.75 -> 1, 2.5 -> 2, 5 -> 4).  NaN stays NaN."""
+    a = a.clamp_(max=E2M1_MAX)
+    exponent = torch.bitwise_right_shift(a.view(torch.int32), 23).clamp_(127, 129)  # biased, of 1..6
+    c = exponent.add_(22).bitwise_left_shift_(23).view(torch.float32)  # 2^22, 2^23 or 2^24
+    return a.add_(c).sub_(c)
 
 
 def _pad_last(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -143,9 +150,10 @@ def fake_mxfp4(x: torch.Tensor, block: int = MX_BLOCK, rounding: Literal["floor"
                keep: torch.Tensor | None = None) -> torch.Tensor:
     """MXFP4 quantize-dequantize: E2M1 elements, one E8M0 scale per ``block`` elements of the last dim."""
     values, restore = blocked(x.float(), "row", block)  # (..., R, C/block, block)
-    masked, _ = blocked(_masked(x, keep).float(), "row", block)
-    scale = mx_scale(masked.abs().amax(-1, keepdim=True), rounding)
-    return _restore_kept(x, restore(round_e2m1(values / scale) * scale), keep)
+    magnitude = blocked(_masked(x, keep).float().abs(), "row", block)[0]  # a fresh tensor, reused below
+    scale = mx_scale(magnitude.amax(-1, keepdim=True), rounding)
+    q = _round_e2m1_magnitude_(magnitude.div_(scale)).copysign_(values)  # kept rows: restored below
+    return _restore_kept(x, restore(q.mul_(scale)), keep)
 
 
 # --------------------------------------------------------------------------- NVFP4
@@ -167,15 +175,16 @@ def fake_nvfp4(x: torch.Tensor, block: int = NV_BLOCK, keep: torch.Tensor | None
     """NVFP4 quantize-dequantize of ``x`` (``(..., R, C)``): E2M1 elements, an E4M3 scale per
     ``block`` elements of the last dim, and one FP32 tensor scale per leading index (from ``x``'s
     amax, or from ``amax``: a static, calibrated one)."""
-    magnitude = _masked(x, keep).float().abs()
+    magnitude = _masked(x, keep).float().abs()  # a fresh tensor, reused below
     if amax is None:
         amax = magnitude.amax(dim=(-2, -1), keepdim=True)  # (..., 1, 1): one per leading index
     s_t = nv_tensor_scale(amax)[..., None]  # broadcasts over (..., R, C/block, block)
     values, restore = blocked(x.float(), "row", block)
-    s_b = nv_block_scale(blocked(magnitude, "row", block)[0].amax(-1, keepdim=True), s_t)
-    q = round_e2m1(values * ((1.0 / s_t) / s_b))
-    q = torch.where(s_b == 0, torch.zeros_like(q), q)  # a zero block scale: the block is 0
-    return _restore_kept(x, restore(q * (s_t * s_b)), keep)  # torchao's order: q * (s_t * s_b)
+    magnitude = blocked(magnitude, "row", block)[0]
+    s_b = nv_block_scale(magnitude.amax(-1, keepdim=True), s_t)
+    recip = torch.where(s_b > 0, (1.0 / s_t) / s_b, torch.zeros_like(s_b))  # a zero block scale: the block is 0
+    q = _round_e2m1_magnitude_(magnitude.mul_(recip)).copysign_(values)
+    return _restore_kept(x, restore(q.mul_(s_t * s_b)), keep)  # torchao's order: q * (s_t * s_b)
 
 
 FORMAT_BITS = {"fp8": 8, "mxfp4": 4, "nvfp4": 4}
