@@ -57,14 +57,20 @@ class FormatQuantizer(ActQuantizer):
     is the block and ``gran`` the scope of NVFP4's FP32 scale.  ``static``: the range comes from
     the calibration windows (observed as ``ActQuantizer`` observes it)."""
 
-    def __init__(self, fmt: str, mode: str, gran: str, group: int | None, keep: KeepFp, rounding: str = "floor"):
+    def __init__(self, fmt: str, mode: str, gran: str, group: int | None, keep: KeepFp, rounding: str = "floor",
+                 share: bool = True):
         super().__init__(F.FORMAT_BITS[fmt], True, mode, gran, keep)
-        self.fmt, self.group, self.rounding = fmt, group, rounding
+        self.fmt, self.group, self.rounding, self.share = fmt, group, rounding, share
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _quantize(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C)
         if self.observing:
-            return super().forward(x)
-        return FAKE[self.fmt](self, x, self.keep.rows(x), self._static_amax())
+            return super()._quantize(x)
+        amax = self._static_amax()
+        compute = lambda: FAKE[self.fmt](self, x, self.keep.rows(x), amax)  # noqa: E731
+        if not self.share:  # KV tensors are never shared between quantizers
+            return compute()
+        key = (self.fmt, self.gran, self.group, self.rounding, None if amax is None else float(amax))
+        return self.shared.get(x, key, compute)  # q/k/v (gate/up) read one tensor: quantize it once
 
     def _static_amax(self) -> torch.Tensor | None:
         if self.mode != "static":
@@ -136,7 +142,7 @@ class FloatFormats(Simulated):
             return super().kv_quantizer(gran, group, keep)
         mode = "static" if gran == "tensor" else "dynamic"
         return FormatQuantizer("fp8", mode, {"token": "row", "channel": "column", "tensor": "tensor"}[gran],
-                               None if gran == "tensor" else group, keep)
+                               None if gran == "tensor" else group, keep, share=False)
 
     def parts(self) -> dict[str, str | None]:
         plain = self if self.kv_fmt == "int" else dataclasses.replace(self, k_gran="token", v_gran="token")
