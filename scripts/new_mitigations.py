@@ -40,8 +40,8 @@ def main() -> None:
     session = Session()
     rows = []
     for model in args.models.split(","):
-        for scheme in args.schemes.split(","):
-            for mitigation in args.mitigations.split(";"):
+        for mitigation in args.mitigations.split(";"):
+            for scheme in args.schemes.split(","):
                 config = RunConfig(model=model, scheme=scheme, mitigation=mitigation, corpus="python-code",
                                    max_tokens=1024, window=256, calib_windows=4, stats_windows=4,
                                    stats=not args.no_stats,

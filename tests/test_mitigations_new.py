@@ -209,6 +209,9 @@ def test_cushion_picks_the_candidate_with_the_smallest_site_maxima():
                               torch.ones(2, 9, dtype=torch.long), 1).mean()) for c in pool]
     assert chosen[0] == int(pool[int(torch.tensor(scores).argmin())])
     assert notes["objective_per_step"][0] == pytest.approx(min(scores), rel=1e-5)
+    again = stack_of("cushion:length=1,candidates=6,tokens=8,windows=2", model, scheme="kv4")
+    again.windows(windows())
+    assert again.envs[0].notes["search_reused"] and again.envs[0].notes["token_ids"] == chosen
 
 
 @pytest.mark.parametrize("build", [llama, gemma3])
