@@ -539,16 +539,3 @@ def stats_settings(config: Any) -> dict[str, Any] | None:
             "massive": [S.MASSIVE_VALUE, S.MASSIVE_RATIO, S.MASSIVE_TOKEN_RATIO],
             "version": S.STATS_VERSION}
 
-
-def stats_pass(config: Any, model: nn.Module, windows: Any, **kwargs: Any) -> Any:
-    """``run_pass`` with the stats probes riding on it (same forward); stats land in ``result.extra["stats"]``."""
-    from .evaluate import run_pass
-
-    if stats_settings(config) is None:
-        return run_pass(model, windows, **kwargs)
-    with StatsCollector(model, stats_windows=config.stats_windows, tau=config.dormant_attention,
-                        share=config.dormant_queries) as collector:
-        result = run_pass(model, windows, batch_context=collector.batch_context,
-                          boundaries=collector.boundaries, **kwargs)
-    result.extra["stats"] = collector.summary(tuple(windows.sink_positions))
-    return result

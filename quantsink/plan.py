@@ -1,4 +1,4 @@
-"""Run identity: canonical configs and run ids, computed before anything runs.
+"""The plan: every run a command performs, with its identity, computed before anything runs.
 
 ``canonical(config)`` spells the scheme and mitigations one way (aliases
 resolved, case folded, parameters equal to a preset's default dropped, keys in
@@ -6,11 +6,17 @@ field order) and resolves ``offline`` from the environment, so ``int8``,
 ``INT8``, ``llm.int8`` and ``int8:threshold=6.0`` are one run.  ``run_id`` hashes
 the numbers-determining fields with every scheme and mitigation parameter
 filled in, the model and corpus hashes, and the code version.
+
+``plan(configs)`` is used by ``eval`` and ``sweep`` alike: each config, preceded by
+the variant runs (``none``, ``sink-fp``) its ``mitigation_effect`` and ``d_sink``
+pair with, each an ordinary run (executed, locked and stored like any other).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
 
 from .config import EVALUATOR_VERSION, RunConfig, __version__, stable_hash
 from .env import offline_from_env
@@ -36,3 +42,101 @@ def identity(config: RunConfig) -> dict[str, Any]:
 def run_id_for(config: RunConfig, model_sha: str, corpus_sha: str) -> str:
     """The run's identity: its canonical identity + model and corpus hashes + code version."""
     return stable_hash(identity(config), model_sha, corpus_sha, __version__, EVALUATOR_VERSION)
+
+
+# --------------------------------------------------------------------------- the plan
+
+SINK_FP = "sink-fp"
+
+
+def variants(config: RunConfig) -> tuple[str, ...]:
+    """Mitigations of the variant runs this run's effects pair with: ``none`` for its
+    ``mitigation_effect``; ``none`` and ``sink-fp`` for ``d_sink`` (schemes that quantize tokens)."""
+    needs = ["none"] if config.mitigation != "none" else []
+    if parse_scheme(config.scheme).quantizes_tokens:
+        needs += ["none", SINK_FP]
+    return tuple(m for m in dict.fromkeys(needs) if m != config.mitigation)
+
+
+def variant(config: RunConfig, mitigation: str) -> RunConfig:
+    """The same run with another mitigation; the paired statistics need only its own passes (no lm-eval)."""
+    if mitigation == config.mitigation:
+        return config
+    return config.replace(mitigation=mitigation, lm_eval="", lm_eval_limit=None)
+
+
+def reference_group(config: RunConfig) -> str:
+    """Runs sharing a reference pass (same model, corpus and protocol)."""
+    identity = {k: v for k, v in config.identity().items() if k not in ("scheme", "mitigation")}
+    return stable_hash(identity)
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    index: int
+    config: RunConfig  # canonical
+    run_id: str
+    group: str  # runs sharing a reference pass
+    variant: bool = False  # planned only because another run's effects pair with it
+    fresh: bool = False  # run even when the store holds its record (`eval` re-runs what it is asked)
+
+    @property
+    def label(self) -> str:
+        c = self.config
+        return f"{c.model} · {c.corpus} · {c.scheme} · {c.mitigation}"
+
+
+class Identities:
+    """``run_id`` before running: the model file and corpus are hashed (once each), no model is loaded."""
+
+    def __init__(self) -> None:
+        self.corpora: dict[tuple[str, bool], str] = {}
+
+    def corpus_sha(self, config: RunConfig) -> str:
+        from .corpus import load_corpus
+
+        key = (config.corpus, config.offline)
+        if key not in self.corpora:
+            self.corpora[key] = load_corpus(config.corpus, offline=config.offline).sha256
+        return self.corpora[key]
+
+    def run_id(self, config: RunConfig) -> str:
+        from .models import model_sha256
+
+        return run_id_for(config, model_sha256(config.model), self.corpus_sha(config))
+
+
+@dataclass(frozen=True)
+class Planner:
+    """How configs become planned runs (tests swap in fakes for ``run_id``)."""
+
+    run_id: Callable[[RunConfig], str] = field(default_factory=lambda: Identities().run_id)
+    canonical: Callable[[RunConfig], RunConfig] = canonical
+    variants: Callable[[RunConfig], tuple[str, ...]] = variants
+
+
+def plan(configs: Iterable[RunConfig], planner: Planner | None = None, *, fresh: bool = False) -> list[PlannedRun]:
+    """Every run the configs need, in order: each config's variant runs, then the config itself.
+
+    Deduplicated by ``run_id`` (a grid run that is also a variant is one run); runs
+    sharing a reference pass adjacent.  ``fresh`` marks the configs themselves (not
+    their variants) to be run even when recorded.
+    """
+    planner = planner or Planner()
+    runs: dict[str, PlannedRun] = {}
+    for config in map(planner.canonical, configs):
+        for mitigation in planner.variants(config):
+            _add(runs, variant(config, mitigation), planner, is_variant=True, fresh=False)
+        _add(runs, config, planner, is_variant=False, fresh=fresh)
+    groups = list(dict.fromkeys(p.group for p in runs.values()))
+    ordered = sorted(runs.values(), key=lambda p: groups.index(p.group))  # stable: plan order within a group
+    return [dataclasses.replace(p, index=i) for i, p in enumerate(ordered)]
+
+
+def _add(runs: dict[str, PlannedRun], config: RunConfig, planner: Planner, *, is_variant: bool, fresh: bool) -> None:
+    run_id = planner.run_id(config)
+    old = runs.get(run_id)
+    if old is None:
+        runs[run_id] = PlannedRun(len(runs), config, run_id, reference_group(config), is_variant, fresh)
+    elif not is_variant:
+        runs[run_id] = dataclasses.replace(old, variant=False, fresh=old.fresh or fresh)

@@ -26,13 +26,13 @@ loads a pickle from disk.
 
 from __future__ import annotations
 
-import functools
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from .errors import QuantsinkError, UsageError
+from .io import atomic_write_bytes
 
 _SESSION: dict[str, Any] = {}  # per Ray worker process: one Session, models loaded once
 
@@ -101,25 +101,16 @@ def install_reference(name: str, data: bytes) -> None:
 
     path = cache.reference_path(name.removesuffix(".safetensors"))
     if not path.is_file():
-        _atomic_write_bytes(path, data)
+        atomic_write_bytes(path, data)
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    from .io import atomic_path
-
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-
-
-def cell(config: Any, reference: tuple[str, bytes] | None, run_fn: Callable[..., dict[str, Any]],
-         num_cpus: float) -> dict[str, Any]:
+def cell(config: Any, reference: tuple[str, bytes] | None, run_fn: Callable[..., Any],
+         num_cpus: float) -> Any:
     """Task body: one planned run -> its record (not written: the driver writes it)."""
     _threads(num_cpus)
     if reference is not None:
         install_reference(*reference)
-    record = run_fn(config, session=_session(), progress=lambda stage, total: (lambda n: None))
-    record.pop("path", None)
-    return record
+    return run_fn(config, session=_session(), progress=lambda stage, total: (lambda n: None))
 
 
 # --------------------------------------------------------------------------- driver side
@@ -133,27 +124,20 @@ class Submitted:
 
 
 def run_ray(todo: list[Any], results: str | Path, *, sweep: str, emit: Callable[..., None],
-            run_fn: Callable[..., dict[str, Any]], options: RayOptions, poll_s: float = 0.5) -> list[int]:
-    """Every planned run in ``todo`` on Ray; records written here.  -> [] (no local workers)."""
-    from .sweep import Store
+            run_fn: Callable[..., Any], options: RayOptions, real: bool, poll_s: float = 0.5) -> list[int]:
+    """Every planned run in ``todo`` on Ray; records written here (``real``: ``run_fn`` is the real run,
+    which needs the group's reference pass shipped to its node).  -> [] (no local workers)."""
+    from .results import Store
 
     ray = connect(options)
     store = Store(Path(results))
     store.locks.mkdir(parents=True, exist_ok=True)
-    real = run_fn is _default_run_fn()
     tasks = _remote_functions(ray, options, needs_reference=real)
-    run_fn = functools.partial(run_fn, write=False) if real else run_fn  # the driver writes records
     pending, waiting, references = {}, list(todo), {}
     while waiting or pending:
         waiting = _submit(waiting, store, sweep, emit, tasks, references, pending, run_fn, options)
         _collect(ray, pending, store, sweep, emit, timeout=poll_s)
     return []
-
-
-def _default_run_fn() -> Callable[..., dict[str, Any]]:
-    from .sweep import default_run
-
-    return default_run
 
 
 def _remote_functions(ray: Any, options: RayOptions, needs_reference: bool) -> dict[str, Any]:
@@ -166,7 +150,7 @@ def _submit(waiting: list[Any], store: Any, sweep: str, emit: Callable[..., None
             references: dict[str, Any], pending: dict[Any, Submitted], run_fn: Any,
             options: RayOptions) -> list[Any]:
     """Claim and submit what can be claimed; -> runs still held by another sweep."""
-    from .sweep import try_lock
+    from .locks import try_lock
 
     held = []
     for p in waiting:
@@ -204,16 +188,14 @@ def _collect(ray: Any, pending: dict[Any, Submitted], store: Any, sweep: str, em
 
 def _finish(ray: Any, obj: Any, sub: Submitted, store: Any, sweep: str, emit: Callable[..., None]) -> None:
     """A returned task -> its record (atomic) or failure file; the lock released after."""
-    from .results import write_record
-    from .sweep import release
+    from .locks import release
 
     seconds = time.perf_counter() - sub.started
     try:
         record = ray.get(obj)
-        if record.get("run_id") != sub.run.run_id:
-            raise QuantsinkError(f"record run_id {record.get('run_id')} != planned {sub.run.run_id} (a bug)")
-        write_record(record, store.root)
-        store.failure(sub.run.run_id).unlink(missing_ok=True)
+        if record.run_id != sub.run.run_id:
+            raise QuantsinkError(f"record run_id {record.run_id} != planned {sub.run.run_id} (a bug)")
+        store.write(record)
         emit("end", 0, sub.run.index, "done", seconds, "")
     except Exception as error:  # noqa: BLE001 - a cell's failure is recorded, the grid goes on
         error = _cause(error)

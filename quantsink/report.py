@@ -1,9 +1,10 @@
 """Leaderboard: every record in a results directory -> md, csv, json and one self-contained html.
 
-One row per (model, corpus, protocol, scheme, mitigation); when several records
-share a row (re-runs under another code version), the newest wins and the
-others are counted as superseded.  Every derived number is computed here from
-the record, never stored twice:
+Reads ``RunRecord``s only (``results.iter_records``: validated against the
+schema).  One row per (model, corpus, protocol, scheme, mitigation); when several
+records share a row (re-runs under another code version), the newest wins and
+the others are counted as superseded.  Every derived number is computed here
+from the records, never stored twice:
 
 * ``ppl_ratio`` = candidate ppl / reference ppl; ``delta_bpb`` = candidate - reference bits per byte.
 * ``sink_before`` / ``sink_after``: mean over layers and heads of the sink score
@@ -11,14 +12,14 @@ the record, never stored twice:
 * ``drain_before`` / ``drain_after``: mean over layers and KV heads of the value-state drain.
 * ``peak_before`` / ``peak_after``: the largest residual-state peak ratio over layers.
 * ``heads_woken``: heads dormant in the reference and active in the candidate
-  (``stats.changes.woken`` when the record lists them, e.g. ``"L20H5"``; else
-  dormant fraction >= 0.5 in the reference and < 0.5 in the candidate).
+  (``stats.changes.woken``: dormant in the reference, active after).
 * ``bits``: weight / activation / KV-cache bits, e.g. ``W8A8KV32`` (float parts at the
   run's dtype); ``w_bits``: nominal weight bits (the plot's axis).
-* ``effect`` / ``effect_ci``/ ``verdict``: the record's ``mitigation_effect``
-  (mitigated minus unmitigated perplexity, paired t 95% interval over windows);
-  a ``not-applicable`` run (the mitigation changed nothing) shows no effect.
-* ``d_sink`` / ``d_sink_ci``: the record's sink damage in nats per token.
+* ``effect`` / ``effect_ci``/ ``verdict``: ``effects.mitigation_effect`` against the stored
+  unmitigated variant run (mitigated minus unmitigated perplexity, paired t 95% interval over
+  windows); a ``not-applicable`` run (the mitigation changed nothing) shows no effect.
+* ``d_sink`` / ``d_sink_ci``: ``effects.d_sink`` from the stored ``none`` and ``sink-fp`` variant
+  runs (sink damage in nats per token); empty when a variant run is not in the results.
 
 Fields a record lacks (no stats, no mitigation) are left empty, never invented.
 Everything shown in html is escaped; markdown cells are escaped too.
@@ -35,6 +36,10 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
+
+from .effects import Effects, effects
+from .errors import QuantsinkError
+from .results import RunRecord
 
 KEY = ("model", "corpus", "protocol", "scheme", "mitigation")
 COLUMNS = {  # column -> (markdown header, digits); order = table order
@@ -60,43 +65,22 @@ DTYPE_BITS = {"float32": 32, "bfloat16": 16, "float16": 16}
 # --------------------------------------------------------------------------- record -> row (pure)
 
 
-def _get(data: Any, *path: Any) -> Any:
-    for key in path:
-        if isinstance(data, dict):
-            data = data.get(key)
-        elif isinstance(data, list) and isinstance(key, int) and -len(data) <= key < len(data):
-            data = data[key]
-        else:
-            return None
-    return data
-
-
 def _num(value: Any) -> float | None:
-    """A finite float, or None; dicts give their value/mean/delta."""
-    if isinstance(value, dict):
-        value = next((value[k] for k in ("value", "mean", "delta", "nats_per_token") if k in value), None)
+    """A finite float, or None."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     return float(value) if math.isfinite(value) else None
 
 
 def _ci(value: Any) -> tuple[float, float] | None:
-    if isinstance(value, dict):
-        value = value.get("ci95", value.get("ci"))
     if isinstance(value, (list, tuple)) and len(value) == 2 and all(_num(v) is not None for v in value):
         return float(value[0]), float(value[1])
     return None
 
 
-def _mean(matrix: Any) -> float | None:
-    values = [_num(v) for row in matrix or [] for v in (row if isinstance(row, list) else [row])]
-    values = [v for v in values if v is not None]
+def _mean(matrix: list[list[float | None]] | None) -> float | None:
+    values = [v for row in matrix or [] for v in row if _num(v) is not None]
     return sum(values) / len(values) if values else None
-
-
-def peak_profile(side: Any) -> list[float | None]:
-    """Per-layer residual-state peak ratio of ``stats.reference`` / ``stats.candidate``."""
-    return [_num(_get(layer, "residual_peak_ratio")) for layer in _get(side, "layers") or []]
 
 
 def _max(values: Iterable[float | None]) -> float | None:
@@ -104,100 +88,102 @@ def _max(values: Iterable[float | None]) -> float | None:
     return max(values) if values else None
 
 
-def woken_heads(record: dict[str, Any], tau: float = 0.5) -> list[tuple[int, int]] | None:
-    """(layer, head) pairs woken by the candidate: dormant in the reference, active after."""
-    before = _get(record, "stats", "reference", "heads", "dormant_fraction")
-    after = _get(record, "stats", "candidate", "heads", "dormant_fraction")
-    if not isinstance(before, list) or not isinstance(after, list):
-        return None  # no attention statistics: unknown, not zero
-    changes = _get(record, "stats", "changes") or {}
-    listed = next((changes[k] for k in ("woken", "heads_woken") if isinstance(changes.get(k), list)), None)
-    if listed is not None:
-        pairs = [_pair(item) for item in listed]
-        return [p for p in pairs if p is not None]
-    return [(layer, head) for layer, (b_row, a_row) in enumerate(zip(before, after))
-            for head, (b, a) in enumerate(zip(b_row, a_row))
-            if _num(b) is not None and _num(a) is not None and b >= tau > a]
+def _side(record: RunRecord, name: str) -> dict[str, Any] | None:
+    """``stats.reference`` / ``stats.candidate`` (None without stats)."""
+    return None if record.stats is None else getattr(record.stats, name)
 
 
-def _pair(item: Any) -> tuple[int, int] | None:
-    if isinstance(item, dict) and "layer" in item and "head" in item:
-        return int(item["layer"]), int(item["head"])
-    if isinstance(item, (list, tuple)) and len(item) >= 2:
-        return int(item[0]), int(item[1])
-    if isinstance(item, str) and item.upper().startswith("L") and "H" in item.upper():  # "L20H5"
-        layer, head = item.upper()[1:].split("H", 1)
-        return int(layer), int(head)
-    return None
+def _heads(record: RunRecord, name: str, table: str) -> Any:
+    side = _side(record, name)
+    return None if side is None else side["heads"].get(table)
 
 
-def protocol_label(record: dict[str, Any]) -> str:
-    p = record.get("protocol") or {}
-    return (f"{p.get('n_windows', '?')}x{p.get('window', '?')} tok, stride {p.get('stride', '?')}, "
-            f"BOS {p.get('bos', '?')}, {p.get('dtype', '?')}")
+def peak_profile(side: dict[str, Any] | None) -> list[float | None]:
+    """Per-layer residual-state peak ratio of ``stats.reference`` / ``stats.candidate``."""
+    return [_num(layer.get("residual_peak_ratio")) for layer in (side or {}).get("layers", [])]
 
 
-def bits_label(scheme: dict[str, Any], dtype: Any) -> str:
+def bits_label(record: RunRecord) -> str:
     """``W8A8KV32``: weight / activation / KV-cache bits, float parts at the run's dtype."""
-    widths = scheme.get("bit_widths")
-    if not isinstance(widths, dict):  # an older record: weight bits only
-        bits = _num(scheme.get("bits"))
-        return "" if bits is None else f"W{bits:g}"
-    fallback = DTYPE_BITS.get(str(dtype), 32)
+    fallback = DTYPE_BITS.get(record.protocol.dtype, 32)
+    widths = record.scheme.bit_widths
     return "".join(f"{tag}{widths.get(key) or fallback}"
                    for tag, key in (("W", "weights"), ("A", "activations"), ("KV", "kv")))
 
 
-def mitigation_label(record: dict[str, Any]) -> str:
-    configured = _get(record, "config", "mitigation")
-    if isinstance(configured, str):
-        return configured
-    names = [m.get("name", "?") for m in record.get("mitigation") or [] if isinstance(m, dict)]
-    return ",".join(names) or "none"
+def woken_heads(record: RunRecord) -> list[tuple[int, int]] | None:
+    """(layer, head) pairs woken by the candidate (``stats.changes.woken``: dormant in the reference,
+    active after); None when the record has no attention statistics on both sides (unknown, not zero)."""
+    if record.stats is None or record.stats.changes is None or _heads(record, "reference", "dormant_fraction") is None:
+        return None
+    return [_pair(name) for name in record.stats.changes["woken"]]
 
 
-def row(record: dict[str, Any]) -> dict[str, Any]:
-    """One leaderboard row (deltas computed here) from one record."""
-    ref, cand, scheme = record["reference"], record["candidate"], record["scheme"]
-    stats_ref, stats_cand = _get(record, "stats", "reference"), _get(record, "stats", "candidate")
-    effect = record.get("mitigation_effect") or {}
-    d_sink = record.get("d_sink", effect.get("d_sink") if isinstance(effect, dict) else None)
+def _pair(name: str) -> tuple[int, int]:
+    layer, head = name[1:].split("H", 1)  # "L20H5"
+    return int(layer), int(head)
+
+
+def protocol_label(record: RunRecord) -> str:
+    p = record.protocol
+    return f"{p.n_windows}x{p.window} tok, stride {p.stride}, BOS {p.bos}, {p.dtype}"
+
+
+def row(record: RunRecord, effects: Effects | None = None) -> dict[str, Any]:
+    """One leaderboard row (deltas computed here) from one record and its effects."""
+    ref, cand, scheme = record.reference, record.candidate, record.scheme
+    effect, d_sink = (effects.mitigation_effect, effects.d_sink) if effects else (None, None)
     woken = woken_heads(record)
-    verdict = effect.get("verdict") if isinstance(effect, dict) else None
-    no_effect = not isinstance(effect, dict) or verdict == "not-applicable"  # shown as such, not as 0 [0, 0]
-    ppl_ref, ppl = _num(ref.get("ppl")), _num(cand.get("ppl"))
-    bpb_ref, bpb = _num(ref.get("bits_per_byte")), _num(cand.get("bits_per_byte"))
-    backend = " ".join(str(x) for x in (scheme.get("backend"), scheme.get("backend_version")) if x)
+    verdict = effect["verdict"] if effect else None
+    no_effect = effect is None or verdict == "not-applicable"  # shown as such, not as 0 [0, 0]
+    bpb_ref, bpb = _num(ref.bits_per_byte), _num(cand.bits_per_byte)
     return {
-        "model": str(_get(record, "model", "name")), "corpus": str(_get(record, "corpus", "name")),
-        "scheme": str(scheme.get("spec") or scheme.get("name")), "mitigation": mitigation_label(record),
-        "bits": bits_label(scheme, _get(record, "protocol", "dtype")), "w_bits": _num(scheme.get("bits")),
-        "ppl_ref": ppl_ref, "ppl": ppl,
-        "ppl_ratio": ppl / ppl_ref if ppl is not None and ppl_ref else None,
-        "kl": _num(cand.get("kl")), "top1": _num(cand.get("top1_agreement")), "bpb": bpb,
+        "model": record.model.name, "corpus": record.corpus.name, "scheme": scheme.spec,
+        "mitigation": record.config.mitigation, "bits": bits_label(record), "w_bits": _num(scheme.bits),
+        "ppl_ref": _num(ref.ppl), "ppl": _num(cand.ppl), "ppl_ratio": _ratio(cand.ppl, ref.ppl),
+        "kl": _num(cand.kl), "top1": _num(cand.top1_agreement), "bpb": bpb,
         "delta_bpb": bpb - bpb_ref if bpb is not None and bpb_ref is not None else None,
-        "d_sink": _num(d_sink), "d_sink_ci": _ci(d_sink),
-        "verdict": verdict,
-        "effect": None if no_effect else _num(effect.get("delta_ppl")),
-        "effect_ci": None if no_effect else _ci(effect),
-        "sink_before": _mean(_get(stats_ref, "heads", "sink_score")),
-        "sink_after": _mean(_get(stats_cand, "heads", "sink_score")),
-        "drain_before": _mean(_get(stats_ref, "heads", "value_drain")),
-        "drain_after": _mean(_get(stats_cand, "heads", "value_drain")),
+        "d_sink": _num(d_sink["nats_per_token"]) if d_sink else None, "d_sink_ci": _ci(d_sink["ci95"]) if d_sink else None,
+        "verdict": verdict, "effect": None if no_effect else _num(effect["delta_ppl"]),
+        "effect_ci": None if no_effect else _ci(effect["ci95"]),
+        "sink_before": _mean(_heads(record, "reference", "sink_score")),
+        "sink_after": _mean(_heads(record, "candidate", "sink_score")),
+        "drain_before": _mean(_heads(record, "reference", "value_drain")),
+        "drain_after": _mean(_heads(record, "candidate", "value_drain")),
         "heads_woken": None if woken is None else len(woken),
-        "peak_before": _max(peak_profile(stats_ref)), "peak_after": _max(peak_profile(stats_cand)),
-        "simulated": bool(scheme.get("simulated")), "backend": backend, "protocol": protocol_label(record),
-        "run_id": str(record.get("run_id")), "created_at": str(record.get("created_at") or ""),
+        "peak_before": _max(peak_profile(_side(record, "reference"))),
+        "peak_after": _max(peak_profile(_side(record, "candidate"))),
+        "simulated": scheme.simulated, "backend": " ".join(x for x in (scheme.backend, scheme.backend_version) if x),
+        "protocol": protocol_label(record), "run_id": record.run_id, "created_at": record.created_at,
     }
 
 
-def leaderboard(records: list[dict[str, Any]]) -> tuple[Any, list[dict[str, Any]], int]:
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if _num(a) is not None and _num(b) else None
+
+
+def record_effects(records: list[RunRecord]) -> dict[str, Effects]:
+    """Each record's effects from the other records (by run_id); a pair that cannot be paired is
+    warned about and left empty."""
+    by_id = {r.run_id: r for r in records}
+    found = {}
+    for record in records:
+        try:
+            found[record.run_id] = effects(record, by_id.get)
+        except QuantsinkError as err:
+            warnings.warn(f"{record.run_id}: no effects ({err})", stacklevel=2)
+            found[record.run_id] = Effects()
+    return found
+
+
+def leaderboard(records: list[RunRecord]) -> tuple[Any, list[RunRecord], int]:
     """-> (DataFrame, the records behind its rows, number of superseded records)."""
     import pandas as pd
 
-    newest: dict[tuple[Any, ...], tuple[dict[str, Any], dict[str, Any]]] = {}
+    found = record_effects(records)
+    newest: dict[tuple[Any, ...], tuple[dict[str, Any], RunRecord]] = {}
     for record in records:
-        r = row(record)
+        r = row(record, found[record.run_id])
         key = tuple(r[k] for k in KEY)
         if key not in newest or r["created_at"] >= newest[key][0]["created_at"]:
             newest[key] = (r, record)
@@ -330,14 +316,14 @@ def plot_before_after(frame: Any) -> bytes | None:
     return _png(fig)
 
 
-def plot_peak_profile(frame: Any, records: list[dict[str, Any]]) -> bytes | None:
+def plot_peak_profile(frame: Any, records: list[RunRecord]) -> bytes | None:
     """Per-layer residual-state peak ratio: reference (black) and each unmitigated scheme."""
     panels: dict[tuple[str, str], list[tuple[str, list[float | None], list[float | None]]]] = {}
     for (_, r), record in zip(frame.iterrows(), records):
-        after = peak_profile(_get(record, "stats", "candidate"))
+        after = peak_profile(_side(record, "candidate"))
         if r["mitigation"] == "none" and any(v is not None for v in after):
             panels.setdefault((r["model"], r["corpus"]), []).append(
-                (r["scheme"], peak_profile(_get(record, "stats", "reference")), after))
+                (r["scheme"], peak_profile(_side(record, "reference")), after))
     if not panels:
         return None
     fig, axes = _subplots(len(panels))
@@ -352,14 +338,14 @@ def plot_peak_profile(frame: Any, records: list[dict[str, Any]]) -> bytes | None
     return _png(fig)
 
 
-def woken_counts(frame: Any, records: list[dict[str, Any]]) -> dict[str, tuple[Any, int]]:
+def woken_counts(frame: Any, records: list[RunRecord]) -> dict[str, tuple[Any, int]]:
     """model -> (layer x head matrix: in how many unmitigated runs each head woke, number of runs)."""
     import numpy as np
 
     counts: dict[str, tuple[Any, int]] = {}
     for (_, r), record in zip(frame.iterrows(), records):
         woken = woken_heads(record)
-        shape = _get(record, "stats", "reference", "heads", "sink_score")
+        shape = _heads(record, "reference", "sink_score")
         if r["mitigation"] != "none" or woken is None or not isinstance(shape, list) or not shape:
             continue
         layers, heads = len(shape), max(len(row) for row in shape)
@@ -371,7 +357,7 @@ def woken_counts(frame: Any, records: list[dict[str, Any]]) -> dict[str, tuple[A
     return counts
 
 
-def plot_woken_heatmap(frame: Any, records: list[dict[str, Any]]) -> bytes | None:
+def plot_woken_heatmap(frame: Any, records: list[RunRecord]) -> bytes | None:
     counts = woken_counts(frame, records)
     if not counts:
         return None
@@ -408,7 +394,7 @@ def plot_verdicts(frame: Any) -> bytes | None:
     return _png(fig)
 
 
-def plots(frame: Any, records: list[dict[str, Any]]) -> dict[str, bytes | None]:
+def plots(frame: Any, records: list[RunRecord]) -> dict[str, bytes | None]:
     """Title -> PNG (None when the records hold no data for it)."""
     import matplotlib
 
@@ -559,13 +545,13 @@ class Written:
     n_skipped: int = 0
 
 
-def read_results(results: str | Path) -> tuple[list[dict[str, Any]], list[str]]:
+def read_results(results: str | Path) -> tuple[list[RunRecord], list[str]]:
     """Every valid record; files skipped (invalid, newer schema) are returned and warned about."""
     from .results import iter_records
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        records = [record for record in iter_records(results) if _has_row(record)]
+        records = list(iter_records(results))
     skipped = [str(w.message) for w in caught]
     for message in skipped:
         warnings.warn(message, stacklevel=2)
@@ -601,22 +587,11 @@ def check_results(results: str | Path, records: list[Any], failures: list[Any], 
                              f"`quantsink sweep` first (nothing written)")
 
 
-def _has_row(record: dict[str, Any]) -> bool:
-    """Whether ``row`` can read the record; else a warning (it is skipped, the report goes on)."""
-    try:
-        row(record)
-        return True
-    except (AttributeError, TypeError, KeyError, ValueError, IndexError) as err:
-        warnings.warn(f"skipped record {record.get('run_id')}: fields of the wrong shape "
-                      f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})", stacklevel=2)
-        return False
-
-
 def write_report(results: str | Path, out: str | Path) -> Written:
     """results/ -> leaderboard.{md,csv,json,html} in ``out``."""
     from .io import atomic_write_text
     from .results import check_writable_dir
-    from .sweep import iter_failures
+    from .results import iter_failures
 
     check_writable_dir(out, "--out")
     records, skipped = read_results(results)

@@ -1,24 +1,262 @@
-"""Run records: schema-versioned JSON, one file per run, written atomically.
+"""Run records and the results store.
 
-A record is a plain dict; ``SCHEMA_VERSION`` changes when a field changes
-meaning.  Readers skip (with a warning) files that are not valid records or
-carry a newer schema, so one bad file never loses the others.
+The record is one typed, versioned schema (:class:`RunRecord` and the frozen
+dataclasses below): ``run`` builds it, the store writes it as JSON, every reader
+gets it back validated (``load_record``), and the report reads nothing else.
+``SCHEMA_VERSION`` changes when a field is added, removed or changes meaning.
+Readers skip (with a warning) files that are not valid records or carry
+another schema version, so one bad file never loses the others.  Derived
+numbers (deltas, ``mitigation_effect``, ``d_sink``) are not stored: they are
+computed from stored records (``quantsink.effects``, ``quantsink.report``).
+
+The store is a directory: ``<run_id>.json`` records, ``<run_id>.failed``
+failure files (JSON, not records), and ``.locks/``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
+import time
+import traceback
+import types
+import typing
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
+from .config import RunConfig
 from .errors import QuantsinkError, UsageError
 from .io import atomic_write_text
 
-SCHEMA_VERSION = 1
-REQUIRED = ("schema_version", "run_id", "model", "corpus", "protocol", "scheme", "reference", "candidate")
+SCHEMA_VERSION = 2
+
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    """The reference model: registered alias or path, where its weights came from, their sha256."""
+
+    name: str
+    source: str
+    sha256: str
+    arch: str = ""
+    n_params: int = 0
+    dequantized_from: str | None = None  # GGUF quant type when the reference was de-quantized
+
+
+@dataclass(frozen=True)
+class CorpusRecord:
+    name: str
+    sha256: str
+    n_documents: int
+    n_tokens: int
+
+
+@dataclass(frozen=True)
+class ProtocolRecord:
+    """How the windows were cut and scored (``scoring`` and ``kl`` say it in words)."""
+
+    kind: str
+    window: int
+    stride: int
+    bos: str
+    bos_token_id: int | None
+    tokens: int
+    scoring: str
+    n_windows: int
+    scored_tokens: int
+    dtype: str
+    kl: str
+    evaluator_version: str
+    n_documents: int | None = None  # lm-eval protocol: whole documents scored
+
+
+@dataclass(frozen=True)
+class SchemeRecord:
+    name: str
+    spec: str
+    params: dict[str, Any]
+    simulated: bool
+    backend: str
+    backend_version: str
+    bits: float | None  # nominal weight bits
+    bit_widths: dict[str, Any]  # weights / activations / kv: bits, null where that part stays float
+    applied: dict[str, Any]  # what the scheme actually did (modules quantized, kernels, kept positions)
+    details: dict[str, Any] = field(default_factory=dict)  # family-specific description (e.g. ``parts``)
+
+    @classmethod
+    def of(cls, record: dict[str, Any], applied: dict[str, Any]) -> "SchemeRecord":
+        """From ``Scheme.record()``: the common keys, the rest as ``details``."""
+        names = {f.name for f in dataclasses.fields(cls)} - {"applied", "details"}
+        return cls(**{k: v for k, v in record.items() if k in names}, applied=applied,
+                   details={k: v for k, v in record.items() if k not in names})
+
+
+@dataclass(frozen=True)
+class MitigationRecord:
+    name: str
+    spec: str
+    kind: str
+    params: dict[str, Any]
+    applied: dict[str, Any]  # what the mitigation actually did
+
+
+@dataclass(frozen=True)
+class PassRecord:
+    """One side's pass over the windows (per-window sums, so runs can be paired)."""
+
+    ppl: float | None
+    nll_per_token: float | None
+    bits_per_byte: float | None
+    nll_per_window: list[float | None]
+    scored_per_window: list[int]
+    kl: float | None = None  # candidate only: KL(reference || candidate) per scored token
+    top1_agreement: float | None = None  # candidate only
+    kl_per_window: list[float | None] | None = None  # candidate only
+    cached: bool | None = None  # reference only: read from the reference cache
+    lm_eval: dict[str, Any] | None = None  # with --lm-eval: per task lm-eval's metrics
+    lm_eval_cached: bool | None = None  # reference only
+
+
+@dataclass(frozen=True)
+class StatsRecord:
+    """Extreme-token statistics (``quantsink.stats.summarize`` of each side; ``changes`` between them)."""
+
+    reference: dict[str, Any]
+    candidate: dict[str, Any] | None
+    changes: dict[str, Any] | None
+    note: str | None = None  # why the candidate side is missing
+
+    def __post_init__(self) -> None:
+        for side in (self.reference, self.candidate):
+            if side is not None and not (isinstance(side.get("layers"), list) and isinstance(side.get("heads"), dict)):
+                raise ValueError("a stats side needs 'layers' (a list) and 'heads' (an object)")
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One run: identity, what was evaluated and how, both passes, statistics, timing, environment."""
+
+    schema_version: int
+    run_id: str
+    created_at: str
+    quantsink_version: str
+    config: RunConfig
+    model: ModelRecord
+    corpus: CorpusRecord
+    protocol: ProtocolRecord
+    scheme: SchemeRecord
+    mitigation: tuple[MitigationRecord, ...]
+    reference: PassRecord
+    candidate: PassRecord
+    stats: StatsRecord | None
+    noise_floor: dict[str, Any] | None  # unmitigated runs: the candidate's float-level noise (``run.noise_floor_pass``)
+    timing: dict[str, float]
+    env: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object (NaN/inf as null)."""
+        return _finite(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "record") -> "RunRecord":
+        """Validate ``data`` against the schema; a ``QuantsinkError`` names the first bad field."""
+        version = data.get("schema_version") if isinstance(data, dict) else None
+        if isinstance(version, int) and not isinstance(version, bool) and version > SCHEMA_VERSION:
+            raise NewerSchema(f"{where}: schema version {version} is newer than this quantsink "
+                              f"({SCHEMA_VERSION}); upgrade quantsink to read it")
+        if version != SCHEMA_VERSION:
+            raise QuantsinkError(_version_message(where, version))
+        return _load(cls, data, where)
+
+
+def _version_message(where: str, version: Any) -> str:
+    if isinstance(version, int) and not isinstance(version, bool) and version >= 1:
+        return (f"{where}: schema version {version} is older than this quantsink's ({SCHEMA_VERSION}); "
+                f"re-run it (a sweep re-runs what has no current record)")
+    return f"{where}: not a quantsink record (no schema_version); move it out of the results directory"
+
+
+# --------------------------------------------------------------------------- validation (JSON -> schema)
+
+
+def _load(cls: type, data: Any, where: str) -> Any:
+    """``data`` (a JSON object) -> ``cls``, every field checked against its annotation."""
+    if not isinstance(data, dict):
+        raise QuantsinkError(f"{where}: not a JSON object; not a valid record")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise QuantsinkError(f"{where}: unknown field {unknown[0]!r}; not a valid record")
+    hints = typing.get_type_hints(cls)
+    values = {name: _value(hints[name], data[name], f"{where}.{name}") for name in fields if name in data}
+    missing = [n for n, f in fields.items() if n not in data and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise QuantsinkError(f"{where}: missing field {missing[0]!r}; not a valid record")
+    try:
+        return cls(**values)
+    except (ValueError, TypeError, QuantsinkError) as err:
+        raise QuantsinkError(f"{where}: {str(err).splitlines()[0]}; not a valid record") from None
+
+
+def _value(hint: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return _union(typing.get_args(hint), value, where)
+    if dataclasses.is_dataclass(hint):
+        return _load(hint, value, where)
+    if origin in (list, tuple):
+        return _sequence(origin, typing.get_args(hint), value, where)
+    if origin is dict or hint is dict:
+        return _checked(value, dict, where)
+    if origin is typing.Literal:
+        return _choice(typing.get_args(hint), value, where)
+    if hint is Any:
+        return value
+    return _scalar(hint, value, where)
+
+
+def _union(args: tuple[Any, ...], value: Any, where: str) -> Any:
+    if value is None and type(None) in args:
+        return None
+    errors = []
+    for arg in (a for a in args if a is not type(None)):
+        try:
+            return _value(arg, value, where)
+        except QuantsinkError as err:
+            errors.append(err)
+    raise errors[0]
+
+
+def _sequence(origin: type, args: tuple[Any, ...], value: Any, where: str) -> Any:
+    items = _checked(value, list, where)
+    item = args[0] if args else Any
+    return origin(_value(item, v, f"{where}[{i}]") for i, v in enumerate(items))
+
+
+def _scalar(hint: type, value: Any, where: str) -> Any:
+    ok = (isinstance(value, (int, float)) if hint is float else isinstance(value, hint)) and not (
+        isinstance(value, bool) and hint is not bool)
+    if not ok:
+        raise QuantsinkError(f"{where}: expected {hint.__name__}, got {type(value).__name__}; not a valid record")
+    return float(value) if hint is float else value
+
+
+def _choice(choices: tuple[Any, ...], value: Any, where: str) -> Any:
+    if value not in choices:
+        raise QuantsinkError(f"{where}: {value!r} is not one of {', '.join(map(str, choices))}; not a valid record")
+    return value
+
+
+def _checked(value: Any, kind: type, where: str) -> Any:
+    if not isinstance(value, kind):
+        raise QuantsinkError(f"{where}: expected a JSON {'object' if kind is dict else 'array'}; not a valid record")
+    return value
 
 
 def _finite(value: Any) -> Any:
@@ -53,15 +291,15 @@ def record_path(results_dir: str | Path, run_id: str) -> Path:
     return Path(results_dir) / f"{run_id}.json"
 
 
-def write_record(record: dict[str, Any], results_dir: str | Path) -> Path:
+def write_record(record: RunRecord, results_dir: str | Path) -> Path:
     """Write ``record`` to ``<results_dir>/<run_id>.json`` atomically; a record there written by
     a newer quantsink is kept (with a warning), never replaced by this older one."""
-    path = record_path(results_dir, record["run_id"])
+    path = record_path(results_dir, record.run_id)
     if _newer(path):
         warnings.warn(f"{path} was written by a newer quantsink: kept, this run's record not written",
                       stacklevel=2)
         return path
-    atomic_write_text(path, json.dumps(_finite(record), indent=1, sort_keys=False) + "\n")
+    atomic_write_text(path, json.dumps(record.to_dict(), indent=1) + "\n")
     return path
 
 
@@ -75,30 +313,8 @@ def _newer(path: Path) -> bool:
     return False
 
 
-def validate(record: Any, source: str = "record") -> dict[str, Any]:
-    if not isinstance(record, dict):
-        raise QuantsinkError(f"{source}: not a JSON object; delete or fix the file")
-    missing = [key for key in REQUIRED if key not in record]
-    if missing:
-        raise QuantsinkError(f"{source}: not a quantsink record (missing {', '.join(missing)}); move it out of the results directory")
-    version = record["schema_version"]
-    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise QuantsinkError(f"{source}: schema_version {version!r} is not a positive integer; "
-                             f"move the file out of the results directory")
-    if version > SCHEMA_VERSION:
-        raise NewerSchema(f"{source}: schema version {version} is newer than this quantsink "
-                          f"({SCHEMA_VERSION}); upgrade quantsink to read it")
-    wrong = [key for key in SECTIONS if not isinstance(record[key], dict)]
-    if wrong or not isinstance(record["run_id"], str):
-        raise QuantsinkError(f"{source}: not a quantsink record ({(wrong or ['run_id'])[0]} has the wrong type); "
-                             f"move it out of the results directory")
-    return record
-
-
-SECTIONS = ("model", "corpus", "protocol", "scheme", "reference", "candidate")  # each a JSON object
-
-
-def load_record(path: str | Path) -> dict[str, Any]:
+def load_record(path: str | Path) -> RunRecord:
+    """Read and validate one record file (one-line ``QuantsinkError`` when it is not a valid record)."""
     path = Path(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -110,10 +326,10 @@ def load_record(path: str | Path) -> dict[str, Any]:
         raise QuantsinkError(f"{path}: cannot be read ({err.strerror or type(err).__name__})") from None
     except (ValueError, UnicodeDecodeError) as err:
         raise QuantsinkError(f"{path}: corrupt results file ({err.__class__.__name__}); delete it and re-run") from None
-    return validate(data, str(path))
+    return RunRecord.from_dict(data, str(path))
 
 
-def iter_records(results_dir: str | Path) -> Iterator[dict[str, Any]]:
+def iter_records(results_dir: str | Path) -> Iterator[RunRecord]:
     """Every valid record under ``results_dir``; invalid files are skipped with a warning."""
     root = Path(results_dir)
     if not root.is_dir():
@@ -125,7 +341,7 @@ def iter_records(results_dir: str | Path) -> Iterator[dict[str, Any]]:
             warnings.warn(f"skipped {err}", stacklevel=2)
 
 
-def find_record(results_dir: str | Path, run_id: str) -> dict[str, Any] | None:
+def find_record(results_dir: str | Path, run_id: str) -> RunRecord | None:
     path = record_path(results_dir, run_id)
     if not path.is_file():
         return None
@@ -134,3 +350,109 @@ def find_record(results_dir: str | Path, run_id: str) -> dict[str, Any] | None:
     except QuantsinkError as err:
         warnings.warn(f"ignored {err}", stacklevel=2)
         return None
+
+
+# --------------------------------------------------------------------------- the store
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """A small JSON object (lock, failure file); None when absent, {} when unreadable."""
+    try:
+        data = json.loads(path.read_text())
+        return data if isinstance(data, dict) else {}
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}  # half-written by a process killed between create and write
+
+
+@dataclass(frozen=True)
+class Store:
+    """The results directory: records, failure files, locks."""
+
+    root: Path
+
+    @property
+    def locks(self) -> Path:
+        return self.root / ".locks"
+
+    def record(self, run_id: str) -> Path:
+        return self.root / f"{run_id}.json"
+
+    def failure(self, run_id: str) -> Path:
+        return self.root / f"{run_id}.failed"
+
+    def has_record(self, run_id: str) -> bool:
+        return self.record(run_id).is_file()
+
+    def status(self, run_id: str) -> str:
+        """``absent``, ``done`` (a valid record), ``newer`` (a record of a newer quantsink: kept,
+        never re-run) or ``invalid`` (a file that is no record: set aside, re-run)."""
+        path = self.record(run_id)
+        if not path.exists():
+            return "absent"
+        try:
+            load_record(path)
+            return "done"
+        except NewerSchema:
+            return "newer"
+        except QuantsinkError:
+            return "invalid"
+
+    def problem(self, run_id: str) -> str | None:
+        """Why ``<run_id>.json`` is not a valid record (None when it is)."""
+        try:
+            load_record(self.record(run_id))
+            return None
+        except QuantsinkError as err:
+            return str(err)
+
+    def has_valid_record(self, run_id: str) -> bool:
+        return self.status(run_id) in ("done", "newer")
+
+    def set_aside(self, run_id: str) -> Path:
+        """Rename an invalid ``<run_id>.json`` to the first free ``.json.invalid[.N]`` (never overwrites)."""
+        for n in range(10_000):
+            target = self.root / (f"{run_id}.json.invalid" + (f".{n}" if n else ""))
+            try:
+                os.link(self.record(run_id), target)  # fails if target exists: no overwrite race
+            except FileExistsError:
+                continue
+            self.record(run_id).unlink()
+            return target
+        raise QuantsinkError(f"{self.root}: too many {run_id}.json.invalid files; clean them up")
+
+    def failed_in(self, run_id: str, sweep: str) -> bool:
+        data = read_json(self.failure(run_id))
+        return bool(data) and data.get("sweep") == sweep
+
+    def write(self, record: RunRecord) -> Path:
+        """The record, atomically; any failure file of the run is removed after."""
+        path = write_record(record, self.root)
+        self.failure(record.run_id).unlink(missing_ok=True)
+        return path
+
+    def warm(self, group: str) -> bool:
+        return (self.locks / f"group-{group}.warm").exists()
+
+    def mark_warm(self, group: str) -> None:
+        (self.locks / f"group-{group}.warm").touch()
+
+    def write_failure(self, run: Any, error: BaseException, sweep: str, seconds: float) -> None:
+        failure = {
+            "kind": "quantsink-failure", "run_id": run.run_id, "sweep": sweep,
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": round(seconds, 2),
+            "config": run.config.to_record(), "error_type": type(error).__name__,
+            "error": str(error).splitlines()[0] if str(error) else type(error).__name__,
+            "traceback": "".join(traceback.format_exception(error))[-4000:],
+        }
+        atomic_write_text(self.failure(run.run_id), json.dumps(failure, indent=1) + "\n")
+
+
+def iter_failures(results_dir: str | Path) -> Iterable[dict[str, Any]]:
+    """Failure files of runs that have no record (a later success supersedes them)."""
+    root = Path(results_dir)
+    for path in sorted(root.glob("*.failed")) if root.is_dir() else []:
+        data = read_json(path)
+        if data and data.get("kind") == "quantsink-failure" and not (root / f"{path.stem}.json").exists():
+            yield data

@@ -1,8 +1,10 @@
-"""One run: reference + candidate on the same windows -> one record.
+"""One run: reference + candidate on the same windows -> one ``RunRecord``.
 
-``run(RunConfig(...))`` is the Python API behind ``quantsink eval``; a
-``Session`` keeps models loaded between runs (sweeps) and the reference pass
-is cached on disk per (model, corpus, protocol).
+``run(RunConfig(...))`` evaluates exactly the run it is given (no other run:
+the variant runs its effects pair with are planned by ``plan.plan`` and run by
+``quantsink eval`` / ``sweep`` like any other).  A ``Session`` keeps models loaded
+between runs (sweeps) and the reference pass is cached on disk per (model,
+corpus, protocol).
 """
 
 from __future__ import annotations
@@ -21,13 +23,14 @@ from . import cache
 from .config import EVALUATOR_VERSION, RunConfig, __version__, stable_hash
 from .corpus import Corpus, TokenStream, Windows, load_corpus, sliding_windows, tokenize
 from .errors import QuantsinkError
-from .evaluate import PassResult, ReferenceHead
-from .hooks import attention_implementation, stats_pass, stats_settings
+from .evaluate import PassResult, ReferenceHead, run_pass
+from .hooks import StatsCollector, attention_implementation, stats_settings
 from .mitigations import MitigationStack, parse_mitigations
 from .models import LoadedModel, check_window, load_model, resolve_device
 from .plan import canonical, run_id_for
 from .registry import Registry
-from .results import SCHEMA_VERSION, check_writable_dir, write_record
+from .results import (SCHEMA_VERSION, CorpusRecord, MitigationRecord, ModelRecord, PassRecord, ProtocolRecord,
+                      RunRecord, SchemeRecord, StatsRecord, check_writable_dir, write_record)
 from .stats import changes as stats_changes
 from .schemes import QuantContext, Scheme, parse_scheme
 
@@ -68,7 +71,6 @@ class Prepared:
     loaded: LoadedModel
     corpus: Corpus
     windows: Windows
-    calibration: Callable[[], Windows]
     protocol: dict[str, Any]
     timing: dict[str, float]
 
@@ -181,7 +183,19 @@ def prepare(config: RunConfig, session: Session) -> Prepared:
     }
     stack = MitigationStack.of(mitigations, reference=loaded.model, tokenizer=loaded.tokenizer, scheme=scheme,
                                calibration=made.calibration)
-    return Prepared(config, scheme, stack, loaded, corpus, made.windows, made.calibration, protocol, timing)
+    return Prepared(config, scheme, stack, loaded, corpus, made.windows, protocol, timing)
+
+
+def stats_pass(config: RunConfig, model: Any, windows: Windows, **kwargs: Any) -> PassResult:
+    """``run_pass`` with the stats probes riding on it (same forward); stats land in ``result.extra["stats"]``."""
+    if stats_settings(config) is None:
+        return run_pass(model, windows, **kwargs)
+    with StatsCollector(model, stats_windows=config.stats_windows, tau=config.dormant_attention,
+                        share=config.dormant_queries) as collector:
+        result = run_pass(model, windows, batch_context=collector.batch_context,
+                          boundaries=collector.boundaries, **kwargs)
+    result.extra["stats"] = collector.summary(tuple(windows.sink_positions))
+    return result
 
 
 def reference_key(prep: Prepared) -> str:
@@ -288,78 +302,70 @@ def run_id(prep: Prepared) -> str:
     return run_id_for(prep.config, prep.loaded.info.sha256, prep.corpus.sha256)
 
 
-def planned_run_id(config: RunConfig, session: Session | None = None) -> str:
-    """``run_id`` computed before running: hashes the model file and corpus, loads no model.
-
-    Must apply the same normalisation of ``config`` that ``run`` applies before
-    it computes the record's ``run_id`` (a sweep relies on the two agreeing;
-    ``tests/test_sweep_tiny.py`` checks it).
-    """
-    from .models import model_sha256
-
-    config = canonical(config)
-    corpus = (session or Session()).corpus(config)
-    return run_id_for(config, model_sha256(config.model), corpus.sha256)
-
-
-def stats_record(reference: PassResult, candidate: PassResult) -> dict[str, Any] | None:
+def stats_record(reference: PassResult, candidate: PassResult) -> StatsRecord | None:
     """``stats.reference``, ``stats.candidate`` and ``stats.changes`` (None with --no-stats)."""
     ref, cand = reference.extra.get("stats"), candidate.extra.get("stats")
     if ref is None:
         return None
     if cand is None:  # a mitigation hid positions from the candidate's probes
-        return {"reference": ref, "candidate": None, "changes": None,
-                "note": candidate.extra.get("stats_skipped", "candidate stats not collected")}
-    return {"reference": ref, "candidate": cand, "changes": stats_changes(ref, cand)}
+        return StatsRecord(ref, None, None, candidate.extra.get("stats_skipped", "candidate stats not collected"))
+    return StatsRecord(ref, cand, stats_changes(ref, cand))
 
 
-def make_record(prep: Prepared, reference: PassResult, ref_cached: bool, candidate: PassResult,
-                notes: dict[str, Any], timing: dict[str, float]) -> dict[str, Any]:
-    n_tok = prep.windows.n_tokens
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "run_id": run_id(prep),
-        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "quantsink_version": __version__,
-        "config": prep.config.to_record(),
-        "model": prep.loaded.info.to_record(),
-        "corpus": {"name": prep.corpus.name, "sha256": prep.corpus.sha256,
-                   "n_documents": len(prep.corpus.documents), "n_tokens": prep.protocol["tokens"]},
-        "protocol": prep.protocol,
-        "scheme": {**prep.scheme.record(), "applied": notes},
-        "mitigation": prep.mitigations.record(),
-        "reference": {**reference.summary(), "cached": ref_cached},
-        "candidate": candidate.summary(),
-        "stats": stats_record(reference, candidate),
-        "timing": {**timing, "candidate_tokens_per_s": n_tok / max(timing.get("candidate_s", 0), 1e-9)},
-        "env": environment(prep.loaded.device),
-    }
+@dataclass(frozen=True)
+class Passes:
+    """What one run measured: both passes, what the scheme did, lm-eval on both sides, timing."""
+
+    reference: PassResult
+    ref_cached: bool
+    candidate: PassResult
+    notes: dict[str, Any]
+    timing: dict[str, float]
+    lm_eval: dict[str, Any] | None = None
+    noise_floor: dict[str, Any] | None = None
+
+
+def make_record(prep: Prepared, passes: Passes) -> RunRecord:
+    timing = {**passes.timing, "candidate_tokens_per_s": prep.windows.n_tokens / max(passes.timing["candidate_s"], 1e-9)}
+    return RunRecord(
+        schema_version=SCHEMA_VERSION, run_id=run_id(prep),
+        created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), quantsink_version=__version__,
+        config=prep.config, model=ModelRecord(**prep.loaded.info.to_record()),
+        corpus=CorpusRecord(prep.corpus.name, prep.corpus.sha256, len(prep.corpus.documents), prep.protocol["tokens"]),
+        protocol=ProtocolRecord(**prep.protocol), scheme=SchemeRecord.of(prep.scheme.record(), passes.notes),
+        mitigation=tuple(MitigationRecord(**m) for m in prep.mitigations.record()),
+        reference=reference_record(passes), candidate=candidate_record(passes),
+        stats=stats_record(passes.reference, passes.candidate), noise_floor=passes.noise_floor, timing=timing,
+        env=environment(prep.loaded.device))
+
+
+def reference_record(passes: Passes) -> PassRecord:
+    downstream = passes.lm_eval or {}
+    return PassRecord(**passes.reference.summary(), cached=passes.ref_cached, lm_eval=downstream.get("reference"),
+                      lm_eval_cached=downstream.get("reference_cached"))
+
+
+def candidate_record(passes: Passes) -> PassRecord:
+    return PassRecord(**passes.candidate.summary(), lm_eval=(passes.lm_eval or {}).get("candidate"))
 
 
 def run(config: RunConfig, *, session: Session | None = None, progress: Progress = _no_progress,
-        write: bool = True) -> dict[str, Any]:
-    """Evaluate ``config.scheme`` against the reference; return (and write) the record.
-
-    The record also carries ``mitigation_effect`` (vs the same scheme without
-    mitigation) and ``d_sink`` (activation/KV schemes); the passes they need
-    are reused from the results store or run and stored (``effects.annotate``).
-    """
-    from .effects import annotate, published
-
+        write: bool = True) -> RunRecord:
+    """Evaluate ``config.scheme`` against the reference on the same windows; return (and with
+    ``write``, store) the record.  Only this run: effects come from ``effects.effects`` over
+    the stored variant runs ``plan.plan`` adds."""
     session = session or Session()
     config = canonical(config)
     if write:
         check_writable_dir(config.results, "--results")  # before any load, not after the passes
     record = evaluate(config, session, progress)
-    with published(config.results, record, write):  # a process that needs it as a variant need not wait
-        annotate(record, config, lambda variant: evaluate(variant, session, progress), write=write)
-        if write:
-            record["path"] = str(write_record(record, config.results))
+    if write:
+        write_record(record, config.results)
     return record
 
 
-def evaluate(config: RunConfig, session: Session, progress: Progress = _no_progress) -> dict[str, Any]:
-    """One reference-vs-candidate comparison -> the bare record (nothing written)."""
+def evaluate(config: RunConfig, session: Session, progress: Progress = _no_progress) -> RunRecord:
+    """One reference-vs-candidate comparison -> its record (nothing written)."""
     if config.lm_eval:
         from . import lmeval
 
@@ -388,11 +394,4 @@ def evaluate(config: RunConfig, session: Session, progress: Progress = _no_progr
         downstream = lmeval.evaluate_run(prep, model)
         timing["lm_eval_s"] = time.perf_counter() - t0
     del model
-    record = make_record(prep, reference, ref_cached, candidate, notes, timing)
-    if floor is not None:
-        record["noise_floor"] = floor
-    if downstream:
-        record["reference"]["lm_eval"] = downstream["reference"]
-        record["reference"]["lm_eval_cached"] = downstream["reference_cached"]
-        record["candidate"]["lm_eval"] = downstream["candidate"]
-    return record
+    return make_record(prep, Passes(reference, ref_cached, candidate, notes, timing, downstream, floor))

@@ -15,13 +15,14 @@ a comma separates grid entries.
 
 How a sweep stays correct when killed, restarted or run twice at once:
 
-* every run's ``run_id`` is computed *before* it runs (``run.planned_run_id``:
-  model file hash + corpus hash + config, no model load); a run whose record is
-  already in the store is skipped;
+* the runs are planned by ``plan.plan`` (the one planner ``eval`` uses too): each
+  grid run plus the variant runs (``none``, ``sink-fp``) its effects pair with, every
+  ``run_id`` computed *before* anything runs (model file hash + corpus hash +
+  canonical config, no model load); a run whose record is already in the store is skipped;
 * a run is claimed with a lock file created by ``os.open(O_CREAT | O_EXCL)``
   holding the owner's pid (and process start time); a lock whose owner is dead
   is broken, so a killed worker never blocks a later sweep;
-* the record is written atomically (``results.write_record``) *before* the lock
+* the record is written atomically (``results.Store.write``) *before* the lock
   is released, and a claimant re-checks the store after claiming, so a run is
   never written twice;
 * a file ``<run_id>.json`` that is not a valid record is renamed ``.json.invalid`` (``.invalid.N``
@@ -39,25 +40,25 @@ How a sweep stays correct when killed, restarted or run twice at once:
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import socket
 import time
-import traceback
 import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from .config import RunConfig, check_types, stable_hash
+from .config import RunConfig, check_types
 from .errors import QuantsinkError, UsageError
+from .plan import PlannedRun, plan, reference_group  # noqa: F401  (the sweep's plan is the planner's)
+from .locks import owner_alive, release, try_lock  # noqa: F401  (sweeps claim runs with them)
+from .results import RunRecord, Store, find_record, iter_failures  # noqa: F401
 from .spec import split_specs
 
 AXES = {"models": "model", "corpora": "corpus", "schemes": "scheme", "mitigations": "mitigation"}
 SWEEP_KEYS = ("results", "jobs", "subgrids", "executor", "address", "num_cpus", "num_gpus")
 Emit = Callable[..., None]
-RunFn = Callable[..., dict[str, Any]]
+RunFn = Callable[..., RunRecord]
 
 
 # --------------------------------------------------------------------------- grid
@@ -183,24 +184,6 @@ def check_options(options: dict[str, Any], where: str) -> None:
 # --------------------------------------------------------------------------- plan
 
 
-@dataclass(frozen=True)
-class PlannedRun:
-    index: int
-    config: RunConfig
-    run_id: str
-    group: str  # runs sharing a reference pass (same model, corpus and protocol)
-
-    @property
-    def label(self) -> str:
-        c = self.config
-        return f"{c.model} · {c.corpus} · {c.scheme} · {c.mitigation}"
-
-
-def reference_group(config: RunConfig) -> str:
-    identity = {k: v for k, v in config.identity().items() if k not in ("scheme", "mitigation")}
-    return stable_hash(identity)
-
-
 def validate_names(configs: list[RunConfig]) -> None:
     """Unknown scheme / mitigation / lm-eval task names and unavailable devices fail before anything
     runs (exit 2; unknown models when the plan hashes them)."""
@@ -236,225 +219,69 @@ def invalid_pair(config: RunConfig) -> str | None:
     return None
 
 
-def invalid_runs(planned: list["PlannedRun"]) -> dict[int, str]:
+def invalid_runs(planned: list[PlannedRun]) -> dict[int, str]:
     """Index -> why, for every planned run whose scheme and mitigations cannot go together."""
     reasons = {p.index: invalid_pair(p.config) for p in planned}
     return {index: why for index, why in reasons.items() if why is not None}
 
 
-def plan(configs: list[RunConfig], id_fn: Callable[[RunConfig], str] | None = None) -> list[PlannedRun]:
-    """Each config with its ``run_id`` (computed without loading any model)."""
-    if id_fn is None:
-        from .run import Session, planned_run_id
-
-        session = Session()
-        id_fn = lambda config: planned_run_id(config, session)  # noqa: E731
-    return [PlannedRun(i, c, id_fn(c), reference_group(c)) for i, c in enumerate(configs)]
-
-
-# --------------------------------------------------------------------------- locks
-
-
-def _start_time(pid: int) -> str | None:
-    """The process's start time (Linux /proc), to tell a live owner from a reused pid."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
-def _owner() -> dict[str, Any]:
-    return {"pid": os.getpid(), "host": socket.gethostname(), "start": _start_time(os.getpid())}
-
-
-def owner_alive(owner: dict[str, Any]) -> bool:
-    """Is the process that wrote a lock still running?  (Other hosts: assumed alive.)"""
-    if owner.get("host") != socket.gethostname():
-        return True
-    pid = int(owner.get("pid", 0))
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    start = _start_time(pid)
-    return owner.get("start") is None or start is None or start == owner["start"]
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text())
-        return data if isinstance(data, dict) else {}
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError):
-        return {}  # half-written by a process killed between create and write
-
-
-def try_lock(path: Path, grace_s: float = 10.0) -> bool:
-    """Create ``path`` exclusively (O_CREAT|O_EXCL) with our pid; break it once if its owner is dead."""
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            if not _break_if_stale(path, grace_s):
-                return False
-            continue
-        with os.fdopen(fd, "w") as handle:
-            json.dump(_owner(), handle)
-        return True
-    return False
-
-
-def _break_if_stale(path: Path, grace_s: float) -> bool:
-    """Remove a lock whose owner is dead.  A second lock (``.break``) serialises breakers,
-    so a lock re-created by a live process between our check and unlink is never removed."""
-    owner = _read_json(path)
-    if owner is None:
-        return True  # released meanwhile
-    if _stale(path, owner, grace_s) is False:
-        return False
-    breaker = path.with_name(path.name + ".break")
-    try:
-        os.close(os.open(breaker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-    except FileExistsError:
-        if time.time() - _mtime(breaker) > 60:  # a breaker killed mid-break
-            breaker.unlink(missing_ok=True)
-        return False
-    try:
-        owner = _read_json(path)
-        if owner is not None and _stale(path, owner, grace_s):
-            path.unlink(missing_ok=True)
-        return True
-    finally:
-        breaker.unlink(missing_ok=True)
-
-
-def _stale(path: Path, owner: dict[str, Any], grace_s: float) -> bool:
-    if not owner:  # unreadable: stale once older than the grace period
-        return time.time() - _mtime(path) > grace_s
-    return not owner_alive(owner)
-
-
-def _mtime(path: Path) -> float:
-    try:
-        return path.stat().st_mtime
-    except FileNotFoundError:
-        return time.time()
-
-
-def release(path: Path) -> None:
-    owner = _read_json(path)
-    if owner is not None and owner.get("pid") == os.getpid():
-        path.unlink(missing_ok=True)
-
-
-# --------------------------------------------------------------------------- store
-
-
-@dataclass(frozen=True)
-class Store:
-    """The results directory: records, failure files, locks."""
-
-    root: Path
-
-    @property
-    def locks(self) -> Path:
-        return self.root / ".locks"
-
-    def record(self, run_id: str) -> Path:
-        return self.root / f"{run_id}.json"
-
-    def failure(self, run_id: str) -> Path:
-        return self.root / f"{run_id}.failed"
-
-    def has_record(self, run_id: str) -> bool:
-        return self.record(run_id).is_file()
-
-    def status(self, run_id: str) -> str:
-        """``absent``, ``done`` (a valid record), ``newer`` (a record of a newer quantsink: kept,
-        never re-run) or ``invalid`` (a file that is no record: set aside, re-run)."""
-        from .results import NewerSchema, load_record
-
-        path = self.record(run_id)
-        if not path.exists():
-            return "absent"
-        try:
-            load_record(path)
-            return "done"
-        except NewerSchema:
-            return "newer"
-        except QuantsinkError:
-            return "invalid"
-
-    def problem(self, run_id: str) -> str | None:
-        """Why ``<run_id>.json`` is not a valid record (None when it is)."""
-        from .results import load_record
-
-        try:
-            load_record(self.record(run_id))
-            return None
-        except QuantsinkError as err:
-            return str(err)
-
-    def has_valid_record(self, run_id: str) -> bool:
-        return self.status(run_id) in ("done", "newer")
-
-    def set_aside(self, run_id: str) -> Path:
-        """Rename an invalid ``<run_id>.json`` to the first free ``.json.invalid[.N]`` (never overwrites)."""
-        for n in range(10_000):
-            target = self.root / (f"{run_id}.json.invalid" + (f".{n}" if n else ""))
-            try:
-                os.link(self.record(run_id), target)  # fails if target exists: no overwrite race
-            except FileExistsError:
-                continue
-            self.record(run_id).unlink()
-            return target
-        raise QuantsinkError(f"{self.root}: too many {run_id}.json.invalid files; clean them up")
-
-    def failed_in(self, run_id: str, sweep: str) -> bool:
-        data = _read_json(self.failure(run_id))
-        return bool(data) and data.get("sweep") == sweep
-
-    def warm(self, group: str) -> bool:
-        return (self.locks / f"group-{group}.warm").exists()
-
-    def mark_warm(self, group: str) -> None:
-        (self.locks / f"group-{group}.warm").touch()
-
-    def write_failure(self, run: PlannedRun, error: BaseException, sweep: str, seconds: float) -> None:
-        from .io import atomic_write_text
-
-        failure = {
-            "kind": "quantsink-failure", "run_id": run.run_id, "sweep": sweep,
-            "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": round(seconds, 2),
-            "config": run.config.to_record(), "error_type": type(error).__name__,
-            "error": str(error).splitlines()[0] if str(error) else type(error).__name__,
-            "traceback": "".join(traceback.format_exception(error))[-4000:],
-        }
-        atomic_write_text(self.failure(run.run_id), json.dumps(failure, indent=1) + "\n")
-
-
-def iter_failures(results_dir: str | Path) -> Iterable[dict[str, Any]]:
-    """Failure files of runs that have no record (a later success supersedes them)."""
-    root = Path(results_dir)
-    for path in sorted(root.glob("*.failed")) if root.is_dir() else []:
-        data = _read_json(path)
-        if data and data.get("kind") == "quantsink-failure" and not (root / f"{path.stem}.json").exists():
-            yield data
-
-
 # --------------------------------------------------------------------------- work
 
 
-def default_run(config: RunConfig, *, session: Any, progress: Any, write: bool = True) -> dict[str, Any]:
-    """The real run: ``quantsink.run.run`` with a per-worker Session (models loaded once)."""
+def default_run(config: RunConfig, *, session: Any, progress: Any) -> RunRecord:
+    """The real run: ``quantsink.run.run`` with a per-worker Session (models loaded once); the
+    caller writes the record (under the run's lock)."""
     from .run import run
 
-    return run(config, session=session, progress=progress, write=write)  # also stores any variant runs it needed
+    return run(config, session=session, progress=progress, write=False)
+
+
+def run_plan(planned: list[PlannedRun], results: str | Path, *, session: Any, progress: Any,
+             write: bool = True, poll_s: float = 0.5) -> dict[str, RunRecord]:
+    """A plan executed in this process (``eval``), run by run: a stored record is reused unless the
+    run is ``fresh``; any other run takes its run lock (waiting while another process holds it),
+    runs, and is written before the lock is released.  A run's error propagates.  -> records by run_id."""
+    store = Store(Path(results))
+    return {p.run_id: _run_one(p, store, session, progress, write, poll_s) for p in planned}
+
+
+def run_config(config: RunConfig, *, session: Any = None, progress: Any = None,
+               write: bool = True) -> tuple[RunRecord, Any]:
+    """What ``quantsink eval`` does: plan ``config`` (its variant runs included), run the plan, and
+    compute its effects from the records.  -> (its record, its ``effects.Effects``)."""
+    from .effects import effects
+    from .run import Session
+
+    planned = plan([config], fresh=True)
+    records = run_plan(planned, config.results, session=session or Session(), write=write,
+                       progress=progress or (lambda stage, total: lambda n: None))
+    record = records[next(p.run_id for p in planned if not p.variant)]
+    return record, effects(record, records.get)
+
+
+def _run_one(p: PlannedRun, store: Store, session: Any, progress: Any, write: bool, poll_s: float) -> RunRecord:
+    found = None if p.fresh else find_record(store.root, p.run_id)
+    if found is not None or not write:
+        return found or _checked_run(p, session, progress)
+    store.locks.mkdir(parents=True, exist_ok=True)
+    lock = store.locks / f"{p.run_id}.lock"
+    while not try_lock(lock):
+        time.sleep(poll_s)
+    try:
+        found = None if p.fresh else find_record(store.root, p.run_id)  # finished while we waited
+        record = found or _checked_run(p, session, progress)
+        store.write(record)
+        return record
+    finally:
+        release(lock)
+
+
+def _checked_run(p: PlannedRun, session: Any, progress: Any) -> RunRecord:
+    record = default_run(p.config, session=session, progress=progress)
+    if record.run_id != p.run_id:
+        raise QuantsinkError(f"record run_id {record.run_id} != planned {p.run_id}: plan.Identities "
+                             f"is out of sync with run.run_id (a bug)")
+    return record
 
 
 def _ordered(pending: list[PlannedRun], current: str | None, worker: int) -> list[PlannedRun]:
@@ -533,8 +360,6 @@ def _claim_and_run(p: PlannedRun, store: Store, sweep: str, emit: Emit, run_fn: 
 def execute(p: PlannedRun, store: Store, sweep: str, emit: Emit, run_fn: RunFn,
             session: Any, worker: int) -> None:
     """One run -> its record (atomic) or its failure file; never raises for a run's error."""
-    from .results import write_record
-
     emit("start", worker, p.index, p.label)
 
     def progress(stage: str, total: int) -> Callable[[int], None]:
@@ -544,13 +369,10 @@ def execute(p: PlannedRun, store: Store, sweep: str, emit: Emit, run_fn: RunFn,
     t0 = time.perf_counter()
     try:
         record = run_fn(p.config.replace(results=str(store.root)), session=session, progress=progress)
-        record.pop("path", None)
-        if not store.has_record(str(record.get("run_id"))):  # the real run has written it already
-            write_record(record, store.root)
-        if record.get("run_id") != p.run_id:
-            raise QuantsinkError(f"record run_id {record.get('run_id')} != planned {p.run_id}: "
-                                 f"quantsink.run.planned_run_id is out of sync with run_id (a bug)")
-        store.failure(p.run_id).unlink(missing_ok=True)
+        if record.run_id != p.run_id:
+            raise QuantsinkError(f"record run_id {record.run_id} != planned {p.run_id}: "
+                                 f"plan.Identities is out of sync with run.run_id (a bug)")
+        store.write(record)
         emit("end", worker, p.index, "done", time.perf_counter() - t0, "")
     except Exception as error:  # noqa: BLE001 - any run's failure is recorded, the grid goes on
         store.write_failure(p, error, sweep, time.perf_counter() - t0)
@@ -640,7 +462,7 @@ class Summary:
     retried: int
     done: list[tuple[str, float]] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)
-    elsewhere: int = 0
+    elsewhere: int = 0  # recorded meanwhile by another sweep on the same store
     missing: list[str] = field(default_factory=list)
     crashed_workers: list[int] = field(default_factory=list)
 
@@ -674,21 +496,16 @@ def sweep(planned: list[PlannedRun], results: str | Path, *, jobs: int = 1, run_
     retried = sum(store.failure(p.run_id).exists() for p in todo)
     summary = Summary(total=len(planned), skipped=len(planned) - len(todo), retried=retried)
     labels = {p.index: p.label for p in planned}
-    finished: dict[int, str] = {}  # index -> done | failed | elsewhere (each run counted once)
+    finished: dict[int, str] = {}  # index -> done | failed | elsewhere (an "end" wins over "elsewhere")
 
     def collect(kind: str, worker: int, *args: Any) -> None:
         if kind == "end":
             index, status, seconds, error = args
-            if finished.get(index) == "elsewhere":  # another worker saw our record before our event
-                summary.elsewhere -= 1
             finished[index] = status
             (summary.done.append((labels[index], seconds)) if status == "done"
              else summary.failed.append((labels[index], error)))
         elif kind == "elsewhere":
-            if args[0] in finished:
-                return
-            finished[args[0]] = kind
-            summary.elsewhere += 1
+            finished.setdefault(args[0], kind)
         if emit is not None:
             emit(kind, worker, *args)
             if kind in ("end", "elsewhere"):
@@ -698,12 +515,14 @@ def sweep(planned: list[PlannedRun], results: str | Path, *, jobs: int = 1, run_
     if todo and ray is not None:
         from .ray_executor import run_ray
 
-        summary.crashed_workers = run_ray(todo, results, sweep=token, emit=collect, run_fn=run_fn, options=ray)
+        summary.crashed_workers = run_ray(todo, results, sweep=token, emit=collect, run_fn=run_fn, options=ray,
+                                          real=run_fn is default_run)
     elif todo and jobs > 1:
         summary.crashed_workers = run_parallel(todo, results, sweep=token, emit=collect, run_fn=run_fn,
                                                jobs=min(jobs, len(todo)))
     elif todo:
         work(todo, results, sweep=token, emit=collect, run_fn=run_fn)
+    summary.elsewhere = sum(status == "elsewhere" for status in finished.values())
     failed_ids = {p.run_id for p in todo if store.failed_in(p.run_id, token)}
     summary.missing = [p.label for p in todo if not store.has_record(p.run_id) and p.run_id not in failed_ids]
     return summary

@@ -12,6 +12,7 @@ delta KL and the verdict, plus d_sink per scheme.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -29,31 +30,30 @@ def cells(schemes: list[str], mitigations: list[str], float_checks: list[str]) -
 
 
 def run_cell(config, session, store_only=False):
-    from quantsink.mitigations import canonical_mitigation
+    """-> (record, effects, reused?): the cell's plan run like `quantsink eval` (stored runs reused)."""
+    from quantsink.effects import effects
+    from quantsink.plan import plan
     from quantsink.results import find_record
-    from quantsink.plan import run_id_for
-    from quantsink.run import run
+    from quantsink.sweep import run_plan
 
-    config = config.replace(mitigation=canonical_mitigation(config.mitigation))
-    rid = run_id_for(config, session.model(config).info.sha256, session.corpus(config).sha256)
-    found = find_record(config.results, rid)
-    needs = "mitigation_effect" if config.mitigation != "none" else None
-    if found is not None and (needs is None or needs in found):
-        return found, True
-    if store_only:
+    planned = plan([config])
+    stored = {p.run_id: find_record(config.results, p.run_id) for p in planned}
+    if store_only and None in stored.values():
         raise LookupError("not in the results store (not run yet)")
-    return run(config, session=session), False
+    records = run_plan(planned, config.results, session=session, progress=lambda stage, total: lambda n: None)
+    record = records[next(p.run_id for p in planned if not p.variant)]
+    return record, effects(record, records.get), None not in stored.values()
 
 
-def row(record: dict) -> dict:
-    cand, eff = record["candidate"], record.get("mitigation_effect")
-    out = {"scheme": record["scheme"]["spec"], "mitigation": record["config"]["mitigation"],
-           "ppl": cand["ppl"], "kl": cand["kl"], "top1": cand["top1_agreement"]}
+def row(record, found) -> dict:
+    cand, eff = record.candidate, found.mitigation_effect
+    out = {"scheme": record.scheme.spec, "mitigation": record.config.mitigation,
+           "ppl": cand.ppl, "kl": cand.kl, "top1": cand.top1_agreement}
     if eff:
         out.update(delta_ppl=eff["delta_ppl"], ci95=eff["ci95"], delta_kl=eff["delta_kl"], verdict=eff["verdict"])
-    if "d_sink" in record:
-        out["d_sink"] = record["d_sink"]["nats_per_token"]
-        out["d_sink_ci95"] = record["d_sink"]["ci95"]
+    if found.d_sink:
+        out["d_sink"] = found.d_sink["nats_per_token"]
+        out["d_sink_ci95"] = found.d_sink["ci95"]
     return out
 
 
@@ -112,14 +112,14 @@ def main() -> None:
                                results=args.results)
             t0 = time.perf_counter()
             try:
-                record, reused = run_cell(config, session, args.store_only)
+                record, found, reused = run_cell(config, session, args.store_only)
             except Exception as err:  # noqa: BLE001 - one failing cell must not lose the grid
                 if not args.store_only:
                     traceback.print_exc()
                 rows.append({"scheme": scheme, "mitigation": mitigation, "error": f"{type(err).__name__}: {err}"})
                 continue
-            ref, proto = record["reference"]["ppl"], record["protocol"]
-            rows.append(row(record))
+            ref, proto = record.reference.ppl, dataclasses.asdict(record.protocol)
+            rows.append(row(record, found))
             print(json.dumps({"corpus": corpus, **rows[-1], "reused": reused,
                               "s": round(time.perf_counter() - t0, 1)}), flush=True)
         names = list(dict.fromkeys(["none", *split(args.mitigations, ";"), *split(args.float_checks, ";")]))

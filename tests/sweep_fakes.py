@@ -9,6 +9,7 @@ exits mid-run, like a kill), and schemes containing ``fail`` (or equal to ``QS_F
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -16,11 +17,21 @@ from typing import Any
 
 from quantsink.config import RunConfig, stable_hash
 from quantsink.errors import QuantsinkError
-from quantsink.results import SCHEMA_VERSION
+from quantsink.plan import Planner
+from quantsink.results import RunRecord
+from synthetic_records import make_record
 
 
 def fake_id(config: RunConfig) -> str:
     return stable_hash(config.identity())
+
+
+def planner(run_id=fake_id) -> Planner:  # noqa: ANN001
+    """Plans the fake schemes as given: no canonical spelling, no variant runs, ``run_id`` faked."""
+    return Planner(run_id=run_id, canonical=lambda config: config, variants=lambda config: ())
+
+
+PLANNER = planner()
 
 
 def _log(event: str, run_id: str) -> None:
@@ -43,7 +54,7 @@ def _first_kill() -> bool:
         return False
 
 
-def fake_run(config: RunConfig, *, session: Any, progress: Any) -> dict[str, Any]:
+def fake_run(config: RunConfig, *, session: Any, progress: Any) -> RunRecord:
     run_id = fake_id(config)
     _log("start", run_id)
     tick = progress("candidate", 2)
@@ -57,10 +68,8 @@ def fake_run(config: RunConfig, *, session: Any, progress: Any) -> dict[str, Any
         raise QuantsinkError(f"scheme {config.scheme} exploded")
     tick(1)
     _log("end", run_id)
-    return {"schema_version": SCHEMA_VERSION, "run_id": run_id, "created_at": "2026-11-28T16:00:00+00:00",
-            "config": config.to_record(), "model": {"name": config.model}, "corpus": {"name": config.corpus},
-            "protocol": {"window": config.window}, "scheme": {"name": config.scheme, "spec": config.scheme},
-            "mitigation": [], "reference": {"ppl": 10.0}, "candidate": {"ppl": 11.0}}
+    record = make_record(config.model, config.corpus, config.scheme, config.mitigation, ppl=11.0, stats=False)
+    return dataclasses.replace(record, run_id=run_id, config=config)
 
 
 def read_log(path: str) -> list[tuple[str, str, int, float]]:
@@ -76,7 +85,7 @@ def sweep_main(results: str, schemes: str, jobs: int = 1) -> None:
     from quantsink.sweep import Grid, plan, sweep
 
     configs = Grid.from_mapping({"models": "m1,m2", "corpora": "c1", "schemes": schemes}).configs({"results": results})
-    summary = sweep(plan(configs, fake_id), results, jobs=jobs, run_fn=fake_run)
+    summary = sweep(plan(configs, PLANNER), results, jobs=jobs, run_fn=fake_run)
     print(f"ran={len(summary.done)} skipped={summary.skipped} failed={len(summary.failed)} "
           f"elsewhere={summary.elsewhere} missing={len(summary.missing)}")
     sys.exit(0 if summary.ok else 1)

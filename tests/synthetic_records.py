@@ -1,4 +1,7 @@
-"""Synthetic run records with the fields of issues 2, 3 and 5 (for report tests and the html check)."""
+"""Synthetic run records, built through the record schema (``quantsink.results.RunRecord``) and the
+library's own functions (``plan.canonical``/``run_id_for``, ``Scheme.record``, ``stats.summarize``,
+``stats.changes``), for report tests and the html check.  Variant runs (``none``, ``sink-fp``) carry
+the run_ids the planner gives them, so effects pair them as they pair real runs."""
 
 from __future__ import annotations
 
@@ -8,82 +11,112 @@ import random
 from pathlib import Path
 from typing import Any
 
-from quantsink.config import stable_hash
-from quantsink.results import SCHEMA_VERSION, write_record
+import torch
 
-LAYERS, HEADS, KV_HEADS = 6, 4, 2
+from quantsink import stats as S
+from quantsink.config import RunConfig, stable_hash
+from quantsink.errors import UsageError
+from quantsink.plan import canonical, run_id_for
+from quantsink.results import (SCHEMA_VERSION, CorpusRecord, MitigationRecord, ModelRecord, PassRecord,
+                               ProtocolRecord, RunRecord, SchemeRecord, StatsRecord, write_record)
+
+LAYERS, HEADS, KV_HEADS, WINDOWS, WINDOW = 6, 4, 2, 8, 128
 
 
-def _side(rng: random.Random, peak: float, sink: float, dormant: list[list[float]]) -> dict[str, Any]:
-    return {
-        "layers": [{"residual_peak_ratio": peak * (1 + layer) / LAYERS, "massive_activation": 100.0 * peak,
-                    "massive_position": 0, "massive_channel": 7} for layer in range(LAYERS)],
-        "heads": {"sink_score": [[round(sink * rng.uniform(0.8, 1.0), 4) for _ in range(HEADS)] for _ in range(LAYERS)],
-                  "value_drain": [[round(rng.uniform(0.1, 0.4), 4) for _ in range(KV_HEADS)] for _ in range(LAYERS)],
-                  "dormant_fraction": dormant},
-        "extreme_tokens": [0],
-        "linear_inputs": {},
-    }
+def stats_side(rng: random.Random, peak: float, sink: float, dormant: set[tuple[int, int]]) -> dict[str, Any]:
+    """``stats.summarize`` of synthetic per-window reductions: a residual peak growing with depth
+    (largest ``peak``), sink scores around ``sink``, the ``dormant`` heads parked on key 0."""
+    shape = (WINDOWS, LAYERS)
+    heads = torch.tensor([[[0.95 if (l, h) in dormant else sink * rng.uniform(0.8, 1.0) for h in range(HEADS)]
+                           for l in range(LAYERS)]] * WINDOWS)  # (W, L, H)
+    ratio = torch.tensor([peak * (1 + layer) / LAYERS for layer in range(LAYERS)])
+    massive = {"value": 100.0 * ratio.expand(shape).clone(), "position": torch.zeros(shape, dtype=torch.long),
+               "channel": torch.full(shape, 7), "median_abs": torch.ones(shape)}
+    ws = S.WindowStats(norm_sink=ratio.expand(shape).clone(), norm_median=torch.ones(shape), massive=massive,
+                       extreme=[[0]] * WINDOWS, sink=heads, extreme_attn=heads, sink_set=heads,
+                       drain=torch.tensor([[[rng.uniform(0.1, 0.4) for _ in range(KV_HEADS)]
+                                            for _ in range(LAYERS)]] * WINDOWS))
+    return S.summarize(ws, sink_positions=(0,))
+
+
+def _pass(rng: random.Random, ppl: float, noise: float, candidate: bool, kl: float = 0.05) -> PassRecord:
+    """Per-window NLL sums whose total gives exactly ``ppl``; ``noise`` spreads them across windows."""
+    n = [WINDOW - 1] * WINDOWS
+    jitter = [rng.gauss(0, noise) for _ in n]
+    nll = [math.log(ppl) * k + j - sum(jitter) / len(n) for k, j in zip(n, jitter)]
+    extra = dict(kl=kl, top1_agreement=0.9, kl_per_window=[kl * k for k in n]) if candidate else dict(cached=False)
+    return PassRecord(ppl=ppl, nll_per_token=math.log(ppl), bits_per_byte=math.log(ppl) / math.log(2) / 4,
+                      nll_per_window=nll, scored_per_window=n, **extra)
+
+
+def _config(model: str, corpus: str, scheme: str, mitigation: str) -> RunConfig:
+    config = RunConfig(model=model, corpus=corpus, scheme=scheme, mitigation=mitigation, window=WINDOW,
+                       max_tokens=WINDOW * WINDOWS, offline=True)
+    try:
+        return canonical(config)
+    except UsageError:  # a name no registry knows (escaping tests): recorded as given
+        return config
+
+
+def _scheme(config: RunConfig) -> SchemeRecord:
+    from quantsink.schemes import parse_scheme
+
+    try:
+        return SchemeRecord.of(parse_scheme(config.scheme).record(), {})
+    except UsageError:
+        return SchemeRecord(config.scheme, config.scheme, {}, True, "torch", "", 8.0, {})
+
+
+def _mitigations(config: RunConfig) -> tuple[MitigationRecord, ...]:
+    from quantsink.mitigations import parse_mitigations
+
+    try:
+        return tuple(MitigationRecord(**m.record(), applied={}) for m in parse_mitigations(config.mitigation))
+    except UsageError:
+        return (MitigationRecord(config.mitigation, config.mitigation, "post-hoc", {}, {}),)
 
 
 def make_record(model: str = "tiny-llama", corpus: str = "python-docs", scheme: str = "w8a8",
-                mitigation: str = "none", ppl_ref: float = 10.0, ppl: float = 12.0, bits: float = 8.0,
-                simulated: bool = True, effect: dict[str, Any] | None = None, d_sink: Any = None,
-                stats: bool = True, woken: tuple[tuple[int, int], ...] = ((2, 1),),
-                created_at: str = "2026-11-28T16:00:00+00:00", seed: int = 0, **extra: Any) -> dict[str, Any]:
+                mitigation: str = "none", ppl_ref: float = 10.0, ppl: float = 12.0, stats: bool = True,
+                woken: tuple[tuple[int, int], ...] = ((2, 1),), created_at: str = "2026-11-28T16:00:00+00:00",
+                seed: int = 0, noise: float = 0.0, kl: float = 0.05) -> RunRecord:
     rng = random.Random(seed)
-    n = 4
-    ref_nll = [math.log(ppl_ref) * 100] * n
-    record: dict[str, Any] = {
-        "schema_version": SCHEMA_VERSION,
-        "run_id": stable_hash(model, corpus, scheme, mitigation, created_at, seed),
-        "created_at": created_at, "quantsink_version": "0.1.0",
-        "config": {"model": model, "corpus": corpus, "scheme": scheme, "mitigation": mitigation,
-                   "window": 128, "max_tokens": 512},
-        "model": {"name": model, "source": "synthetic", "sha256": "0" * 64, "arch": "LlamaForCausalLM", "n_params": 1},
-        "corpus": {"name": corpus, "sha256": "1" * 64, "n_tokens": 512},
-        "protocol": {"kind": "windows", "window": 128, "stride": 128, "bos": "auto", "n_windows": n,
-                     "scored_tokens": 4 * 127, "dtype": "float32"},
-        "scheme": {"name": scheme.split(":")[0], "spec": scheme, "params": {}, "simulated": simulated,
-                   "backend": "torch", "backend_version": "2.13.0", "bits": bits},
-        "mitigation": [] if mitigation == "none" else [{"name": mitigation, "kind": "post-hoc", "params": {}}],
-        "reference": {"ppl": ppl_ref, "bits_per_byte": 1.0, "nll_per_window": ref_nll},
-        "candidate": {"ppl": ppl, "bits_per_byte": 1.0 * math.log(ppl) / math.log(ppl_ref), "kl": 0.05,
-                      "top1_agreement": 0.9, "nll_per_window": [math.log(ppl) * 100] * n},
-        "timing": {}, "env": {},
-    }
+    config = _config(model, corpus, scheme, mitigation)
+    model_sha, corpus_sha = stable_hash(model, length=64), stable_hash(corpus, length=64)
+    try:
+        run_id = run_id_for(config, model_sha, corpus_sha)
+    except UsageError:
+        run_id = stable_hash(config.identity(), model_sha, corpus_sha)
+    side = None
     if stats:
-        before = [[0.95 if (layer, head) in woken else 0.2 for head in range(HEADS)] for layer in range(LAYERS)]
-        after = [[0.1 if (layer, head) in woken else 0.2 for head in range(HEADS)] for layer in range(LAYERS)]
-        record["stats"] = {"reference": _side(rng, 300.0, 0.6, before),
-                           "candidate": _side(rng, 200.0, 0.4, after),
-                           "changes": {}}
-    if effect is not None:
-        record["mitigation_effect"] = effect
-    if d_sink is not None:
-        record["d_sink"] = d_sink
-    record.update(extra)
-    return record
+        ref, cand = stats_side(rng, 300.0, 0.6, set(woken)), stats_side(rng, 200.0, 0.4, set())
+        side = StatsRecord(ref, cand, S.changes(ref, cand))
+    return RunRecord(
+        schema_version=SCHEMA_VERSION, run_id=run_id, created_at=created_at, quantsink_version="0.1.0",
+        config=config, model=ModelRecord(model, "synthetic", model_sha, "LlamaForCausalLM", 1),
+        corpus=CorpusRecord(corpus, corpus_sha, 1, WINDOW * WINDOWS),
+        protocol=ProtocolRecord("windows", WINDOW, WINDOW, "auto", None, WINDOW * WINDOWS, "synthetic",
+                                WINDOWS, (WINDOW - 1) * WINDOWS, "float32", "synthetic", "1"),
+        scheme=_scheme(config), mitigation=_mitigations(config), reference=_pass(rng, ppl_ref, 0.0, False),
+        candidate=_pass(rng, ppl, noise, True, kl), stats=side, timing={}, env={})
 
 
-def grid_records() -> list[dict[str, Any]]:
-    """A small grid: two models x two corpora x three schemes, plus mitigated w8a8 runs."""
+def grid_records() -> list[RunRecord]:
+    """Two models x two corpora x three schemes, plus w8a8 with sink-fp (helps: ppl -12) and smooth
+    (same ppl as the unmitigated run, windows spread: inconclusive).  Every w8a8 row has d_sink."""
     records = []
     for m, model in enumerate(("tiny-llama", "tiny-gemma")):
         for c, corpus in enumerate(("python-docs", "python-code")):
-            for s, (scheme, bits, sim, ratio) in enumerate((("int8", 8, False, 1.02), ("nf4", 4, False, 1.3),
-                                                             ("w8a8", 8, True, 2.5))):
-                records.append(make_record(model, corpus, scheme, ppl=10.0 * ratio * (1 + m), ppl_ref=10.0 * (1 + m),
-                                           bits=bits, simulated=sim, seed=m * 10 + c * 3 + s,
-                                           d_sink={"value": 0.4, "ci95": [0.3, 0.5]} if sim else None))
-            for mitigation, verdict, delta in (("sink-fp", "helps", -12.0), ("smooth", "inconclusive", -0.2)):
-                effect = {"delta_ppl": delta, "delta_kl": -0.01, "ci95": [delta - 0.5, delta + 0.5], "verdict": verdict}
-                records.append(make_record(model, corpus, "w8a8", mitigation, ppl=10.0 * (1 + m) * 2.5 + delta,
-                                           ppl_ref=10.0 * (1 + m), effect=effect, seed=m + c))
+            ref = 10.0 * (1 + m)
+            for s, (scheme, ratio) in enumerate((("int8", 1.02), ("nf4", 1.3), ("w8a8", 2.5))):
+                records.append(make_record(model, corpus, scheme, ppl=ref * ratio, ppl_ref=ref, seed=m * 10 + c * 3 + s))
+            for mitigation, delta, noise in (("sink-fp", -12.0, 0.0), ("smooth", 0.0, 30.0)):
+                records.append(make_record(model, corpus, "w8a8", mitigation, ppl=ref * 2.5 + delta, ppl_ref=ref,
+                                           seed=m + c, noise=noise, kl=0.02))
     return records
 
 
-def write_grid(root: Path) -> list[dict[str, Any]]:
+def write_grid(root: Path) -> list[RunRecord]:
     records = grid_records()
     for record in records:
         write_record(record, root)
@@ -94,4 +127,4 @@ if __name__ == "__main__":  # python tests/synthetic_records.py DIR: write the g
     import sys
 
     target = Path(sys.argv[1])
-    print(json.dumps([r["run_id"] for r in write_grid(target)]))
+    print(json.dumps([r.run_id for r in write_grid(target)]))

@@ -1,4 +1,5 @@
-"""The import graph: the library never imports the CLI."""
+"""The import graph (module-level and function-level imports alike): the library never imports the
+CLI, and no module imports one that imports it back."""
 
 from __future__ import annotations
 
@@ -21,9 +22,9 @@ def imports(path: Path) -> set[str]:
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
             found |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom):
+        elif isinstance(node, ast.ImportFrom):  # `from .x import y`: x (and x.y if a module); `from . import y`: y
             base = _absolute(package, node.module, node.level)
-            found |= {base} | {f"{base}.{a.name}" for a in node.names}
+            found |= ({base} if node.module else set()) | {f"{base}.{a.name}" for a in node.names}
     return {m for m in found if m == "quantsink" or m.startswith("quantsink.")}
 
 
@@ -50,4 +51,40 @@ def test_the_graph_sees_relative_imports():
     deps = graph()
     assert "quantsink.common" not in deps["quantsink.cli"]
     assert {"quantsink.cli.common", "quantsink.cli.eval_cmd"} <= deps["quantsink.cli"]
-    assert "quantsink.env" in deps["quantsink.cli.common"] and "quantsink.run" in deps["quantsink.cli.eval_cmd"]
+    assert "quantsink.env" in deps["quantsink.cli.common"] and "quantsink.sweep" in deps["quantsink.cli.eval_cmd"]
+
+
+def registration(importer: str, imported: str) -> bool:
+    """A package's ``__init__`` importing its own plug-in modules to register them (``schemes``,
+    ``mitigations``): those modules import the package for its base classes, by design."""
+    return imported.startswith(importer + ".") and importer.count(".") == 1
+
+
+def cycles(deps: dict[str, set[str]]) -> list[list[str]]:
+    """Every import cycle, as the path that closes it (depth-first search)."""
+    found, state = [], {}
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = "open"
+        for dep in sorted(deps[node]):
+            if registration(node, dep):
+                continue
+            if state.get(dep) == "open":
+                found.append(path[path.index(dep):] + [dep])
+            elif dep not in state:
+                visit(dep, path + [dep])
+        state[node] = "done"
+
+    for node in sorted(deps):
+        if node not in state:
+            visit(node, [node])
+    return found
+
+
+def test_the_import_graph_has_no_cycles():
+    assert cycles(graph()) == []
+
+
+def test_a_cycle_would_be_found():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [["a", "b", "c", "a"]]
+    assert cycles({"quantsink.schemes": {"quantsink.schemes.bnb"}, "quantsink.schemes.bnb": {"quantsink.schemes"}}) == []

@@ -213,21 +213,23 @@ def test_report_skips_a_directory_named_json_and_a_record_of_the_wrong_shape(tmp
     runs = tmp_path / "runs"
     write_record(make_record(), runs)
     (runs / "odd.json").mkdir()
-    write_record({**make_record(scheme="nf4"), "reference": [1, 2]}, runs)
-    odd = make_record(scheme="fp4")
-    odd["stats"]["changes"] = [1]  # a list where the report reads a mapping
-    write_record(odd, runs)
+    wrong = make_record(scheme="nf4")
+    (runs / f"{wrong.run_id}.json").write_text(json.dumps({**wrong.to_dict(), "reference": [1, 2]}))
+    odd = make_record(scheme="fp4").to_dict()
+    odd["stats"]["changes"] = [1]  # a list where the schema has an object
+    (runs / f"{odd['run_id']}.json").write_text(json.dumps(odd))
     with pytest.warns(UserWarning) as caught:
         written = write_report(runs, tmp_path / "out")
     messages = " | ".join(str(w.message) for w in caught)
     assert "odd.json: a directory, not a results file" in messages
-    assert "reference has the wrong type" in messages and "fields of the wrong shape" in messages
+    assert ".reference: not a JSON object" in messages and "stats.changes: expected a JSON object" in messages
     assert written.n_rows == 1 and written.n_skipped == 3
 
 
 def test_schema_version_as_a_string_is_not_called_newer(tmp_path):
     from quantsink.results import load_record
 
-    path = write_record({**make_record(), "schema_version": "1"}, tmp_path)
-    with pytest.raises(QuantsinkError, match="schema_version '1' is not a positive integer"):
+    path = tmp_path / "x.json"
+    path.write_text(json.dumps({**make_record().to_dict(), "schema_version": "1"}))
+    with pytest.raises(QuantsinkError, match="not a quantsink record"):
         load_record(path)

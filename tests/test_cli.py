@@ -46,7 +46,9 @@ def test_eval_end_to_end_on_tiny_model(tiny_model_dir, tiny_text_file, tmp_path)
             "--window", "64", "--max-tokens", "512", "--results", str(tmp_path), "--no-stats"]
     result = runner.invoke(app, args + ["--json"])
     assert result.exit_code == 0, result.output
-    record = json.loads(result.output)
+    out = json.loads(result.output)
+    record = out["record"]
+    assert out["effects"] == {"mitigation_effect": None, "d_sink": None, "missing": []}  # bf16: nothing to pair
     assert record["protocol"]["n_windows"] == 8 and record["protocol"]["bos"] == "auto"
     assert record["candidate"]["kl"] >= 0 and 0 <= record["candidate"]["top1_agreement"] <= 1
     assert (tmp_path / f"{record['run_id']}.json").is_file()
@@ -79,3 +81,39 @@ def test_inspect_with_a_mitigation_on_tiny_model(tiny_model_dir, tiny_text_file,
         assert report["mitigation"][0]["applied"]["positions"] == [0]
     table = runner.invoke(app, args, terminal_width=200)
     assert table.exit_code == 0 and "heads woken" in table.output
+
+
+def test_eval_with_a_mitigation_runs_and_reuses_its_variants(tiny_model_dir, tiny_text_file, tmp_path):
+    args = ["eval", "--model", str(tiny_model_dir), "--corpus", f"file:{tiny_text_file}", "--scheme", "w8a8-dyn",
+            "--mitigation", "smooth", "--window", "64", "--max-tokens", "256", "--calib-windows", "1", "--no-stats",
+            "--results", str(tmp_path)]
+    plan = runner.invoke(app, args + ["--dry-run"], terminal_width=200)
+    assert plan.exit_code == 0 and "3 planned runs" in plan.output and plan.output.count("to run") == 3
+    assert not list(tmp_path.glob("*.json"))  # a dry run runs nothing
+    result = runner.invoke(app, args + ["--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.output)
+    effect, d_sink = out["effects"]["mitigation_effect"], out["effects"]["d_sink"]
+    assert effect["verdict"] in ("helps", "hurts", "inconclusive") and effect["baseline"]["mitigation"] == "none"
+    assert d_sink["sink_fp_run_id"] != out["record"]["run_id"] and out["effects"]["missing"] == []
+    assert len(list(tmp_path.glob("*.json"))) == 3  # smooth, and its none and sink-fp variants, each a record
+    again = runner.invoke(app, args + ["--dry-run"], terminal_width=200)
+    assert again.output.count("reused") == 3 and again.output.count("re-run") == 1  # 1 in the caption
+    table = runner.invoke(app, args, terminal_width=200)
+    assert table.exit_code == 0 and "verdict" in table.output and "d_sink" in table.output
+
+
+def test_eval_offline_refuses_a_hub_id_in_one_line(tmp_path):
+    result = runner.invoke(app, ["eval", "--model", "no-org/no-such-model", "--offline", "--results", str(tmp_path)])
+    assert result.exit_code == 1 and "offline mode is on" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and not list(tmp_path.glob("*.json"))
+
+
+def test_report_command_reads_the_records(tmp_path):
+    from synthetic_records import write_grid
+
+    write_grid(tmp_path / "runs")
+    result = runner.invoke(app, ["report", "--results", str(tmp_path / "runs"), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert "20 rows from 20 records" in result.output
+    assert "helps" in (tmp_path / "out" / "leaderboard.md").read_text()

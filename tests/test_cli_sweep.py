@@ -25,9 +25,9 @@ def captured(monkeypatch):
     real_plan = sweep_mod.plan
     seen: dict = {}
 
-    def fake_plan(configs, id_fn=None):
+    def fake_plan(configs, planner=None):
         seen["configs"] = configs
-        return real_plan(configs, sweep_fakes.fake_id)
+        return real_plan(configs, sweep_fakes.PLANNER)
 
     real_sweep = sweep_mod.sweep
 

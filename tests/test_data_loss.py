@@ -78,9 +78,9 @@ def test_tampered_reference_cache_gives_the_same_numbers_as_a_fresh_run(tiny_mod
     overwrite_tensor(entry, "hidden", os.urandom(64))
     with pytest.warns(UserWarning, match="digest mismatch"):
         second = run(config, write=False)
-    assert second["reference"]["cached"] is False
-    assert second["candidate"]["kl"] == first["candidate"]["kl"]
-    assert run(config, write=False)["reference"]["cached"] is True  # rewritten, verified
+    assert second.reference.cached is False
+    assert second.candidate.kl == first.candidate.kl
+    assert run(config, write=False).reference.cached is True  # rewritten, verified
 
 
 # --------------------------------------------------------------------------- 2. converted-model cache
@@ -191,10 +191,10 @@ def test_reference_cache_is_keyed_on_the_windows_scored(tiny_model_dir, tiny_tex
     shutil.copytree(tiny_model_dir, copy)
     monkeypatch.setattr(models, "_directory_sha", lambda directory: "same" * 16)
     config = tiny_config(copy, tiny_text_file, tmp_path / "runs")
-    assert run(config, write=False)["reference"]["cached"] is False
-    assert run(config, write=False)["reference"]["cached"] is True
+    assert run(config, write=False).reference.cached is False
+    assert run(config, write=False).reference.cached is True
     swap_token_ids(copy, tiny_text_file.read_text()[:200])
-    assert run(config, write=False)["reference"]["cached"] is False
+    assert run(config, write=False).reference.cached is False
 
 
 # --------------------------------------------------------------------------- 4. report of nothing

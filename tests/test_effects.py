@@ -1,149 +1,123 @@
-"""mitigation_effect and d_sink: which passes they use, reuse from the store, and their numbers."""
+"""The planner puts the variant runs effects pair with into every plan; effects are pure functions of
+stored records (their numbers, which records they pair, what they refuse)."""
 
+import dataclasses
 import math
 
 import pytest
 
 from quantsink.config import RunConfig
-from quantsink.effects import annotate, d_sink, mitigation_effect
+from quantsink.effects import Effects, d_sink, effects, mitigation_effect, variant_id
 from quantsink.errors import QuantsinkError
-from quantsink.results import SCHEMA_VERSION
-from quantsink.plan import run_id_for
+from quantsink.plan import Planner, plan, variants
+from synthetic_records import make_record
 
 N = [100, 120, 110, 90, 105, 95, 115, 100]  # 8 windows: the default min_windows
+LEVELS = {"none": [3.0, 3.2, 2.9, 3.1, 3.0, 3.1, 2.9, 3.0], "sink-fp": [2.2, 2.3, 2.1, 2.4, 2.2, 2.3, 2.2, 2.1],
+          "intact-kv": [3.0, 3.2, 2.9, 3.1, 3.0, 3.1, 2.9, 3.0], "smooth": [3.0, 3.1, 2.9, 3.1, 3.0, 3.2, 2.9, 3.0]}
 
 
-def record(config, per_token, kl=0.1, n=N):
+def record(scheme: str, mitigation: str, per_token=None, kl: float = 0.1, n=N, **config):
+    """A synthetic record whose candidate has the given per-token NLL in each window."""
+    per_token = per_token or LEVELS[mitigation]
+    base = make_record(scheme=scheme, mitigation=mitigation)
+    base = dataclasses.replace(base, config=base.config.replace(**config)) if config else base
     nll = [p * k for p, k in zip(per_token, n)]
     total = sum(nll) / sum(n)
-    cand = {"ppl": math.exp(total), "nll_per_token": total, "bits_per_byte": 1.0, "kl": kl, "top1_agreement": 0.9,
-            "nll_per_window": nll, "scored_per_window": list(n), "kl_per_window": [kl * k for k in n]}
-    return {"schema_version": SCHEMA_VERSION, "run_id": run_id_for(config, "m", "c"),
-            "config": config.to_record(), "model": {"sha256": "m"}, "corpus": {"sha256": "c"},
-            "protocol": {}, "scheme": {}, "reference": {"ppl": 5.0}, "candidate": cand}
+    cand = dataclasses.replace(base.candidate, ppl=math.exp(total), nll_per_token=total, nll_per_window=nll,
+                               scored_per_window=list(n), kl=kl, kl_per_window=[kl * k for k in n])
+    return dataclasses.replace(base, candidate=cand)
 
 
-LEVELS = {"none": [3.0, 3.2, 2.9, 3.1, 3.0, 3.1, 2.9, 3.0], "sink-fp": [2.2, 2.3, 2.1, 2.4, 2.2, 2.3, 2.2, 2.1],
-          "intact-kv": [3.0, 3.2, 2.9, 3.1, 3.0, 3.1, 2.9, 3.0]}
+def store(*records):
+    by_id = {r.run_id: r for r in records}
+    return by_id.get
 
 
-class Evaluator:
-    def __init__(self):
-        self.calls = []
-
-    def __call__(self, config):
-        self.calls.append(config.mitigation)
-        return record(config, LEVELS[config.mitigation], kl=0.5 if config.mitigation == "none" else 0.2)
-
-
-def test_sink_fp_run_gets_effect_and_d_sink_and_stores_the_unmitigated_pass(tmp_path):
-    config = RunConfig(scheme="w8a8-dyn", mitigation="sink-fp", results=str(tmp_path))
-    evaluate = Evaluator()
-    rec = record(config, LEVELS["sink-fp"], kl=0.2)
-    annotate(rec, config, evaluate, write=True)
-    assert evaluate.calls == ["none"]  # sink-fp is this run; none evaluated once
-    eff = rec["mitigation_effect"]
-    assert eff["delta_ppl"] < 0 and eff["verdict"] == "helps" and eff["ci95"][1] < 0
-    assert eff["delta_kl"] == pytest.approx(-0.3) and eff["baseline"]["mitigation"] == "none"
-    assert rec["d_sink"]["nats_per_token"] == pytest.approx(
-        sum(a * k for a, k in zip(LEVELS["none"], N)) / sum(N) - sum(a * k for a, k in zip(LEVELS["sink-fp"], N)) / sum(N))
-    stored = list(tmp_path.glob("*.json"))
-    assert len(stored) == 1  # the unmitigated pass, with its own d_sink
-    # a second mitigation reuses both stored passes: none from the store, sink-fp not needed anew
-    config2 = config.replace(mitigation="intact-kv")
-    rec2 = record(config2, LEVELS["intact-kv"])
-    evaluate2 = Evaluator()
-    annotate(rec2, config2, evaluate2, write=True)
-    assert evaluate2.calls == ["sink-fp"]  # none came from the store; sink-fp was this run's, not stored
-    assert rec2["mitigation_effect"]["verdict"] == "inconclusive"
-    assert rec2["mitigation_effect"]["delta_ppl"] == 0.0
-    assert rec2["d_sink"]["nats_per_token"] == pytest.approx(rec["d_sink"]["nats_per_token"])
+def test_variants_are_what_the_effects_need():
+    assert variants(RunConfig(scheme="int8")) == ()
+    assert variants(RunConfig(scheme="int8", mitigation="intact-kv")) == ("none",)
+    assert variants(RunConfig(scheme="w8a8-dyn")) == ("sink-fp",)
+    assert variants(RunConfig(scheme="w8a8-dyn", mitigation="sink-fp")) == ("none",)
+    assert variants(RunConfig(scheme="kv4", mitigation="smooth")) == ("none", "sink-fp")
 
 
-def test_weight_only_scheme_gets_no_d_sink(tmp_path):
-    config = RunConfig(scheme="int8", mitigation="intact-kv", results=str(tmp_path))
-    evaluate = Evaluator()
-    rec = record(config, LEVELS["intact-kv"])
-    annotate(rec, config, evaluate, write=False)
-    assert evaluate.calls == ["none"] and "d_sink" not in rec and "mitigation_effect" in rec
-    assert not list(tmp_path.glob("*.json"))  # write=False stores nothing
+def test_plan_puts_variants_first_once_and_marks_them():
+    fake = Planner(run_id=lambda c: f"{c.scheme}|{c.mitigation}|{c.lm_eval}")
+    planned = plan([RunConfig(scheme="w8a8", mitigation="smooth", lm_eval="python-docs"),
+                    RunConfig(scheme="w8a8", mitigation="none")], fake, fresh=True)
+    assert [(p.config.mitigation, p.variant, p.fresh) for p in planned] == [
+        ("none", False, True), ("sink-fp", True, False), ("smooth", False, True)]
+    assert planned[1].config.lm_eval == "" and planned[2].config.lm_eval == "python-docs"  # variants: no lm-eval
+    assert [p.index for p in planned] == [0, 1, 2]
 
 
-def test_unmitigated_activation_run_gets_d_sink_only(tmp_path):
-    config = RunConfig(scheme="kv4", mitigation="none", results=str(tmp_path))
-    evaluate = Evaluator()
-    rec = record(config, LEVELS["none"])
-    annotate(rec, config, evaluate, write=False)
-    assert evaluate.calls == ["sink-fp"] and "mitigation_effect" not in rec and rec["d_sink"]["nats_per_token"] > 0
+def test_mitigation_effect_and_d_sink_from_stored_records():
+    mitigated, none, fp = (record("w8a8-dyn", m) for m in ("intact-kv", "none", "sink-fp"))
+    found = effects(mitigated, store(none, fp))
+    eff = found.mitigation_effect
+    assert eff["baseline"]["run_id"] == none.run_id and eff["delta_ppl"] == 0.0 and eff["verdict"] == "not-applicable"
+    per_token = {m: sum(a * k for a, k in zip(LEVELS[m], N)) / sum(N) for m in ("none", "sink-fp")}
+    assert found.d_sink["nats_per_token"] == pytest.approx(per_token["none"] - per_token["sink-fp"])
+    assert found.d_sink["sink_fp_run_id"] == fp.run_id and found.missing == ()
+    helps = effects(fp, store(none)).mitigation_effect  # sink-fp is its own d_sink side
+    assert helps["verdict"] == "helps" and helps["ci95"][1] < 0
 
 
-def test_stale_record_that_does_not_pair_is_recomputed(tmp_path):
-    from quantsink.results import write_record
-
-    config = RunConfig(scheme="w8a8-dyn", mitigation="intact-kv", results=str(tmp_path))
-    write_record(record(config.replace(mitigation="none"), LEVELS["none"][:4], n=N[:4]), tmp_path)
-    evaluate = Evaluator()
-    annotate(record(config, LEVELS["intact-kv"]), config, evaluate, write=False)
-    assert "none" in evaluate.calls
+def test_variant_ids_are_the_planned_ids():
+    mitigated = record("w8a8-dyn", "intact-kv")
+    assert variant_id(mitigated, "none") == record("w8a8-dyn", "none").run_id
+    assert variant_id(mitigated, "intact-kv") == mitigated.run_id
+    with_lm_eval = record("w8a8-dyn", "intact-kv", lm_eval="python-docs")
+    assert variant_id(with_lm_eval, "none") == variant_id(mitigated, "none")  # a variant runs without lm-eval
 
 
-def test_effect_functions_refuse_nothing_silently():
-    a = record(RunConfig(), LEVELS["none"])
-    b = record(RunConfig(), LEVELS["none"][:4], n=N[:4])
+def test_missing_variants_leave_effects_empty_and_named():
+    lonely = record("kv4", "smooth")
+    found = effects(lonely, store())
+    assert found == Effects(None, None, (variant_id(lonely, "none"), variant_id(lonely, "sink-fp")))
+    assert effects(record("int8", "none"), store()) == Effects()  # weight-only, unmitigated: nothing to pair
+
+
+def test_runs_that_do_not_pair_are_refused():
+    mitigated = record("w8a8-dyn", "intact-kv")
+    stale = record("w8a8-dyn", "none", LEVELS["none"][:4], n=N[:4])
+    with pytest.raises(QuantsinkError, match="cannot be paired"):
+        effects(mitigated, store(stale))
     with pytest.raises(ValueError):
-        mitigation_effect(a, b)
-    assert d_sink(a, a)["nats_per_token"] == 0.0
-    with pytest.raises(QuantsinkError):
-        from quantsink.effects import _check_pairs
-
-        _check_pairs(a, b)
-
-
-def test_variant_passes_skip_lm_eval_and_reuse_plain_records(tmp_path):
-    config = RunConfig(scheme="w8a8-dyn", mitigation="sink-fp", results=str(tmp_path),
-                       lm_eval="python-docs", lm_eval_limit=2)
-    seen = []
-
-    def evaluate(variant):
-        seen.append(variant)
-        return record(variant, LEVELS[variant.mitigation])
-
-    annotate(record(config, LEVELS["sink-fp"]), config, evaluate, write=True)
-    assert [(v.mitigation, v.lm_eval, v.lm_eval_limit) for v in seen] == [("none", "", None)]
-    # the stored unmitigated pass is the one a plain `--mitigation none` run (no lm-eval) would find
-    plain = config.replace(mitigation="none", lm_eval="", lm_eval_limit=None)
-    assert (tmp_path / f"{run_id_for(plain, 'm', 'c')}.json").is_file()
+        mitigation_effect(stale, mitigated)
+    assert d_sink(mitigated, mitigated)["nats_per_token"] == 0.0
 
 
 def test_noise_floor_of_the_unmitigated_run_gates_the_verdict():
-    base, mitigated = record(RunConfig(), LEVELS["none"]), record(RunConfig(), LEVELS["sink-fp"])
+    base, mitigated = record("w8a8-dyn", "none"), record("w8a8-dyn", "sink-fp")
     assert mitigation_effect(base, mitigated)["verdict"] == "helps"
-    base["noise_floor"] = {"nats_per_token": 1.0}  # float noise as large as the effect
+    base = dataclasses.replace(base, noise_floor={"nats_per_token": 1.0})  # float noise as large as the effect
     eff = mitigation_effect(base, mitigated)
     assert eff["verdict"] == "inconclusive" and eff["noise_floor_nats"] == 1.0 and eff["noise_floor_measured"]
-    assert eff["noise_floor_ppl"] == pytest.approx(base["candidate"]["ppl"] * (math.e - 1))
+    assert eff["noise_floor_ppl"] == pytest.approx(base.candidate.ppl * (math.e - 1))
 
 
 def test_too_few_windows_is_insufficient_data_stated_in_the_record():
-    base, mitigated = record(RunConfig(), LEVELS["none"]), record(RunConfig(), LEVELS["sink-fp"])
+    base, mitigated = record("w8a8-dyn", "none"), record("w8a8-dyn", "sink-fp")
     eff = mitigation_effect(base, mitigated, min_windows=9)
     assert eff["verdict"] == "insufficient-data" and eff["min_windows"] == 9 and eff["n_windows"] == 8
 
 
 def test_a_mitigation_that_changed_nothing_is_not_applicable():
-    base = record(RunConfig(), LEVELS["none"])
-    same = record(RunConfig(mitigation="smooth"), LEVELS["none"])
+    base = record("w8a8-dyn", "none")
+    same = record("w8a8-dyn", "smooth", LEVELS["none"])
     assert mitigation_effect(base, same)["verdict"] == "not-applicable"
-    noop = record(RunConfig(mitigation="sink-token"), LEVELS["sink-fp"])  # numbers aside: it says it did nothing
-    noop["mitigation"] = [{"name": "sink-token", "applied": {"applied": False, "why": "no-op: BOS already there"}}]
-    eff = mitigation_effect(base, noop)
+    noop = record("w8a8-dyn", "sink-token", LEVELS["sink-fp"])  # numbers aside: it says it did nothing
+    said = dataclasses.replace(noop.mitigation[0], applied={"applied": False, "why": "no-op: BOS already there"})
+    eff = mitigation_effect(base, dataclasses.replace(noop, mitigation=(said,)))
     assert eff["verdict"] == "not-applicable" and "BOS" in eff["not_applicable"]
 
 
 def test_a_bos_sink_is_recorded_as_shared_by_all_windows():
-    base, other = record(RunConfig(), LEVELS["none"]), record(RunConfig(), LEVELS["sink-fp"])
+    base, other = record("w8a8-dyn", "none"), record("w8a8-dyn", "sink-fp")
     assert mitigation_effect(base, other)["shared_sink"] is None  # no BOS: every window has its own first token
-    for rec in (base, other):
-        rec["protocol"] = {"bos_token_id": 2}
+    base, other = (dataclasses.replace(r, protocol=dataclasses.replace(r.protocol, bos_token_id=2))
+                   for r in (base, other))
     assert "shared by all windows" in mitigation_effect(base, other)["shared_sink"]
     assert "id 2" in d_sink(base, other)["shared_sink"]

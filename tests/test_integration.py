@@ -20,7 +20,7 @@ def records(session, tmp_path_factory):
     base = RunConfig(corpus="python-code", window=256, max_tokens=1024, results=str(out), stats=False)
     with pytest.MonkeyPatch.context() as patch:  # module-scoped: an empty reference cache of its own
         patch.setenv("QUANTSINK_REFERENCE_CACHE", str(tmp_path_factory.mktemp("reference-cache")))
-        return {s: run(base.replace(scheme=s), session=session) for s in ("fp32", "int8", "nf4")}
+        return {s: run(base.replace(scheme=s), session=session).to_dict() for s in ("fp32", "int8", "nf4")}
 
 
 def test_perplexity_orders_fp32_int8_nf4(records):
@@ -41,8 +41,8 @@ def test_reference_is_computed_once(records):
 
 def test_record_round_trip_and_contents(records):
     rec = records["int8"]
-    back = load_record(rec["path"])
-    assert back["run_id"] == rec["run_id"] and back["candidate"]["ppl"] == pytest.approx(rec["candidate"]["ppl"])
+    back = load_record(f"{rec['config']['results']}/{rec['run_id']}.json").to_dict()
+    assert back == rec and back["run_id"] == rec["run_id"] and back["candidate"]["ppl"] == pytest.approx(rec["candidate"]["ppl"])
     assert back["model"]["arch"] == "LlamaForCausalLM" and back["model"]["dequantized_from"] == "Q4_1"
     assert back["model"]["n_params"] == 134_515_008
     assert back["scheme"]["params"]["threshold"] == 6.0 and back["scheme"]["simulated"] is False
@@ -53,6 +53,6 @@ def test_record_round_trip_and_contents(records):
 
 
 def test_same_inputs_same_numbers(records, session, tmp_path):
-    again = run(RunConfig(**{**records["int8"]["config"], "results": str(tmp_path)}), session=session)
+    again = run(RunConfig(**{**records["int8"]["config"], "results": str(tmp_path)}), session=session).to_dict()
     assert again["run_id"] == records["int8"]["run_id"]
     assert again["candidate"]["nll_per_window"] == records["int8"]["candidate"]["nll_per_window"]

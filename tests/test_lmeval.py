@@ -273,7 +273,7 @@ def test_run_records_lm_eval_both_sides(tiny: LoadedModel, tmp_path: Any) -> Non
 
     config = RunConfig(model="tiny", scheme="bf16", protocol="lm-eval", window=64, max_tokens=256,
                        lm_eval="python-docs", lm_eval_limit=1, results=str(tmp_path))
-    record = run(config, session=session_with(tiny))
+    record = run(config, session=session_with(tiny)).to_dict()
     for side in ("reference", "candidate"):
         entry = record[side]["lm_eval"]["python-docs"]
         assert set(lmeval.METRICS) <= set(entry) and abs(entry["bpb_rel_diff"]) < 1e-3
@@ -282,9 +282,9 @@ def test_run_records_lm_eval_both_sides(tiny: LoadedModel, tmp_path: Any) -> Non
     assert record["candidate"]["lm_eval"]["python-docs"]["bits_per_byte"] != \
         record["reference"]["lm_eval"]["python-docs"]["bits_per_byte"]
     again = run(config, session=session_with(tiny), write=False)
-    assert again["reference"]["lm_eval_cached"] is True
-    assert again["reference"]["lm_eval"] == record["reference"]["lm_eval"]
-    saved = json.loads(open(record["path"]).read())
+    assert again.reference.lm_eval_cached is True
+    assert again.reference.lm_eval == record["reference"]["lm_eval"]
+    saved = json.loads((tmp_path / f"{record['run_id']}.json").read_text())
     assert saved["candidate"]["lm_eval"]["python-docs"]["n_documents"] == 1
 
 

@@ -408,12 +408,12 @@ def test_intact_kv_leaves_the_prefix_out_of_static_calibration(tiny):
 def test_intact_kv_run_with_stats_keeps_reference_stats_and_says_why_candidate_has_none(
         tiny_model_dir, tiny_text_file, tmp_path):
     from quantsink.config import RunConfig
-    from quantsink.run import run
+    from quantsink.sweep import run_config
 
-    record = run(RunConfig(model=str(tiny_model_dir), corpus=f"file:{tiny_text_file}", scheme="w8a8-dyn",
-                           mitigation="intact-kv", window=32, max_tokens=128, calib_windows=1, stats_windows=2,
-                           device="cpu", results=str(tmp_path)))
-    stats = record["stats"]
-    assert stats["reference"]["layers"] and stats["candidate"] is None
-    assert "intact-kv" in stats["note"]
-    assert record["mitigation_effect"]["verdict"] == "insufficient-data"  # 4 windows < min_windows
+    record, effects = run_config(RunConfig(model=str(tiny_model_dir), corpus=f"file:{tiny_text_file}",
+                                           scheme="w8a8-dyn", mitigation="intact-kv", window=32, max_tokens=128,
+                                           calib_windows=1, stats_windows=2, device="cpu", results=str(tmp_path)))
+    stats = record.stats
+    assert stats.reference["layers"] and stats.candidate is None and stats.changes is None
+    assert "intact-kv" in stats.note
+    assert effects.mitigation_effect["verdict"] == "insufficient-data"  # 4 windows < min_windows

@@ -33,11 +33,11 @@ def _records(results: Path) -> dict[str, dict]:
 
 
 def _fake_plan(results: Path, schemes: str):
-    from sweep_fakes import fake_id
+    from sweep_fakes import PLANNER
 
     configs = Grid.from_mapping({"models": "m1,m2", "corpora": "c1", "schemes": schemes}).configs(
         {"results": str(results)})
-    return plan(configs, fake_id)
+    return plan(configs, PLANNER)
 
 
 def test_killed_worker_is_retried_and_nothing_is_lost_or_duplicated(cluster, tmp_path, monkeypatch):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -9,6 +10,7 @@ import math
 import pandas as pd
 import pytest
 
+from quantsink.effects import effects
 from quantsink.report import leaderboard, row, woken_heads, write_report
 from quantsink.results import SCHEMA_VERSION, write_record
 from synthetic_records import make_record, write_grid
@@ -20,31 +22,31 @@ def test_row_derives_deltas_from_the_record():
     record = make_record(ppl_ref=10.0, ppl=12.5, woken=((2, 1), (4, 3)))
     r = row(record)
     assert r["ppl_ratio"] == pytest.approx(1.25)
-    assert r["delta_bpb"] == pytest.approx(record["candidate"]["bits_per_byte"] - record["reference"]["bits_per_byte"])
-    sink_ref = record["stats"]["reference"]["heads"]["sink_score"]
+    assert r["delta_bpb"] == pytest.approx(record.candidate.bits_per_byte - record.reference.bits_per_byte)
+    sink_ref = record.stats.reference["heads"]["sink_score"]
     assert r["sink_before"] == pytest.approx(sum(map(sum, sink_ref)) / (len(sink_ref) * len(sink_ref[0])))
     assert r["peak_before"] == pytest.approx(300.0) and r["peak_after"] == pytest.approx(200.0)
     assert r["heads_woken"] == 2
     assert r["verdict"] is None and r["effect"] is None and r["d_sink"] is None
 
 
-def test_woken_heads_prefers_the_records_list_in_any_common_shape():
-    record = make_record(woken=((1, 1),))
-    assert woken_heads(record) == [(1, 1)]
-    for key, listed in (("heads_woken", [[3, 2]]), ("heads_woken", [{"layer": 3, "head": 2}]), ("woken", ["L3H2"])):
-        record["stats"]["changes"] = {key: listed}
-        assert woken_heads(record) == [(3, 2)]
+def test_woken_heads_are_the_records_changes():
+    record = make_record(woken=((1, 1), (3, 2)))
+    assert woken_heads(record) == [(1, 1), (3, 2)] and record.stats.changes["woken"] == ["L1H1", "L3H2"]
     assert woken_heads(make_record(stats=False)) is None
-    record["stats"]["reference"]["heads"]["dormant_fraction"] = None  # no attention stats: unknown, not 0
-    assert woken_heads(record) is None
+    hidden = dataclasses.replace(record, stats=dataclasses.replace(record.stats, candidate=None, changes=None))
+    assert woken_heads(hidden) is None  # candidate stats not collected: unknown, not 0
 
 
-def test_mitigation_effect_and_d_sink_pass_through_with_their_cis():
-    effect = {"delta_ppl": -3.0, "delta_kl": -0.1, "ci95": [-4.0, -2.0], "verdict": "helps"}
-    r = row(make_record(mitigation="sink-fp", effect=effect, d_sink={"value": 0.3, "ci95": [0.2, 0.4]}))
-    assert (r["verdict"], r["effect"], r["effect_ci"]) == ("helps", -3.0, (-4.0, -2.0))
-    assert (r["d_sink"], r["d_sink_ci"]) == (0.3, (0.2, 0.4))
-    assert r["mitigation"] == "sink-fp"
+def test_effect_and_d_sink_come_from_the_variant_records():
+    records = [make_record(mitigation=m, ppl=p, seed=i) for i, (m, p) in enumerate((("none", 30.0), ("sink-fp", 18.0)))]
+    frame, kept, _ = leaderboard(records)
+    r = frame.set_index("mitigation").loc["sink-fp"]
+    expected = effects(records[1], {rec.run_id: rec for rec in records}.get)
+    assert (r["verdict"], r["effect"]) == ("helps", pytest.approx(-12.0)) and r["effect"] == expected.mitigation_effect["delta_ppl"]
+    assert r["d_sink"] == pytest.approx(expected.d_sink["nats_per_token"]) and r["d_sink"] > 0
+    alone, _, _ = leaderboard(records[1:])  # without the unmitigated run there is nothing to pair with
+    assert alone["verdict"].isna().all() and alone["d_sink"].isna().all()
 
 
 def test_not_applicable_shows_no_effect_and_bits_name_every_part():
@@ -93,7 +95,8 @@ def test_write_report_all_formats(tmp_path):
     data = json.loads((tmp_path / "out" / "leaderboard.json").read_text())  # strict JSON: no NaN
     assert len(data["rows"]) == 20
     helps = [r for r in data["rows"] if r["verdict"] == "helps"]
-    assert len(helps) == 4 and all(r["effect_ci"] == [r["effect"] - 0.5, r["effect"] + 0.5] for r in helps)
+    assert len(helps) == 4 and all(r["effect"] == pytest.approx(-12.0) and r["effect_ci"][1] < 0 for r in helps)
+    assert sum(r["d_sink"] is not None for r in data["rows"]) == 12  # every w8a8 row: none, sink-fp, smooth
     md = (tmp_path / "out" / "leaderboard.md").read_text()
     assert md.count("\n| ") == 21 and "Protocol: 4x128 tok" in md  # header + 20 rows
     page = (tmp_path / "out" / "leaderboard.html").read_text()
@@ -120,8 +123,7 @@ def test_corrupt_and_newer_schema_files_are_skipped_with_a_warning(tmp_path):
     write_record(make_record(), runs)
     (runs / "corrupt.json").write_text("{not json")
     newer = make_record(scheme="nf4")
-    newer["schema_version"] = SCHEMA_VERSION + 1
-    write_record(newer, runs)
+    (runs / f"{newer.run_id}.json").write_text(json.dumps({**newer.to_dict(), "schema_version": SCHEMA_VERSION + 1}))
     with pytest.warns(UserWarning) as caught:
         written = write_report(runs, tmp_path / "out")
     messages = " ".join(str(w.message) for w in caught)
@@ -134,7 +136,7 @@ def test_failure_superseded_by_a_later_record_is_not_listed(tmp_path):
     runs = tmp_path / "runs"
     record = make_record()
     write_record(record, runs)
-    (runs / f"{record['run_id']}.failed").write_text(json.dumps({"kind": "quantsink-failure", "error": "old"}))
+    (runs / f"{record.run_id}.failed").write_text(json.dumps({"kind": "quantsink-failure", "error": "old"}))
     assert write_report(runs, tmp_path / "out").n_failures == 0
 
 
@@ -164,8 +166,7 @@ def test_plots_decode_as_png(tmp_path):
 
 def test_missing_metrics_do_not_break_the_report():
     record = make_record()
-    record["candidate"]["kl"] = None
-    record["candidate"]["ppl"] = None
+    record = dataclasses.replace(record, candidate=dataclasses.replace(record.candidate, kl=None, ppl=None))
     r = row(record)
     assert r["ppl_ratio"] is None and r["kl"] is None
     assert not any(isinstance(v, float) and math.isnan(v) for v in r.values())

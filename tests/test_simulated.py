@@ -276,16 +276,16 @@ def test_smollm2_w8a8_record_and_disjoint_calibration(smollm2_code, tmp_path):
 
     R, config, session = smollm2_code
     record = R.run(config.replace(scheme="w8a8", results=str(tmp_path)), session=session)
-    scheme, cand, ref = record["scheme"], record["candidate"], record["reference"]
-    assert scheme["simulated"] is True and scheme["params"]["act_mode"] == "static"
-    assert ref["ppl"] < cand["ppl"] < 10 * ref["ppl"] and 0 < cand["kl"] and 0 < cand["top1_agreement"] < 1
+    scheme, cand, ref = record.scheme, record.candidate, record.reference
+    assert scheme.simulated is True and scheme.params["act_mode"] == "static"
+    assert ref.ppl < cand.ppl < 10 * ref.ppl and 0 < cand.kl and 0 < cand.top1_agreement < 1
     # calibration windows are the stream tokens right after the evaluation tokens, and hashed into the record
     prep = R.prepare(config, session)
-    calib, used = prep.calibration(), prep.protocol["tokens"]
+    calib, used = prep.mitigations.calibration(), prep.protocol["tokens"]
     stream = tokenize(prep.corpus, prep.loaded.tokenizer, limit=used + 2 * 256)
     assert prep.windows.input_ids.flatten().tolist() == stream.ids[:used]
     assert calib.input_ids.flatten().tolist() == stream.ids[used:used + 512]
-    applied = scheme["applied"]["calibration"]
+    applied = scheme.applied["calibration"]
     assert applied["windows"] == 2
     assert applied["ids_sha256"] == hashlib.sha256(calib.input_ids.numpy().tobytes()).hexdigest()[:16]
 
@@ -301,7 +301,7 @@ def test_smollm2_sink_dominates_per_tensor_activations(smollm2_code):
     model = prep.loaded.model
 
     def ppl(spec: str, keep: tuple[int, ...] = ()) -> float:
-        ctx = QuantContext(calibration=prep.calibration, keep_fp_positions=keep)
+        ctx = QuantContext(calibration=prep.mitigations.calibration, keep_fp_positions=keep)
         candidate = apply_and_calibrate(parse_scheme(spec), copy.deepcopy(model), ctx)
         with attach(candidate, ctx.hooks):
             return run_pass(candidate, prep.windows).summary()["ppl"]

@@ -29,9 +29,9 @@ def runs(session, tmp_path_factory):
                      results=str(out))
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(cache, "reference_path", lambda key: root / f"{key}.safetensors")
-        first = run(base, session=session)
-        again = run(base, session=session)
-        plain = run(base.replace(stats=False), session=session)
+        first = run(base, session=session).to_dict()
+        again = run(base, session=session).to_dict()
+        plain = run(base.replace(stats=False), session=session).to_dict()
     return first, again, plain
 
 

@@ -27,7 +27,7 @@ def _configs(results: Path, schemes: str = "s1,s2,s3") -> list[RunConfig]:
 
 
 def _planned(results: Path, schemes: str = "s1,s2,s3"):
-    return plan(_configs(results, schemes), sweep_fakes.fake_id)
+    return plan(_configs(results, schemes), sweep_fakes.PLANNER)
 
 
 def _records(results: Path) -> list[str]:
@@ -137,7 +137,7 @@ def test_half_written_lock_is_stale_only_after_grace(tmp_path):
 
 def test_reused_pid_with_other_start_time_is_dead():
     me = {"pid": os.getpid(), "host": os.uname().nodename}
-    from quantsink.sweep import _start_time
+    from quantsink.locks import _start_time
 
     assert owner_alive({**me, "start": _start_time(os.getpid())})
     if _start_time(os.getpid()) is not None:
@@ -216,7 +216,7 @@ def test_failing_run_is_recorded_grid_goes_on_and_next_sweep_retries(tmp_path, m
 
 
 def test_planned_id_out_of_sync_is_a_failure_not_a_silent_rerun(tmp_path):
-    planned = plan(_configs(tmp_path / "runs", "s1"), lambda c: "wrong" + sweep_fakes.fake_id(c)[:8])
+    planned = plan(_configs(tmp_path / "runs", "s1"), sweep_fakes.planner(lambda c: "wrong" + sweep_fakes.fake_id(c)[:8]))
     summary = sweep(planned, tmp_path / "runs", run_fn=sweep_fakes.fake_run)
     assert not summary.ok and all("out of sync" in error for _, error in summary.failed)
 

@@ -1,9 +1,10 @@
 """Issue 12, sweeps and files: honest headers, records never replaced by older ones, workers that
-die with their sweep, variant passes computed once across processes, file modes from the umask."""
+die with their sweep, variant runs computed once across concurrent plans, file modes from the umask."""
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import os
 import signal
@@ -21,10 +22,10 @@ import sweep_fakes
 from quantsink import sweep as sweep_mod
 from quantsink.cli import app
 from quantsink.config import RunConfig
-from quantsink.effects import annotate, published
+from quantsink.plan import Planner
 from quantsink.results import SCHEMA_VERSION, write_record
-from quantsink.run import run_id_for
 from quantsink.sweep import Grid, plan, sweep
+from synthetic_records import make_record
 
 TESTS = Path(__file__).parent
 ROOT = TESTS.parent
@@ -33,12 +34,12 @@ runner = CliRunner()
 
 def planned_runs(results: Path, schemes: str = "s1,s2"):
     configs = Grid.from_mapping({"models": "m1", "corpora": "c1", "schemes": schemes}).configs({"results": str(results)})
-    return plan(configs, sweep_fakes.fake_id)
+    return plan(configs, sweep_fakes.PLANNER)
 
 
-def fake_record(run_id: str, version=SCHEMA_VERSION) -> dict:
-    return {"schema_version": version, "run_id": run_id, "model": {}, "corpus": {}, "protocol": {}, "scheme": {},
-            "reference": {}, "candidate": {}}
+def newer_record(run_id: str) -> dict:
+    """The JSON of a record written by a newer quantsink (a schema this one cannot read)."""
+    return {**make_record().to_dict(), "run_id": run_id, "schema_version": SCHEMA_VERSION + 1}
 
 
 # --------------------------------------------------------------------------- header, newer, invalid
@@ -47,7 +48,7 @@ def fake_record(run_id: str, version=SCHEMA_VERSION) -> dict:
 @pytest.fixture
 def fake_plan(monkeypatch):
     real_plan = sweep_mod.plan
-    monkeypatch.setattr(sweep_mod, "plan", lambda configs, id_fn=None: real_plan(configs, sweep_fakes.fake_id))
+    monkeypatch.setattr(sweep_mod, "plan", lambda configs, planner=None: real_plan(configs, sweep_fakes.PLANNER))
     monkeypatch.setattr(sweep_mod, "default_run", sweep_fakes.fake_run)
 
 
@@ -68,7 +69,7 @@ def test_a_newer_schema_record_is_kept_and_not_rerun(tmp_path):
     results = tmp_path / "runs"
     newer, other = planned_runs(results)
     results.mkdir()
-    text = json.dumps(fake_record(newer.run_id, SCHEMA_VERSION + 1))
+    text = json.dumps(newer_record(newer.run_id))
     (results / f"{newer.run_id}.json").write_text(text)
     with pytest.warns(UserWarning, match="written by a newer quantsink; kept and not re-run"):
         summary = sweep([newer, other], results, run_fn=sweep_fakes.fake_run)
@@ -79,10 +80,10 @@ def test_a_newer_schema_record_is_kept_and_not_rerun(tmp_path):
 
 def test_write_record_never_replaces_a_newer_schema_record(tmp_path):
     path = tmp_path / "abc.json"
-    path.write_text(json.dumps(fake_record("abc", SCHEMA_VERSION + 1)))
+    path.write_text(json.dumps(newer_record("abc")))
     before = path.read_text()
     with pytest.warns(UserWarning, match="newer quantsink: kept"):
-        write_record(fake_record("abc"), tmp_path)
+        write_record(dataclasses.replace(make_record(), run_id="abc"), tmp_path)
     assert path.read_text() == before
 
 
@@ -138,41 +139,30 @@ def test_workers_die_when_the_sweep_is_killed(tmp_path):
                 os.kill(pid, signal.SIGKILL)
 
 
-# --------------------------------------------------------------------------- variant passes once
+# --------------------------------------------------------------------------- variant runs once
 
 
-MODEL, CORPUS = "m" * 64, "c" * 64
+class CountingRun:
+    """``sweep.default_run`` stand-in: the fake run, counted per mitigation, a little slow."""
 
-
-class FakeEvaluate:
-    """Bare records of a fixed 4-window pass; counts evaluations per mitigation."""
-
-    def __init__(self, seconds: float = 0.4):
+    def __init__(self, seconds: float = 0.3):
         self.calls: collections.Counter = collections.Counter()
-        self.seconds = seconds
-        self.lock = threading.Lock()
+        self.seconds, self.lock = seconds, threading.Lock()
 
-    def __call__(self, config: RunConfig) -> dict:
+    def __call__(self, config: RunConfig, **kwargs) -> object:
         with self.lock:
             self.calls[config.mitigation] += 1
         time.sleep(self.seconds)
-        return bare_record(config)
+        return sweep_fakes.fake_run(config, **kwargs)
 
 
-def bare_record(config: RunConfig) -> dict:
-    nll = [20.0 + len(config.mitigation) * 0.1 + i for i in range(4)]
-    return {**fake_record(run_id_for(config, MODEL, CORPUS)), "config": config.to_record(),
-            "model": {"sha256": MODEL}, "corpus": {"sha256": CORPUS},
-            "candidate": {"ppl": 11.0, "nll_per_token": 2.4, "bits_per_byte": 1.0, "kl": 0.1, "top1_agreement": 0.9,
-                          "nll_per_window": nll, "scored_per_window": [10] * 4, "kl_per_window": [1.0] * 4}}
+REAL_VARIANTS = Planner(run_id=sweep_fakes.fake_id)  # real canonical specs and variants, fake ids
 
 
-def run_like(config: RunConfig, evaluate: FakeEvaluate) -> None:
-    """What ``run.run`` does around ``annotate``, with the fake evaluation."""
-    record = evaluate(config)
-    with published(config.results, record, True):
-        annotate(record, config, evaluate, write=True)
-        write_record(record, config.results)
+def eval_like(config: RunConfig, results: Path, fresh: bool) -> None:
+    """What `quantsink eval` does: plan, then run the plan in this process."""
+    sweep_mod.run_plan(plan([config], REAL_VARIANTS, fresh=fresh), results, session=None,
+                       progress=lambda *a: lambda n: None)
 
 
 def in_threads(*targets) -> None:
@@ -184,32 +174,22 @@ def in_threads(*targets) -> None:
     assert not any(thread.is_alive() for thread in threads), "deadlock"
 
 
-def test_concurrent_runs_compute_a_shared_variant_once(tmp_path):
-    evaluate = FakeEvaluate()
-    configs = [RunConfig(scheme="w8a8", mitigation=m, results=str(tmp_path)) for m in ("smooth", "clip-residual")]
-    in_threads(*(lambda c=c: run_like(c, evaluate) for c in configs))
-    assert evaluate.calls == {"smooth": 1, "clip-residual": 1, "none": 1, "sink-fp": 1}
-    assert len(list(tmp_path.glob("*.json"))) == 4 and not list((tmp_path / ".locks").glob("*.pass.json"))
+def test_concurrent_plans_run_a_shared_variant_once(tmp_path, monkeypatch):
+    counting = CountingRun()
+    monkeypatch.setattr(sweep_mod, "default_run", counting)
+    configs = [RunConfig(scheme="w8a8", mitigation=m) for m in ("smooth", "clip-residual")]
+    in_threads(*(lambda c=c: eval_like(c, tmp_path, fresh=False) for c in configs))
+    assert counting.calls == {"smooth": 1, "clip-residual": 1, "none": 1, "sink-fp": 1}
+    assert len(list(tmp_path.glob("*.json"))) == 4 and not list((tmp_path / ".locks").glob("*.lock"))
 
 
-def test_runs_that_need_each_other_as_variants_do_not_deadlock(tmp_path):
-    evaluate = FakeEvaluate()
-    configs = [RunConfig(scheme="w8a8", mitigation=m, results=str(tmp_path)) for m in ("none", "sink-fp")]
-    locks = [tmp_path / ".locks" / f"{run_id_for(c, MODEL, CORPUS)}.lock" for c in configs]
-    (tmp_path / ".locks").mkdir()
+def test_plans_that_need_each_other_as_variants_do_not_deadlock(tmp_path, monkeypatch):
+    counting = CountingRun()
+    monkeypatch.setattr(sweep_mod, "default_run", counting)
+    configs = [RunConfig(scheme="w8a8", mitigation=m) for m in ("none", "sink-fp")]
+    in_threads(*(lambda c=c: eval_like(c, tmp_path, fresh=False) for c in configs))
+    assert counting.calls == {"none": 1, "sink-fp": 1}  # one lock held at a time: no cycle to wait on
 
-    def sweep_run(config: RunConfig, lock: Path) -> None:  # each holds its own run lock, as a sweep worker does
-        assert sweep_mod.try_lock(lock)
-        try:
-            run_like(config, evaluate)
-        finally:
-            sweep_mod.release(lock)
-
-    in_threads(*(lambda c=c, lock=lock: sweep_run(c, lock) for c, lock in zip(configs, locks)))
-    assert evaluate.calls == {"none": 1, "sink-fp": 1}
-    records = {json.loads(p.read_text())["config"]["mitigation"]: json.loads(p.read_text())
-               for p in tmp_path.glob("*.json")}
-    assert "d_sink" in records["none"] and "mitigation_effect" in records["sink-fp"]
 
 
 # --------------------------------------------------------------------------- file modes
@@ -222,7 +202,7 @@ def test_written_files_follow_the_umask(tmp_path, mask):
     old = os.umask(mask)
     try:
         assert umask() == mask
-        path = write_record(fake_record("abc"), tmp_path / "runs")
+        path = write_record(dataclasses.replace(make_record(), run_id="abc"), tmp_path / "runs")
         atomic_write_text(tmp_path / "x.txt", "x")
     finally:
         os.umask(old)

@@ -60,12 +60,14 @@ def _records(results: Path) -> list[dict]:
 
 
 def test_planned_run_id_is_the_records_run_id(tiny_model, corpora, tmp_path):
-    from quantsink.run import planned_run_id, run
+    from quantsink.plan import Identities, canonical
+    from quantsink.run import run
 
-    config = RunConfig(model=str(tiny_model), corpus=corpora[0], scheme="bf16", window=16, max_tokens=64,
+    planned_run_id = Identities().run_id
+    config = RunConfig(model=str(tiny_model), corpus=corpora[0], scheme="BF16", window=16, max_tokens=64,
                        calib_windows=1, device="cpu", results=str(tmp_path / "runs"))
-    assert run(config, write=False)["run_id"] == planned_run_id(config)
-    assert planned_run_id(config.replace(scheme="fp32")) != planned_run_id(config)
+    assert run(config, write=False).run_id == planned_run_id(canonical(config))
+    assert planned_run_id(canonical(config.replace(scheme="fp32"))) != planned_run_id(canonical(config))
 
 
 @pytest.mark.parametrize("jobs", [1, 2])

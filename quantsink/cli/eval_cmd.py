@@ -1,9 +1,10 @@
-"""``quantsink eval``: one planned evaluation (and the variant runs its effects need)."""
+"""``quantsink eval``: the planned runs of one config (it and the variant runs its effects pair with)."""
 
 from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 import typer
@@ -21,40 +22,98 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
-def result_table(record: dict[str, Any]) -> Table:
-    if record.get("mitigation_effect"):
-        from ..effects import effect_table
+def _title(record: Any, label: str) -> str:
+    proto = record.protocol
+    return (f"{record.model.name} on {record.corpus.name}: {label}\n"
+            f"{proto.n_windows} windows x {proto.window} tokens, stride {proto.stride}, "
+            f"BOS {proto.bos}, {proto.scored_tokens} scored tokens, {proto.dtype}")
 
-        return effect_table(record)
-    ref, cand = record["reference"], record["candidate"]
-    scheme = record["scheme"]
-    label = scheme["spec"] + (" (simulated)" if scheme["simulated"] else "")
-    proto = record["protocol"]
-    title = (f"{record['model']['name']} on {record['corpus']['name']}: {label}\n"
-             f"{proto['n_windows']} windows x {proto['window']} tokens, stride {proto['stride']}, "
-             f"BOS {proto['bos']}, {proto['scored_tokens']} scored tokens, {proto['dtype']}")
-    table = Table(title=title, title_justify="left")
+
+def _scheme_label(record: Any) -> str:
+    return record.scheme.spec + (" (simulated)" if record.scheme.simulated else "")
+
+
+def result_table(record: Any, effects: Any) -> Table:
+    """Reference vs candidate; with a mitigation effect, the unmitigated run beside them."""
+    if effects.mitigation_effect is not None:
+        return effect_table(record, effects)
+    ref, cand = record.reference, record.candidate
+    table = Table(title=_title(record, _scheme_label(record)), title_justify="left")
     for column in ("metric", "reference", "candidate", "delta"):
         table.add_column(column, justify="left" if column == "metric" else "right")
     for key, name in (("ppl", "perplexity"), ("bits_per_byte", "bits per byte")):
-        delta = cand[key] - ref[key]
-        table.add_row(name, _fmt(ref[key]), _fmt(cand[key]), f"{delta:+.4g} ({delta / ref[key]:+.2%})")
-    table.add_row("KL(ref || cand) / token", "0", _fmt(cand.get("kl")), "")
-    table.add_row("top-1 agreement", "1", _fmt(cand.get("top1_agreement")), "")
-    for task, got in cand.get("lm_eval", {}).items():
-        ref_task = ref.get("lm_eval", {}).get(task, {})
+        a, b = getattr(ref, key), getattr(cand, key)
+        table.add_row(name, _fmt(a), _fmt(b), f"{b - a:+.4g} ({(b - a) / a:+.2%})")
+    table.add_row("KL(ref || cand) / token", "0", _fmt(cand.kl), "")
+    table.add_row("top-1 agreement", "1", _fmt(cand.top1_agreement), "")
+    for row in lm_eval_rows(record):
+        table.add_row(*row)
+    _d_sink_row(table, effects, columns=4)
+    if record.noise_floor:
+        table.add_row("noise floor (ppl)", "", _fmt(record.noise_floor["ppl"]), record.noise_floor["perturbation"])
+    return table
+
+
+def lm_eval_rows(record: Any) -> list[tuple[str, str, str, str]]:
+    rows = []
+    for task, got in (record.candidate.lm_eval or {}).items():
+        ref_task = (record.reference.lm_eval or {}).get(task, {})
         for key in ("word_perplexity", "bits_per_byte", "acc", "acc_norm"):
             if key in got and key in ref_task:
                 delta = got[key] - ref_task[key]
-                table.add_row(f"lm-eval {task} {key}", _fmt(ref_task[key]), _fmt(got[key]),
-                              f"{delta:+.4g} ({delta / ref_task[key]:+.2%})" if ref_task[key] else f"{delta:+.4g}")
-    if "d_sink" in record:
-        ds = record["d_sink"]
-        table.add_row("d_sink (nats/token)", "", f"{ds['nats_per_token']:+.4g}",
-                      f"95% CI [{ds['ci95'][0]:+.3g}, {ds['ci95'][1]:+.3g}]")
-    if record.get("noise_floor"):
-        floor = record["noise_floor"]
-        table.add_row("noise floor (ppl)", "", _fmt(floor["ppl"]), floor["perturbation"])
+                rows.append((f"lm-eval {task} {key}", _fmt(ref_task[key]), _fmt(got[key]),
+                             f"{delta:+.4g} ({delta / ref_task[key]:+.2%})" if ref_task[key] else f"{delta:+.4g}"))
+    return rows
+
+
+def _d_sink_row(table: Table, effects: Any, columns: int) -> None:
+    ds = effects.d_sink
+    if ds is not None:
+        cells = ["d_sink (nats/token)", "", f"{ds['nats_per_token']:+.4g}",
+                 f"95% CI [{ds['ci95'][0]:+.3g}, {ds['ci95'][1]:+.3g}]"]
+        table.add_row(*cells, *[""] * (columns - len(cells)))
+
+
+def effect_table(record: Any, effects: Any) -> Table:
+    """Reference / scheme / scheme + mitigation side by side, with the verdict and d_sink."""
+    ref, cand, eff = record.reference, record.candidate, effects.mitigation_effect
+    base, mitigation = eff["baseline"], record.config.mitigation
+    table = Table(title=_title(record, f"{_scheme_label(record)} + {mitigation}"), title_justify="left")
+    for column in ("metric", "reference", _scheme_label(record), f"+ {mitigation}", "delta (mitigation)"):
+        table.add_column(column, justify="left" if column == "metric" else "right")
+    lo, hi = eff["ci95"]
+    table.add_row("perplexity", f"{ref.ppl:.4g}", f"{base['ppl']:.4g}", f"{cand.ppl:.4g}",
+                  f"{eff['delta_ppl']:+.4g} [{lo:+.3g}, {hi:+.3g}]")
+    table.add_row("bits per byte", f"{ref.bits_per_byte:.4g}", f"{base['bits_per_byte']:.4g}",
+                  f"{cand.bits_per_byte:.4g}", "")
+    table.add_row("KL(ref || cand) / token", "0", f"{base['kl']:.4g}", f"{cand.kl:.4g}", f"{eff['delta_kl']:+.4g}")
+    table.add_row("top-1 agreement", "1", f"{base['top1_agreement']:.4g}", f"{cand.top1_agreement:.4g}",
+                  f"{eff['delta_top1']:+.4g}")
+    table.add_row("verdict", "", "", "", f"[bold]{eff['verdict']}[/bold]")
+    if eff.get("not_applicable"):
+        table.add_row("", "", "", "", eff["not_applicable"])
+    _d_sink_row(table, effects, columns=5)
+    table.caption = (f"95% interval: {eff['method']}, {eff['n_windows']} windows (verdict needs "
+                     f"{eff['min_windows']}); noise floor {eff['noise_floor_ppl']:.3g} ppl"
+                     + ("" if eff["noise_floor_measured"] else " (not measured)"))
+    return table
+
+
+def plan_table(planned: list[Any], results: str) -> Table:
+    """``--dry-run``: every run the command would perform, and whether the store has it."""
+    from ..results import Store
+
+    store = Store(Path(results))
+    table = Table(title=f"{len(planned)} planned runs -> {results}", title_justify="left",
+                  caption="variant: a run the requested one's mitigation_effect / d_sink pair with; "
+                          "reused: its record is in the store")
+    for column in ("#", "scheme", "mitigation", "role", "run_id", "status"):
+        table.add_column(column)
+    for p in planned:
+        stored = store.has_valid_record(p.run_id)
+        status = "re-run" if stored and p.fresh else "reused" if stored else "to run"
+        role = "variant" if p.variant else "requested"
+        table.add_row(str(p.index), p.config.scheme, p.config.mitigation, role, p.run_id, status)
     return table
 
 
@@ -62,21 +121,43 @@ def result_table(record: dict[str, Any]) -> Table:
 @friendly
 @with_config_options
 def eval_command(config: RunConfig,
-                 json_out: bool = typer.Option(False, "--json", help="Print the record as JSON on stdout."),
-                 no_write: bool = typer.Option(False, "--no-write", help="Do not write the record.")) -> None:
-    """Quantize the model with a scheme and compare it with the float reference on the same windows."""
-    quiet()
-    from ..run import run
+                 json_out: bool = typer.Option(False, "--json", help="Print {record, effects} as JSON on stdout."),
+                 no_write: bool = typer.Option(False, "--no-write", help="Do not write any record."),
+                 dry_run: bool = typer.Option(False, "--dry-run", help="Print the planned runs; run nothing.")) -> None:
+    """Quantize the model with a scheme and compare it with the float reference on the same windows.
 
-    with RichProgress(enabled=not json_out and err.is_terminal) as progress:
-        record = run(config, progress=progress, write=not no_write)
-    if json_out:
-        sys.stdout.write(json.dumps(record, indent=1) + "\n")
+    With a mitigation, the same scheme without it runs too (mitigation_effect); with a scheme that
+    quantizes tokens, also with sink-fp (d_sink); recorded runs are reused.  --dry-run lists them."""
+    from ..plan import plan
+    from ..sweep import run_config
+
+    quiet()
+    check_pair(config)
+    if dry_run:
+        out.print(plan_table(plan([config], fresh=True), config.results))
         return
-    out.print(result_table(record))
-    timing = record["timing"]
-    cached = " (reference from cache)" if record["reference"]["cached"] else ""
-    out.print(f"candidate pass {timing['candidate_s']:.1f} s, "
-              f"{timing['candidate_tokens_per_s']:.0f} tokens/s{cached}")
-    if "path" in record:
-        out.print(f"record: {record['path']}")
+    with RichProgress(enabled=not json_out and err.is_terminal) as progress:
+        record, found = run_config(config, progress=progress, write=not no_write)
+    _show(record, found, json_out, None if no_write else config.results)
+
+
+def check_pair(config: RunConfig) -> None:
+    """A mitigation that cannot apply to the scheme is refused in one line before anything is hashed or loaded."""
+    from ..mitigations import parse_mitigations
+    from ..schemes import parse_scheme
+
+    scheme = parse_scheme(config.scheme)
+    for mitigation in parse_mitigations(config.mitigation):
+        mitigation.check(scheme)
+
+
+def _show(record: Any, found: Any, json_out: bool, results: str | None) -> None:
+    if json_out:
+        sys.stdout.write(json.dumps({"record": record.to_dict(), "effects": found.to_dict()}, indent=1) + "\n")
+        return
+    out.print(result_table(record, found))
+    cached = " (reference from cache)" if record.reference.cached else ""
+    out.print(f"candidate pass {record.timing['candidate_s']:.1f} s, "
+              f"{record.timing['candidate_tokens_per_s']:.0f} tokens/s{cached}")
+    if results is not None:
+        out.print(f"record: {Path(results) / (record.run_id + '.json')}")

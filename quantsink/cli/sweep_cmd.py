@@ -119,7 +119,7 @@ def _plan_table(planned: list[Any], results: str, invalid: dict[int, str]) -> Ta
 
     store = Store(Path(results))
     table = Table(title=f"{len(planned)} runs -> {results}")
-    for column in ("#", "model", "corpus", "scheme", "mitigation", "run_id", "status"):
+    for column in ("#", "model", "corpus", "scheme", "mitigation", "role", "run_id", "status"):
         table.add_column(column)
     for p in planned:
         status = {"done": "done", "newer": "done (newer quantsink)", "invalid": "to run (invalid file set aside)"}.get(
@@ -127,7 +127,8 @@ def _plan_table(planned: list[Any], results: str, invalid: dict[int, str]) -> Ta
         if p.index in invalid:
             status = f"invalid: {invalid[p.index]}"
         c = p.config
-        table.add_row(str(p.index), c.model, c.corpus, c.scheme, c.mitigation, p.run_id, status)
+        role = "variant" if p.variant else "grid"  # variant: a run a grid run's effects pair with
+        table.add_row(str(p.index), c.model, c.corpus, c.scheme, c.mitigation, role, p.run_id, status)
     return table
 
 
@@ -197,8 +198,8 @@ def _run_sweep(planned: list[Any], results: str, jobs: int, ray: Any = None) -> 
     with SweepProgress(todo, enabled=err.is_terminal) as progress:
         summary = sweeps.sweep(planned, results, jobs=jobs, emit=progress, run_fn=sweeps.default_run, ray=ray)
     out.print(f"sweep: {len(summary.done)} ran, {summary.skipped} skipped (already recorded), "
-              f"{len(summary.failed)} failed, {summary.elsewhere} recorded meanwhile "
-              f"(as a variant another run needed, or by another sweep)"
+              f"{len(summary.failed)} failed"
+              + (f", {summary.elsewhere} recorded meanwhile by another sweep" if summary.elsewhere else "")
               + (f", {summary.retried} earlier failures retried" if summary.retried else ""), highlight=False)
     if summary.failed:
         table = Table(title="failed runs (recorded as <run_id>.failed; the next sweep retries them)")
