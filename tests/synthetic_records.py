@@ -33,7 +33,8 @@ def stats_side(rng: random.Random, peak: float, sink: float, dormant: set[tuple[
     massive = {"value": 100.0 * ratio.expand(shape).clone(), "position": torch.zeros(shape, dtype=torch.long),
                "channel": torch.full(shape, 7), "median_abs": torch.ones(shape)}
     ws = S.WindowStats(norm_sink=ratio.expand(shape).clone(), norm_median=torch.ones(shape), massive=massive,
-                       extreme=[[0]] * WINDOWS, sink=heads, extreme_attn=heads, sink_set=heads,
+                       extreme=[[0]] * WINDOWS, massive_positions=[[0]] * WINDOWS, sink=heads, extreme_attn=heads,
+                       dormant_queries=(heads >= 0.95).float(),
                        drain=torch.tensor([[[rng.uniform(0.1, 0.4) for _ in range(KV_HEADS)]
                                             for _ in range(LAYERS)]] * WINDOWS))
     return S.summarize(ws, sink_positions=(0,))
@@ -79,7 +80,8 @@ def _mitigations(config: RunConfig) -> tuple[MitigationRecord, ...]:
 def make_record(model: str = "tiny-llama", corpus: str = "python-docs", scheme: str = "w8a8",
                 mitigation: str = "none", ppl_ref: float = 10.0, ppl: float = 12.0, stats: bool = True,
                 woken: tuple[tuple[int, int], ...] = ((2, 1),), created_at: str = "2026-11-28T16:00:00+00:00",
-                seed: int = 0, noise: float = 0.0, kl: float = 0.05) -> RunRecord:
+                seed: int = 0, noise: float = 0.0, kl: float = 0.05,
+                noise_floor: dict[str, Any] | None = None) -> RunRecord:
     rng = random.Random(seed)
     config = _config(model, corpus, scheme, mitigation)
     model_sha, corpus_sha = stable_hash(model, length=64), stable_hash(corpus, length=64)
@@ -98,7 +100,7 @@ def make_record(model: str = "tiny-llama", corpus: str = "python-docs", scheme: 
         protocol=ProtocolRecord("windows", WINDOW, WINDOW, "auto", None, WINDOW * WINDOWS, "synthetic",
                                 WINDOWS, (WINDOW - 1) * WINDOWS, "float32", "synthetic", "1"),
         scheme=_scheme(config), mitigation=_mitigations(config), reference=_pass(rng, ppl_ref, 0.0, False),
-        candidate=_pass(rng, ppl, noise, True, kl), stats=side, timing={}, env={})
+        candidate=_pass(rng, ppl, noise, True, kl), stats=side, noise_floor=noise_floor, timing={}, env={})
 
 
 def grid_records() -> list[RunRecord]:

@@ -50,22 +50,21 @@ def test_effect_and_d_sink_come_from_the_variant_records():
 
 
 def test_not_applicable_shows_no_effect_and_bits_name_every_part():
+    from quantsink.effects import Effects
+
     effect = {"delta_ppl": 0.0, "delta_kl": 0.0, "ci95": [0.0, 0.0], "verdict": "not-applicable"}
-    r = row(make_record(mitigation="sink-token", effect=effect))
+    r = row(make_record(mitigation="sink-token"), Effects(mitigation_effect=effect))
     assert (r["verdict"], r["effect"], r["effect_ci"]) == ("not-applicable", None, None)
-    kv_only = make_record(scheme="kv4", bits=32.0)
-    kv_only["scheme"]["bit_widths"] = {"weights": None, "activations": None, "kv": 4}
+    kv_only = make_record(scheme="kv4")
     assert row(kv_only)["bits"] == "W32A32KV4" and row(kv_only)["w_bits"] == 32.0
-    kv_only["protocol"]["dtype"] = "bfloat16"
-    assert row(kv_only)["bits"] == "W16A16KV4"
-    assert row(make_record(bits=8.0))["bits"] == "W8"  # an older record: weight bits only
+    in_bf16 = dataclasses.replace(kv_only, protocol=dataclasses.replace(kv_only.protocol, dtype="bfloat16"))
+    assert row(in_bf16)["bits"] == "W16A16KV4"
 
 
 def test_schemes_record_their_bit_widths():
     from quantsink.report import bits_label
-    from quantsink.schemes import parse_scheme
 
-    labels = {spec: bits_label(parse_scheme(spec).record(), "float32")
+    labels = {spec: bits_label(make_record(scheme=spec))
               for spec in ("w8a8", "kv4", "w8a8-kv8", "int8", "nf4", "bf16")}
     assert labels == {"w8a8": "W8A8KV32", "kv4": "W32A32KV4", "w8a8-kv8": "W8A8KV8", "int8": "W8A8KV32",
                       "nf4": "W4A32KV32", "bf16": "W16A16KV16"}
@@ -98,7 +97,7 @@ def test_write_report_all_formats(tmp_path):
     assert len(helps) == 4 and all(r["effect"] == pytest.approx(-12.0) and r["effect_ci"][1] < 0 for r in helps)
     assert sum(r["d_sink"] is not None for r in data["rows"]) == 12  # every w8a8 row: none, sink-fp, smooth
     md = (tmp_path / "out" / "leaderboard.md").read_text()
-    assert md.count("\n| ") == 21 and "Protocol: 4x128 tok" in md  # header + 20 rows
+    assert md.count("\n| ") == 21 and "Protocol: 8x128 tok" in md  # header + 20 rows
     page = (tmp_path / "out" / "leaderboard.html").read_text()
     assert page.count("<img ") == 5 and page.count("data:image/png;base64,") == 5
     assert "http://" not in page and "https://" not in page

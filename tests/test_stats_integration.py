@@ -91,8 +91,7 @@ def test_inspect_cli_profile_compare_and_plots(tmp_path):
 
 
 def _reference_stats(session, **changes):
-    from quantsink.hooks import stats_pass
-    from quantsink.run import prepare
+    from quantsink.run import prepare, stats_pass
 
     config = RunConfig(window=256, max_tokens=256, calib_windows=1, stats_windows=1).replace(**changes)
     prep = prepare(config, session)

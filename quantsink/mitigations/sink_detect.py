@@ -36,6 +36,15 @@ class _Stop(Exception):
 
 
 @torch.no_grad()
+def residual_norms(model: Any, into: list[torch.Tensor]) -> Any:
+    """Collect the norm of every decoder layer's output residual state, (B, T) per layer (a context)."""
+    def grab(output: Any) -> None:
+        into.append(hidden_of(output).float().norm(dim=-1).cpu())  # (B, T)
+
+    layers = layer_sites(model)
+    return attach(model, {name: grab for name in layers}, known=layers)
+
+
 def layer_state(model: Any, ids: torch.Tensor, layer: int, mask: torch.Tensor | None = None) -> torch.Tensor:
     """The residual state after decoder layer ``layer``; the forward stops there.  (B, T, C)"""
     got: list[torch.Tensor] = []
@@ -112,7 +121,6 @@ class Detector:
 
 def calibrate(reference: Any, windows: Any, ratio: float, layer: int | None, top: int) -> tuple[Detector, dict]:
     """The detector of the module doc, from the float reference on ``windows``."""
-    from .sink_fp import residual_norms
 
     norms: list[torch.Tensor] = []
     device = reference.get_input_embeddings().weight.device

@@ -19,7 +19,6 @@ import torch
 
 from ..errors import UsageError
 from . import Env, Mitigation, register
-from ..hooks import attach, hidden_of, layer_sites
 
 
 def require_token_scheme(mitigation: str, scheme: Any) -> None:
@@ -33,15 +32,6 @@ def peak_ratio(norms: torch.Tensor) -> torch.Tensor:
     """Residual-state peak per position: ``norm / median norm of the window``.  (L, B, T) -> (B, T), max over L."""
     median = norms.median(dim=-1, keepdim=True).values  # (L, B, 1)
     return (norms / median.clamp_min(1e-12)).amax(0)  # (B, T)
-
-
-def residual_norms(model: Any, into: list[torch.Tensor]) -> Any:
-    """Collect the norm of every decoder layer's output residual state, (B, T) per layer (a context)."""
-    def grab(output: Any) -> None:
-        into.append(hidden_of(output).float().norm(dim=-1).cpu())  # (B, T)
-
-    layers = layer_sites(model)
-    return attach(model, {name: grab for name in layers}, known=layers)
 
 
 @dataclass(frozen=True)
