@@ -1,8 +1,9 @@
 """On-disk cache of reference passes (safetensors + JSON metadata; never pickle).
 
-Keyed by (model sha256, corpus sha256, protocol, dtype, evaluator version,
-sha256 of the token windows scored): a second scheme on the same model and
-corpus reuses the reference.  Each file stores the sha256 of its tensors and
+Keyed by ``run.reference_key``: model sha256, corpus sha256, the record's
+protocol (windowing, dtype, evaluator version), device, stats settings, and the
+sha256 of the token windows scored; a second scheme on the same model and corpus
+reuses the reference.  Each file stores the sha256 of its tensors and
 metadata (``digest``) and is verified on load: a corrupt or tampered entry is
 reported in one line and recomputed, never trusted.
 """

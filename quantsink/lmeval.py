@@ -9,7 +9,7 @@ candidate (mitigations attached) and on the reference, and stores per task under
   for the local tasks), with the lm-eval version, the task version and ``max_length``;
 * ``quantsink_bits_per_byte``: quantsink's evaluator (``evaluate.run_pass``) on the
   very documents lm-eval scored, with lm-eval's windows (``corpus.rolling_windows``),
-  and ``bpb_rel_diff`` between the two (they agree to ~1e-5 in float32).
+  and ``bpb_rel_diff`` between the two (they agree to ~1e-8 relative in float32; docs/protocols.md).
 
 Local tasks (``python-docs``, ``python-code``) are lm-eval YAML files shipped in
 ``quantsink/tasks/`` (package data; ``tasks/`` at the repo root links to it).  Their
@@ -46,8 +46,6 @@ from .errors import QuantsinkError, UsageError
 from .io import atomic_write_text, cache_root
 from .registry import Registry
 
-METRICS = ("word_perplexity", "byte_perplexity", "bits_per_byte")
-AGREEMENT_TOLERANCE = 0.005  # |quantsink bpb / lm-eval bpb - 1| the agreement check allows
 PROTOCOL = ("lm-eval loglikelihood_rolling (HFLM): each document tokenized alone (tokenizer defaults), "
             "disjoint windows of max_length tokens, the prefix token (BOS, else EOS) before the first "
             "window only, every token scored once; word_perplexity = exp(-sum ll / whitespace words), "

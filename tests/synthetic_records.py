@@ -65,7 +65,8 @@ def _scheme(config: RunConfig) -> SchemeRecord:
     try:
         return SchemeRecord.of(parse_scheme(config.scheme).record(), {})
     except UsageError:
-        return SchemeRecord(config.scheme, config.scheme, {}, True, "torch", "", 8.0, {})
+        return SchemeRecord(config.scheme, config.scheme, {}, True, "torch", "", 8.0,
+                            {"weights": 8, "activations": 8, "kv": None}, {})
 
 
 def _mitigations(config: RunConfig) -> tuple[MitigationRecord, ...]:

@@ -371,4 +371,5 @@ def test_presets_end_to_end_on_tiny_model(spec, tiny_model_dir, tiny_text_file, 
     assert math.isfinite(record.candidate.ppl) and record.candidate.kl > 0
     assert record.scheme.applied["parts"] == scheme.parts()
     if token_level:
-        assert effects.mitigation_effect["verdict"] in ("helps", "hurts", "inconclusive")
+        assert effects.mitigation_effect["verdict"] == "insufficient-data"  # 2 windows
+        assert effects.d_sink["sink_fp_run_id"] == record.run_id and effects.missing == ()

@@ -292,11 +292,11 @@ def test_sink_fp_detect_keeps_nothing_and_says_so_without_extreme_tokens():
                                         "rotate,sink-fp"])
 def test_new_mitigations_run_end_to_end(tiny_model_dir, tiny_text_file, tmp_path, mitigation):
     from quantsink.config import RunConfig
-    from quantsink.run import run
+    from quantsink.sweep import run_config
 
     config = RunConfig(model=str(tiny_model_dir), corpus=f"file:{tiny_text_file}", scheme="w8a8",
                        mitigation=mitigation, max_tokens=128, window=32, calib_windows=2, stats_windows=1,
                        results=str(tmp_path))
-    record = run(config)
-    assert record["candidate"]["ppl"] > 1 and record["mitigation_effect"]["verdict"]
-    assert record["mitigation"][0]["applied"]
+    record, effects = run_config(config)
+    assert record.candidate.ppl > 1 and effects.mitigation_effect["verdict"] == "insufficient-data"  # 4 windows
+    assert record.mitigation[0].applied and effects.d_sink is not None

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from quantsink.config import RunConfig
-from quantsink.run import run
+from quantsink.sweep import run_config
 
 
 def _config(tiny_model_dir, tiny_text_file, tmp_path, **changes):
@@ -22,8 +22,8 @@ def _config(tiny_model_dir, tiny_text_file, tmp_path, **changes):
 ])
 def test_a_no_op_mitigation_is_never_helps_or_hurts(tiny_model_dir, tiny_text_file, tmp_path, scheme, mitigation,
                                                     expected):
-    record = run(_config(tiny_model_dir, tiny_text_file, tmp_path, scheme=scheme, mitigation=mitigation))
-    effect = record["mitigation_effect"]
+    _, effects = run_config(_config(tiny_model_dir, tiny_text_file, tmp_path, scheme=scheme, mitigation=mitigation))
+    effect = effects.mitigation_effect
     assert effect["n_windows"] == 8 and effect["verdict"] in expected, effect
     assert effect["noise_floor_measured"] and effect["noise_floor_nats"] >= 0
     stored = [json.loads(p.read_text()) for p in tmp_path.glob("*.json")]
@@ -36,6 +36,6 @@ def test_a_no_op_mitigation_is_never_helps_or_hurts(tiny_model_dir, tiny_text_fi
 def test_no_floor_and_few_windows_are_stated(tiny_model_dir, tiny_text_file, tmp_path):
     config = _config(tiny_model_dir, tiny_text_file, tmp_path, scheme="w8a8-dyn", mitigation="sink-fp",
                      noise_floor=False, max_tokens=4 * 32)
-    effect = run(config, write=False)["mitigation_effect"]
+    effect = run_config(config, write=False)[1].mitigation_effect
     assert effect["verdict"] == "insufficient-data" and effect["min_windows"] == 8
     assert not effect["noise_floor_measured"] and effect["noise_floor_nats"] == 0.0
