@@ -298,5 +298,6 @@ def test_new_mitigations_run_end_to_end(tiny_model_dir, tiny_text_file, tmp_path
                        mitigation=mitigation, max_tokens=128, window=32, calib_windows=2, stats_windows=1,
                        results=str(tmp_path))
     record, effects = run_config(config)
-    assert record.candidate.ppl > 1 and effects.mitigation_effect["verdict"] == "insufficient-data"  # 4 windows
+    verdict = effects.mitigation_effect["verdict"]  # 4 windows: never helps/hurts; k=detect may keep nothing here
+    assert record.candidate.ppl > 1 and verdict in ("insufficient-data", "not-applicable")
     assert record.mitigation[0].applied and effects.d_sink is not None
