@@ -13,7 +13,8 @@ import json
 import time
 
 from quantsink.config import RunConfig
-from quantsink.run import Session, run
+from quantsink.run import Session
+from quantsink.sweep import run_config as evaluate
 
 # each mitigated run also evaluates (or reuses) `none` and `sink-fp` on the same windows (mitigation_effect, d_sink)
 MITIGATIONS = ["rotate", "rotate,sink-fp", "cushion", "sink-fp:k=detect"]
@@ -47,7 +48,8 @@ def main() -> None:
                                    stats=not args.no_stats,
                                    results=args.out)
                 t0 = time.perf_counter()
-                rec = run(config, session=session)
+                record, found = evaluate(config, session=session)  # the plan: none and sink-fp runs too
+                rec = {**record.to_dict(), **found.to_dict()}
                 eff, ds = rec.get("mitigation_effect") or {}, rec.get("d_sink") or {}
                 stats = rec.get("stats") or {}
                 row = {"model": model, "scheme": scheme, "mitigation": mitigation,

@@ -12,7 +12,7 @@ import json
 import sys
 import time
 
-from quantsink import RunConfig, run
+from quantsink import RunConfig, evaluate
 from quantsink.run import Session
 
 SCHEMES = ["w8a8", "w8a8-tok", "kv4", "w8a8:act_bits=4"]
@@ -39,7 +39,8 @@ def main() -> None:
                 config = RunConfig(model=path, corpus=f"file:{path}/heldout.jsonl", protocol="lm-eval", window=255,
                                    max_tokens=48 * 255, calib_windows=8, stats_windows=8, scheme=scheme,
                                    mitigation=mitigation, device="cpu", results=results, offline=True)
-                line = json.dumps(row(path, run(config, session=session), time.time() - t0))
+                record, found = evaluate(config, session=session)  # the plan: variant runs too
+                line = json.dumps(row(path, {**record.to_dict(), **found.to_dict()}, time.time() - t0))
                 print(line, flush=True)
                 with open(rows, "a", encoding="utf-8") as handle:
                     handle.write(line + "\n")
