@@ -118,3 +118,22 @@ def test_report_command_reads_the_records(tmp_path):
     assert result.exit_code == 0, result.output
     assert "20 rows from 20 records" in result.output
     assert "helps" in (tmp_path / "out" / "leaderboard.md").read_text()
+
+
+def test_sweep_plans_and_records_the_variants_then_report_pairs_them(tiny_model_dir, tiny_text_file, tmp_path):
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    args = ["sweep", "--models", str(tiny_model_dir), "--corpora", f"file:{tiny_text_file}", "--schemes", "w8a8-dyn",
+            "--mitigations", "smooth", "--window", "32", "--max-tokens", "256", "--calib-windows", "1", "--no-stats",
+            "--no-noise-floor", "--device", "cpu", "--results", str(runs)]
+    plan = runner.invoke(app, args + ["--dry-run"], terminal_width=250)
+    assert plan.exit_code == 0, plan.output
+    assert "3 runs" in plan.output and plan.output.count("variant") == 2 and plan.output.count("to run") == 3
+    swept = runner.invoke(app, args)
+    assert swept.exit_code == 0 and "3 ran" in swept.output, swept.output
+    report = runner.invoke(app, ["report", "--results", str(runs), "--out", str(out)])
+    assert report.exit_code == 0 and "3 rows from 3 records" in report.output
+    rows = {r["mitigation"]: r for r in json.loads((out / "leaderboard.json").read_text())["rows"]}
+    assert rows["smooth"]["verdict"] is not None and rows["none"]["verdict"] is None
+    if rows["smooth"]["verdict"] != "not-applicable":
+        assert rows["smooth"]["effect"] == pytest.approx(rows["smooth"]["ppl"] - rows["none"]["ppl"], rel=1e-6)
+    assert rows["none"]["d_sink"] is not None and rows["smooth"]["d_sink"] == rows["none"]["d_sink"]
