@@ -20,6 +20,7 @@ from typing import Any, Callable
 import torch
 
 from . import cache
+from .attention import DECLARED
 from .config import EVALUATOR_VERSION, RunConfig, __version__, stable_hash
 from .corpus import Corpus, TokenStream, Windows, load_corpus, sliding_windows, tokenize
 from .errors import QuantsinkError
@@ -261,6 +262,7 @@ def candidate_pass(prep: Prepared, model: Any, reference: PassResult, progress: 
 
 
 NOOP_KERNEL = {"sdpa": "eager", "eager": "sdpa"}  # attention kernel -> the float-level no-op swap
+# quantsink's own attentions (e.g. ReLU) have no second kernel: their no-op is one window per forward only
 
 
 def noise_floor_pass(prep: Prepared, model: Any, candidate: PassResult) -> dict[str, Any]:
@@ -270,7 +272,7 @@ def noise_floor_pass(prep: Prepared, model: Any, candidate: PassResult) -> dict[
     from .paired import noise_floor, ppl_delta
 
     before = model.config._attn_implementation
-    other = NOOP_KERNEL.get(before, "eager")
+    other = NOOP_KERNEL.get(before, before if before in DECLARED.values() else "eager")  # ReLU has no twin
     windows = prep.mitigations.windows(prep.windows)
     with attention_implementation(model, other), prep.mitigations.attach(model):
         noop = run_pass(model, windows, batch_tokens=windows.input_ids.shape[1])
