@@ -384,7 +384,8 @@ def evaluate(config: RunConfig, session: Session, progress: Progress = _no_progr
     candidate = candidate_pass(prep, model, reference, progress)
     timing["candidate_s"] = time.perf_counter() - t0
     floor = None
-    if config.noise_floor and config.mitigation == "none":
+    if config.noise_floor and config.mitigation == "none" and prep.scheme.quantizes_tokens:
+        # weight-only schemes are deterministic per token: their runs are not re-run for a floor
         t0 = time.perf_counter()
         floor = noise_floor_pass(prep, model, candidate)
         timing["noise_floor_s"] = time.perf_counter() - t0

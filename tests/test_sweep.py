@@ -96,7 +96,8 @@ def test_default_grid_file_names_only_registered_entries():
     configs = grid.configs()
     assert {c.model for c in configs} == {"smollm2-135m", "gemma3-270m"}
     assert {c.corpus for c in configs} == {"python-docs", "python-code"}
-    assert len(configs) == 4 * 35 and all(c.max_tokens == 1024 and c.window == 256 for c in configs)
+    assert len(configs) == 4 * 56 and all(c.max_tokens == 4096 and c.window == 256 for c in configs)
+    assert all(c.max_tokens // c.window >= 16 >= c.min_windows for c in configs)  # verdicts possible
     for key in {(c.model, c.corpus, c.scheme) for c in configs}:  # mitigated runs reuse none / sink-fp
         order = [c.mitigation for c in configs if (c.model, c.corpus, c.scheme) == key]
         assert order[0] == "none" and (len(order) == 1 or order[1] == "sink-fp")
