@@ -102,7 +102,7 @@ def test_default_grid_file_names_only_registered_entries():
         order = [c.mitigation for c in configs if (c.model, c.corpus, c.scheme) == key]
         assert order[0] == "none" and (len(order) == 1 or order[1] == "sink-fp")
     missing = sorted({c.scheme.split(":")[0] for c in configs if c.scheme.split(":")[0] not in SCHEMES}
-                     | {m for c in configs for m in c.mitigation.split(",") if m not in MITIGATIONS})
+                     | {m.split(":")[0] for c in configs for m in c.mitigation.split(",") if m.split(":")[0] not in MITIGATIONS})
     assert not missing, f"grid names unregistered schemes/mitigations: {missing}"
     validate_names(configs)
 
