@@ -214,29 +214,36 @@ def attached_hooks(model: nn.Module) -> int:
 
 def attention_probs(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None,
                     scaling: float | None = None, softcap: float | None = None,
-                    out: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                    out: tuple[torch.Tensor, torch.Tensor] | None = None, block: int = 128) -> torch.Tensor:
     """Attention probabilities as eager attention defines them, in float32.
 
     ``query`` (B, H, T, D) and ``key`` (B, KVH, S, D) as the attention kernel gets them (after
     rotary embedding and any cache); ``mask``: None (causal), bool (True attends) or additive,
     broadcastable to (B, H, T, S).  ``out``: two float32 buffers of B*H*T*S elements (scores,
     probabilities) reused across calls: a fresh multi-MB tensor per call costs more in page
-    faults than the arithmetic.  -> (B, H, T, S)
+    faults than the arithmetic.  Causal (``mask`` None): computed in blocks of ``block`` queries
+    against the keys they can see only (5/8 of the work at T = 4 blocks).  -> (B, H, T, S)
     """
     (b, h, t, d), (kvh, s) = query.shape, key.shape[1:3]
     scores, probs = out if out is not None else [torch.empty(b * h * t * s, device=query.device) for _ in "sp"]
-    q = query.float() * (scaling if scaling is not None else d ** -0.5)
-    scores = torch.matmul(q.reshape(b, kvh, h // kvh * t, d), key.float().transpose(2, 3),  # head h reads KV h // rep
-                          out=scores.view(b, kvh, h // kvh * t, s)).view(b, h, t, s)
-    if softcap:
-        scores.div_(softcap).tanh_().mul_(softcap)
-    if mask is None:
-        mask = torch.ones(t, s, dtype=torch.bool, device=scores.device).tril(s - t)  # (T, S) causal
-    if mask.dtype == torch.bool:
-        scores.masked_fill_(~mask, torch.finfo(scores.dtype).min)  # as eager: a fully masked row is uniform
-    else:
-        scores.add_(mask[..., :s].float())
-    return torch.softmax(scores, -1, out=probs.view(b, h, t, s))
+    q = query.float() * (scaling if scaling is not None else d ** -0.5)  # (B, H, T, D)
+    k = key.float().transpose(2, 3)  # (B, KVH, D, S)
+    probs = probs.view(b, h, t, s)
+    spans = [(0, t, s)] if mask is not None else \
+        [(a, min(a + block, t), min(s, s - t + a + block)) for a in range(0, t, block)]
+    for a, z, e in spans:  # queries a..z-1 see keys 0..e-1 at most
+        sc = torch.matmul(q[:, :, a:z].reshape(b, kvh, h // kvh * (z - a), d), k[..., :e],  # head h reads KV h // rep
+                          out=scores[:b * h * (z - a) * e].view(b, kvh, h // kvh * (z - a), e)).view(b, h, z - a, e)
+        if softcap:
+            sc.div_(softcap).tanh_().mul_(softcap)
+        m = torch.ones(z - a, e, dtype=torch.bool, device=sc.device).tril(s - t + a) if mask is None else mask
+        if m.dtype == torch.bool:
+            sc.masked_fill_(~m, torch.finfo(sc.dtype).min)  # as eager: a fully masked row is uniform
+        else:
+            sc.add_(m[..., :s].float())
+        torch.softmax(sc, -1, out=probs[:, :, a:z, :e])
+        probs[:, :, a:z, e:] = 0
+    return probs
 
 
 def _row_probs(fn: Callable[..., Any], query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None,
