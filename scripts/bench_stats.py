@@ -8,8 +8,10 @@ with the stats probes riding on it (the first ``--stats-windows`` windows run
 the same attention kernel, with the attention probabilities computed beside
 it), ``--repeats`` times each, and keeps the fastest of each (the machine may
 be shared).  The last line printed is a JSON object: ``plain_s, stats_s,
-overhead`` (= stats_s / plain_s - 1) and ``identical`` (per-window NLL bitwise
-equal with and without stats).
+overhead`` (= stats_s / plain_s - 1), the same from the process's CPU time
+(``cpu_overhead``: steadier than wall time on a shared, oversubscribed machine,
+exact with ``--threads 1``) and ``identical`` (per-window NLL bitwise equal with
+and without stats).
 """
 
 from __future__ import annotations
@@ -66,20 +68,25 @@ def main() -> None:
             collector.summary()
 
     times: dict[str, list[float]] = {"plain": [], "stats": []}
+    cpu: dict[str, list[float]] = {"plain": [], "stats": []}
     for _ in range(args.warmup):  # allocator, thread pool
         plain()
     for _ in range(args.repeats):
         for name, fn in (("plain", plain), ("stats", with_stats)):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fn()
             times[name].append(time.perf_counter() - t0)
-            print(f"{name:10s} {times[name][-1]:7.2f} s", flush=True)
+            cpu[name].append(time.process_time() - c0)
+            print(f"{name:10s} {times[name][-1]:7.2f} s wall {cpu[name][-1]:7.2f} s cpu", flush=True)
     best = {name: min(ts) for name, ts in times.items()}
+    best_cpu = {name: min(ts) for name, ts in cpu.items()}
     result = {
         "model": args.model, "windows": len(windows), "window": args.window, "stats_windows": n,
         "threads": torch.get_num_threads(), "load_average": os.getloadavg()[0],
         "plain_s": round(best["plain"], 3), "stats_s": round(best["stats"], 3),
         "overhead": round(best["stats"] / best["plain"] - 1, 4),
+        "plain_cpu_s": round(best_cpu["plain"], 3), "stats_cpu_s": round(best_cpu["stats"], 3),
+        "cpu_overhead": round(best_cpu["stats"] / best_cpu["plain"] - 1, 4),
         "identical": bool(torch.equal(nll["plain"], nll["stats"])), "all_times": times,
     }
     print(json.dumps(result))
