@@ -1,0 +1,169 @@
+"""``compare``: two stored runs on the same model, corpus and windows, paired window by window.
+
+Pure functions over stored records (nothing is evaluated):
+
+* ``resolve`` finds a record from a run id, a path to a record file, or a spec
+  string ``SCHEME[+MITIGATIONS]`` (e.g. ``w8a8``, ``w8a8+sink-fp``; canonicalised as
+  the planner does, ``--model`` / ``--corpus`` narrow it) in a results store;
+* ``check_pairable`` refuses, in one line, two runs that did not score the same
+  windows (model, corpus, protocol and per-window scored tokens must agree);
+* ``compare`` gives B minus A: the paired t interval over windows of the mean NLL
+  per scored token (``paired.paired_t``) as a change in perplexity, its verdict
+  (``paired.verdict`` with the larger of the two runs' measured noise floors:
+  ``helps`` = B has the lower perplexity), the per-window deltas, KL and top-1
+  side by side, and the extreme-token statistics that moved most between the two
+  candidates (``stats.changes`` of A's candidate side -> B's: heads woken or put to
+  sleep, sink-score and drain shifts, residual-peak shifts).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .errors import UsageError
+from .paired import MIN_WINDOWS, paired_t, ppl_delta, verdict
+from .results import RunRecord, iter_records, load_record
+
+READING = {"helps": "B is better than A", "hurts": "B is worse than A",
+           "inconclusive": "no difference beyond the interval and noise floor",
+           "insufficient-data": "too few windows for a verdict"}
+RULE = ("B minus A, paired t 95% interval over windows of the mean NLL per scored token; helps (B better) if the "
+        "interval lies below -noise_floor, hurts (B worse) if above +noise_floor, inconclusive otherwise; "
+        "insufficient-data below min_windows windows; noise floor: the larger measured floor of the two runs")
+TOP = 5
+
+
+# --------------------------------------------------------------------------- resolving RUN arguments
+
+
+def resolve(arg: str, results: str | Path, *, model: str | None = None, corpus: str | None = None) -> RunRecord:
+    """A record from a run id, a record file, or a ``SCHEME[+MITIGATIONS]`` spec in ``results``."""
+    path = Path(arg)
+    if arg.endswith(".json") or path.is_file():
+        return load_record(path)
+    records = list(iter_records(results))
+    by_id = [r for r in records if r.run_id == arg]
+    if by_id:
+        return by_id[0]
+    return _by_spec(arg, records, results, model, corpus)
+
+
+def _canonical(arg: str) -> tuple[str, str]:
+    from .mitigations import canonical_mitigation
+    from .schemes import parse_scheme
+
+    scheme, _, mitigation = arg.partition("+")
+    try:
+        return parse_scheme(scheme.strip()).spec(), canonical_mitigation(mitigation.strip() or "none")
+    except UsageError as err:
+        raise UsageError(f"{arg!r} is no run id, record file or SCHEME[+MITIGATIONS] spec: {err}") from None
+
+
+def _by_spec(arg: str, records: list[RunRecord], results: str | Path, model: str | None,
+             corpus: str | None) -> RunRecord:
+    scheme, mitigation = _canonical(arg)
+    found = [r for r in records if r.config.scheme == scheme and r.config.mitigation == mitigation
+             and model in (None, r.model.name) and corpus in (None, r.corpus.name)]
+    if not found:
+        raise UsageError(f"no record of {scheme} + {mitigation} in {results}"
+                         f"{_narrowed(model, corpus)}; run `quantsink eval` first or give a run id")
+    newest = {}
+    for r in sorted(found, key=lambda r: r.created_at):
+        newest[(r.model.name, r.corpus.name, _windows(r))] = r
+    if len(newest) > 1:
+        where = "; ".join(f"{m} on {c} ({w})" for m, c, w in newest)
+        raise UsageError(f"{arg!r} matches runs on several models/corpora/windows ({where}); "
+                         f"narrow it with --model / --corpus or give a run id")
+    return next(iter(newest.values()))
+
+
+def _narrowed(model: str | None, corpus: str | None) -> str:
+    parts = [f"model {model}" if model else "", f"corpus {corpus}" if corpus else ""]
+    return f" ({', '.join(p for p in parts if p)})" if any(parts) else ""
+
+
+# --------------------------------------------------------------------------- comparing
+
+
+def _windows(record: RunRecord) -> str:
+    p = record.protocol
+    return f"{p.n_windows}x{p.window} tok, stride {p.stride}, BOS {p.bos}, {p.kind}"
+
+
+def _identity(record: RunRecord) -> tuple[Any, ...]:
+    p = record.protocol
+    return (record.model.sha256, record.corpus.sha256, p.kind, p.window, p.stride, p.bos, p.tokens, p.n_windows,
+            tuple(record.candidate.scored_per_window))
+
+
+def check_pairable(a: RunRecord, b: RunRecord) -> None:
+    """One-line ``UsageError`` unless A and B scored the same windows of the same model and corpus."""
+    if _identity(a) != _identity(b):
+        raise UsageError(f"runs {a.run_id} ({a.model.name}, {a.corpus.name}, {_windows(a)}) and {b.run_id} "
+                         f"({b.model.name}, {b.corpus.name}, {_windows(b)}) did not score the same windows; "
+                         f"compare runs of one model, corpus and protocol")
+
+
+def side(record: RunRecord) -> dict[str, Any]:
+    c = record.candidate
+    return {"run_id": record.run_id, "model": record.model.name, "corpus": record.corpus.name,
+            "scheme": record.config.scheme, "mitigation": record.config.mitigation, "ppl": c.ppl,
+            "ppl_ref": record.reference.ppl, "kl": c.kl, "top1_agreement": c.top1_agreement,
+            "bits_per_byte": c.bits_per_byte, "simulated": record.scheme.simulated}
+
+
+def _floor(record: RunRecord) -> float:
+    return float((record.noise_floor or {}).get("nats_per_token") or 0.0)
+
+
+def per_window(a: RunRecord, b: RunRecord) -> list[dict[str, Any]]:
+    """Per window: B minus A in NLL per scored token and in KL per scored token."""
+    ca, cb = a.candidate, b.candidate
+    kl_a, kl_b = ca.kl_per_window or [None] * len(ca.nll_per_window), cb.kl_per_window or [None] * len(ca.nll_per_window)
+    return [{"window": i, "scored": n, "delta_nll_per_token": _per(nb, na, n), "delta_kl_per_token": _per(kb, ka, n)}
+            for i, (na, nb, ka, kb, n) in enumerate(zip(ca.nll_per_window, cb.nll_per_window, kl_a, kl_b,
+                                                        ca.scored_per_window))]
+
+
+def _per(b: float | None, a: float | None, n: int) -> float | None:
+    return None if a is None or b is None or not n else (b - a) / n
+
+
+def paired(a: RunRecord, b: RunRecord, min_windows: int = MIN_WINDOWS) -> dict[str, Any]:
+    """B minus A, paired over windows, with the interval and the verdict (lower is better)."""
+    ca, cb, n = a.candidate, b.candidate, a.candidate.scored_per_window
+    nll = paired_t(ca.nll_per_window, cb.nll_per_window, n)
+    kl = paired_t(ca.kl_per_window, cb.kl_per_window, n) if ca.kl_per_window and cb.kl_per_window else None
+    floor = max(_floor(a), _floor(b))
+    label = verdict(nll["ci"], nll["n_windows"], floor=floor, min_windows=min_windows)
+    return {"delta_ppl": ppl_delta(ca.nll_per_window, n, nll["delta"]),
+            "ci95": [ppl_delta(ca.nll_per_window, n, x) for x in nll["ci"]],
+            "delta_nll_per_token": nll["delta"], "delta_nll_ci95": nll["ci"],
+            "delta_kl": kl["delta"] if kl else None, "delta_kl_ci95": kl["ci"] if kl else None,
+            "delta_top1": _minus(cb.top1_agreement, ca.top1_agreement), "verdict": label, "reading": READING[label],
+            "noise_floor_nats": floor, "noise_floor_measured": bool(a.noise_floor or b.noise_floor),
+            "n_windows": nll["n_windows"], "min_windows": min_windows, "method": nll["method"], "rule": RULE}
+
+
+def _minus(b: float | None, a: float | None) -> float | None:
+    return None if a is None or b is None else b - a
+
+
+def moved(a: RunRecord, b: RunRecord, top: int = TOP) -> dict[str, Any] | None:
+    """The extreme-token statistics that moved most from A's candidate to B's (None without both)."""
+    from .stats import changes
+
+    sa, sb = (r.stats.candidate if r.stats else None for r in (a, b))
+    if sa is None or sb is None:
+        return None
+    return changes(sa, sb, top=top)
+
+
+def compare(a: RunRecord, b: RunRecord, *, top: int = TOP) -> dict[str, Any]:
+    """Everything ``quantsink compare`` shows (JSON-ready); refuses runs on different windows."""
+    check_pairable(a, b)
+    return {"a": side(a), "b": side(b), "windows": _windows(a), "paired": paired(a, b, a.config.min_windows),
+            "per_window": per_window(a, b), "moved": moved(a, b, top),
+            "moved_note": "stats.changes from A's candidate statistics to B's (woken = dormant in A, active in B)"}
+
