@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .effects import Effects, effects
+from .matrix import MATRIX_CSV, Matrix, cell_text, matrices, matrix_rows, ranking
 from .errors import QuantsinkError
 from .results import RunRecord
 
@@ -216,14 +217,46 @@ def md_escape(text: str) -> str:
 def to_markdown(frame: Any, failures: list[dict[str, Any]]) -> str:
     protocols = sorted(set(frame["protocol"])) if len(frame) else []
     lines = [f"Protocol: {md_escape('; '.join(protocols))}" if protocols else "No records.", ""]
+    rows = frame.to_dict(orient="records") if len(frame) else []
+    lines += matrix_markdown(matrices(rows)) + ranking_markdown(ranking(rows))
     headers = [COLUMNS[c][0] for c in MARKDOWN]
-    lines += ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["**All runs**", "", "| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     for _, r in frame.iterrows():
         lines.append("| " + " | ".join(md_escape(fmt(r[c], COLUMNS[c][1])) for c in MARKDOWN) + " |")
     if failures:
         lines += ["", f"Failed runs ({len(failures)}):", ""]
         lines += [f"- {md_escape(_failure_label(f))}: {md_escape(str(f.get('error', '')))}" for f in failures]
     return "\n".join(lines) + "\n"
+
+
+def matrix_markdown(ms: list[Matrix]) -> list[str]:
+    """Per model and corpus: scheme x mitigation, Δppl vs the unmitigated scheme and the verdict (★ best)."""
+    lines = []
+    for m in ms:
+        head = ["scheme", "ppl ×ref", *m.mitigations]
+        lines += [f"**Which mitigation helps: {md_escape(m.title)}** (Δppl vs the unmitigated scheme, "
+                  f"paired t 95% interval over windows; ★ best that helps)", "",
+                  "| " + " | ".join(md_escape(h) for h in head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+        for scheme in m.schemes:
+            ratio = fmt(_num((m.baseline.get(scheme) or {}).get("ppl_ratio")), 4)
+            cells = [cell_text(m.cells.get((scheme, mit))) for mit in m.mitigations]
+            lines.append("| " + " | ".join(md_escape(c) for c in (scheme, ratio, *cells)) + " |")
+        lines.append("")
+    return lines
+
+
+def ranking_markdown(rank: list[dict[str, Any]]) -> list[str]:
+    if not rank:
+        return []
+    head = ["model", "corpus", "rank", "scheme", "bits", "kernels", "ppl ×ref", "KL", "best mitigation"]
+    lines = ["**Schemes ranked by perplexity ratio** (unmitigated)", "",
+             "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for r in rank:
+        best = f"{r['best_mitigation']} ({fmt(r['best_delta_ppl'], 3)})" if r["best_mitigation"] else ""
+        cells = (r["model"], r["corpus"], str(r["rank"]), r["scheme"], r["bits"], r["kernels"],
+                 fmt(r["ppl_ratio"], 4), fmt(r["kl"], 3), best)
+        lines.append("| " + " | ".join(md_escape(c) for c in cells) + " |")
+    return lines + [""]
 
 
 def _failure_label(failure: dict[str, Any]) -> str:
@@ -237,7 +270,8 @@ def to_json(frame: Any, failures: list[dict[str, Any]], skipped: list[str], supe
     data = {"columns": {c: COLUMNS[c][0] for c in COLUMNS}, "rows": rows,
             "failed": [{k: f.get(k) for k in ("run_id", "config", "error_type", "error", "created_at")}
                        for f in failures],
-            "skipped_files": skipped, "superseded_records": superseded}
+            "skipped_files": skipped, "superseded_records": superseded,
+            "matrix": matrix_rows(matrices(rows)), "ranking": ranking(rows)}
     return json.dumps(data, indent=1, default=str) + "\n"
 
 
@@ -258,45 +292,74 @@ def _subplots(n: int, width: float = 5.0, height: float = 3.6, cols: int = 2) ->
 
     cols = min(cols, n)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False, layout="constrained")
     flat = list(axes.flat)
     for ax in flat[n:]:
         ax.set_visible(False)
     return fig, flat[:n]
 
 
+SCHEME_PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+                  "#bcbd22", "#17becf", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd",
+                  "#e6550d", "#31a354", "#756bb1", "#636363")
+CORPUS_HATCH = ("", "//", "..", "xx", "\\\\")
+
+
+def scheme_colors(frame: Any) -> dict[str, str]:
+    """One colour per scheme, the same in every plot (schemes in sorted order)."""
+    schemes = sorted(set(frame["scheme"])) if len(frame) else []
+    return {s: SCHEME_PALETTE[i % len(SCHEME_PALETTE)] for i, s in enumerate(schemes)}
+
+
+def _legend_outside(ax: Any, **kwargs: Any) -> None:
+    """The legend to the right of the axes, never over the data."""
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, **kwargs)
+
+
 def plot_ppl_vs_bits(frame: Any) -> bytes | None:
-    """Perplexity ratio to the reference vs nominal bits, one point per unmitigated scheme."""
-    data = frame[(frame["mitigation"] == "none") & frame["w_bits"].notna() & frame["ppl_ratio"].notna()]
+    """Perplexity ratio to the reference per unmitigated scheme, ranked, labelled with its bits
+    (hatched: simulated kernels); one panel per model and corpus."""
+    data = frame[(frame["mitigation"] == "none") & frame["ppl_ratio"].notna()]
     if data.empty:
         return None
-    corpora = list(dict.fromkeys(data["corpus"]))
-    fig, axes = _subplots(len(corpora))
-    for ax, corpus in zip(axes, corpora):
-        for model, part in data[data["corpus"] == corpus].groupby("model", sort=False):
-            ax.scatter(part["w_bits"], part["ppl_ratio"], label=model, s=36,
-                       marker="x" if part["simulated"].all() else "o")
-            for _, r in part.iterrows():
-                ax.annotate(r["scheme"], (r["w_bits"], r["ppl_ratio"]), fontsize=7, xytext=(3, 3),
-                            textcoords="offset points")
-        ax.set(title=f"{corpus}", xlabel="nominal weight bits", ylabel="ppl / reference ppl", yscale="log")
-        ax.axhline(1.0, color="black", lw=0.6)
-        ax.legend(fontsize=7)
+    colors = scheme_colors(frame)
+    panels = list(dict.fromkeys(zip(data["model"], data["corpus"])))
+    most = max(len(data[(data["model"] == m) & (data["corpus"] == c)]) for m, c in panels)
+    fig, axes = _subplots(len(panels), width=5.6, height=max(2.4, 0.28 * most + 1.0))
+    for ax, (model, corpus) in zip(axes, panels):
+        part = data[(data["model"] == model) & (data["corpus"] == corpus)].sort_values("ppl_ratio")
+        ys = range(len(part))
+        ax.barh(list(ys), part["ppl_ratio"], color=[colors[s] for s in part["scheme"]],
+                hatch=None, edgecolor="white")
+        for y, r in zip(ys, part.to_dict(orient="records")):
+            if r["simulated"]:
+                ax.patches[y].set_hatch("///")
+        labels = [f"{r['scheme']}  {r['bits']}" for r in part.to_dict(orient="records")]
+        ax.set_yticks(list(ys), labels, fontsize=7)
+        ax.invert_yaxis()
+        ax.axvline(1.0, color="black", lw=0.6)
+        wide = part["ppl_ratio"].max() / max(part["ppl_ratio"].min(), 1e-9) > 20
+        ax.set(title=f"{model} · {corpus}", xscale="log" if wide else "linear",
+               xlabel=f"ppl / reference ppl{' (log)' if wide else ''}; hatched = simulated")
     return _png(fig)
 
 
 def plot_before_after(frame: Any) -> bytes | None:
-    """Sink score, value drain and peak ratio: reference (dashed line) vs candidate (bars) per scheme."""
+    """Sink score, value drain and peak ratio per scheme: candidate (bars, the scheme's colour; one
+    hatch per corpus) vs reference (black tick on each bar)."""
     metrics = [("sink", "mean sink score"), ("drain", "mean value drain"), ("peak", "max peak ratio")]
     data = frame[frame["mitigation"] == "none"]
     models = [m for m in dict.fromkeys(data["model"])
               if data[data["model"] == m][[f"{k}_after" for k, _ in metrics]].notna().any().any()]
     if not models:
         return None
+    colors = scheme_colors(frame)
     fig, axes = _subplots(len(models) * len(metrics), width=4.6, cols=len(metrics))
     for i, model in enumerate(models):
         part = data[data["model"] == model]
-        schemes = list(dict.fromkeys(part["scheme"]))
+        schemes = sorted(dict.fromkeys(part["scheme"]))
         corpora = list(dict.fromkeys(part["corpus"]))
         width = 0.8 / max(len(corpora), 1)
         for j, (key, title) in enumerate(metrics):
@@ -304,20 +367,20 @@ def plot_before_after(frame: Any) -> bytes | None:
             for k, corpus in enumerate(corpora):
                 sub = part[part["corpus"] == corpus].set_index("scheme").reindex(schemes)
                 xs = [x + k * width for x in range(len(schemes))]
-                bars = ax.bar(xs, sub[f"{key}_after"].astype(float), width, label=f"{corpus} after")
-                before = sub[f"{key}_before"].dropna()
-                if len(before):
-                    ax.axhline(float(before.iloc[0]), ls="--", lw=1, color=bars.patches[0].get_facecolor(),
-                               label=f"{corpus} before (reference)")
+                ax.bar(xs, sub[f"{key}_after"].astype(float), width, color=[colors[s] for s in schemes],
+                       hatch=CORPUS_HATCH[k % len(CORPUS_HATCH)], edgecolor="white",
+                       label=f"{corpus} (hatch {CORPUS_HATCH[k % len(CORPUS_HATCH)] or 'none'})")
+                ax.scatter(xs, sub[f"{key}_before"].astype(float), marker="_", s=160, color="black", zorder=3,
+                           label="reference" if k == 0 else None)
             ax.set_xticks([x + width * (len(corpora) - 1) / 2 for x in range(len(schemes))], schemes,
                           rotation=45, ha="right", fontsize=7)
             ax.set_title(f"{model}: {title}", fontsize=9)
-            ax.legend(fontsize=6)
+        _legend_outside(axes[i * len(metrics) + len(metrics) - 1])
     return _png(fig)
 
 
 def plot_peak_profile(frame: Any, records: list[RunRecord]) -> bytes | None:
-    """Per-layer residual-state peak ratio: reference (black) and each unmitigated scheme."""
+    """Per-layer residual-state peak ratio: reference (black) and each unmitigated scheme (its colour)."""
     panels: dict[tuple[str, str], list[tuple[str, list[float | None], list[float | None]]]] = {}
     for (_, r), record in zip(frame.iterrows(), records):
         after = peak_profile(_side(record, "candidate"))
@@ -326,15 +389,17 @@ def plot_peak_profile(frame: Any, records: list[RunRecord]) -> bytes | None:
                 (r["scheme"], peak_profile(_side(record, "reference")), after))
     if not panels:
         return None
-    fig, axes = _subplots(len(panels))
+    colors = scheme_colors(frame)
+    fig, axes = _subplots(len(panels), width=5.6)
     for ax, ((model, corpus), lines) in zip(axes, panels.items()):
         ref = lines[0][1]
         ax.plot(range(len(ref)), [v if v is not None else math.nan for v in ref], color="black", lw=2.2,
                 label="reference")
-        for scheme, _, after in lines:
-            ax.plot(range(len(after)), [v if v is not None else math.nan for v in after], lw=1, label=scheme)
+        for scheme, _, after in sorted(lines):
+            ax.plot(range(len(after)), [v if v is not None else math.nan for v in after], lw=1,
+                    color=colors.get(scheme), label=scheme)
         ax.set(title=f"{model} · {corpus}", xlabel="layer", ylabel="||h_0|| / median ||h_i||", yscale="log")
-        ax.legend(fontsize=6, ncol=2)
+        _legend_outside(ax)
     return _png(fig)
 
 
@@ -403,7 +468,7 @@ def plots(frame: Any, records: list[RunRecord]) -> dict[str, bytes | None]:
     frame = frame.assign(**text)  # a '$' in a name is shown, not read as mathtext
     with matplotlib.rc_context({"font.size": 8}):
         return {
-            "Perplexity ratio vs bits, per scheme": plot_ppl_vs_bits(frame),
+            "Perplexity ratio per scheme, with its bits": plot_ppl_vs_bits(frame),
             "Sink score / value drain / peak ratio before vs after, per scheme": plot_before_after(frame),
             "Per-layer residual-state peak profile": plot_peak_profile(frame, records),
             "Heads woken by quantization": plot_woken_heatmap(frame, records),
@@ -415,14 +480,21 @@ def plots(frame: Any, records: list[RunRecord]) -> dict[str, bytes | None]:
 
 
 CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#222;background:#fff}
-h1{font-size:22px}h2{font-size:17px;margin-top:28px}
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#222;background:#fff;max-width:1500px}
+h1{font-size:22px}h2{font-size:17px;margin-top:28px}h3{font-size:14px;margin:18px 0 6px}
 table{border-collapse:collapse;font-size:12px}th,td{border:1px solid #ccc;padding:3px 6px;text-align:right}
-th{background:#f0f0f0;cursor:pointer;position:sticky;top:0;user-select:none}td.t{text-align:left}td{white-space:nowrap}
+th{background:#f0f0f0;position:sticky;top:0;user-select:none}table.sortable th{cursor:pointer}
+td.t,th.t{text-align:left}td{white-space:nowrap}
 th.asc::after{content:" \\25B2"}th.desc::after{content:" \\25BC"}
-tr:nth-child(even){background:#fafafa}.helps{color:#2e7d32;font-weight:600}.hurts{color:#c62828;font-weight:600}
-.wrap{overflow-x:auto;max-height:720px}.note{color:#666;font-size:12px}figure{margin:12px 0}
+table.sortable tr:nth-child(even){background:#fafafa}.helps{color:#2e7d32;font-weight:600}.hurts{color:#c62828;font-weight:600}
+.wrap{overflow-x:auto;max-height:720px}.note{color:#555;font-size:12px;max-width:1100px}figure{margin:12px 0}
 img{max-width:100%;border:1px solid #ddd}.fail td{background:#fff3f3;white-space:normal}
+table.matrix td{min-width:110px}table.matrix td a{color:inherit;text-decoration:none;display:block}
+td.v-helps{background:#c8e6c9}td.v-hurts{background:#ffcdd2}td.v-inconclusive{background:#eeeeee}
+td.v-insufficient-data{background:#fff9c4}td.v-not-applicable{background:#fafafa;color:#999}
+td.best{outline:2px solid #1b5e20;outline-offset:-2px;font-weight:700}
+.key span{display:inline-block;padding:1px 8px;margin-right:6px;border:1px solid #ccc;font-size:12px}
+.hide{display:none}details.columns{margin:6px 0 8px;font-size:12px}details.columns label{margin-right:10px;white-space:nowrap}
 """
 
 JS = """
@@ -443,30 +515,115 @@ document.querySelectorAll('table.sortable th').forEach(function(th, col){
     rows.forEach(function(r){ body.appendChild(r); });
   });
 });
+document.querySelectorAll('details.columns input').forEach(function(box){
+  box.addEventListener('change', function(){
+    document.querySelectorAll('#leaderboard [data-c="' + box.value + '"]').forEach(function(cell){
+      cell.classList.toggle('hide', !box.checked);
+    });
+  });
+});
 var sortBy = location.hash.match(/sort=(-?)(\d+)/);  // e.g. leaderboard.html#sort=6, #sort=-6 descending
 if (sortBy) {
   var th = document.querySelectorAll('#leaderboard th')[+sortBy[2]];
   if (th) { th.click(); if (sortBy[1]) th.click(); }
 }
 """
+VISIBLE = ("model", "corpus", "scheme", "mitigation", "bits", "ppl", "ppl_ratio", "kl", "verdict", "effect",
+           "d_sink", "run_id")  # the full table's columns shown by default (the chooser shows the rest)
 
 
-def _cell(column: str, value: Any) -> str:
+def _hidden(column: str) -> str:
+    return "" if column in VISIBLE else " hide"
+
+
+def _cell(column: str, value: Any, link: str | None = None) -> str:
     digits = COLUMNS[column][1]
     text = fmt(value, digits)
     sort = value[0] if isinstance(value, tuple) else value
     sort_key = "" if sort is None or (isinstance(sort, float) and math.isnan(sort)) else str(sort)
-    cls = "t" if digits is None else ""
+    cls = ("t" if digits is None else "") + _hidden(column)
     if column == "verdict" and text in VERDICT_COLORS:
         cls += f" {text}"
-    return f'<td class="{cls.strip()}" data-v="{html.escape(sort_key)}">{html.escape(text)}</td>'
+    body = html.escape(text)
+    if link:
+        body = f'<a href="{html.escape(link, quote=True)}">{body}</a>'
+    return f'<td class="{cls.strip()}" data-c="{column}" data-v="{html.escape(sort_key)}">{body}</td>'
+
+
+def _anchor(run_id: str) -> str:
+    return "run-" + "".join(ch for ch in str(run_id) if ch.isalnum())
+
+
+def matrix_html(ms: list[Matrix]) -> str:
+    """Per model and corpus: scheme x mitigation cells coloured by verdict, ★ on the best that helps;
+    each cell links to its run's row in the full table."""
+    parts = []
+    for m in ms:
+        head = "".join(f"<th>{html.escape(x)}</th>" for x in m.mitigations)
+        rows = []
+        for scheme in m.schemes:
+            base = m.baseline.get(scheme) or {}
+            cells = "".join(_matrix_cell(m.cells.get((scheme, mit))) for mit in m.mitigations)
+            rows.append(f'<tr><td class="t">{html.escape(scheme)}</td>'
+                        f'<td>{html.escape(fmt(_num(base.get("ppl_ratio")), 4))}</td>{cells}</tr>')
+        parts.append(f"<h3>{html.escape(m.title)}</h3><table class=\"matrix\"><thead><tr><th class=\"t\">scheme</th>"
+                     f"<th>ppl ×ref</th>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>")
+    return "".join(parts)
+
+
+def _matrix_cell(cell: Any) -> str:
+    if cell is None:
+        return '<td class="none"></td>'
+    ci = f" [{fmt(cell.ci[0], 3)}, {fmt(cell.ci[1], 3)}]" if cell.ci and cell.verdict != "not-applicable" else ""
+    title = f"{cell.verdict}; Δppl {fmt(cell.delta_ppl, 4)}{ci}"
+    cls = f"v-{cell.verdict}" + (" best" if cell.best else "")
+    return (f'<td class="{cls}" title="{html.escape(title, quote=True)}"><a href="#{_anchor(cell.run_id)}">'
+            f"{html.escape(cell_text(cell))}</a></td>")
+
+
+def ranking_html(rank: list[dict[str, Any]]) -> str:
+    head = ("model", "corpus", "rank", "scheme", "bits", "kernels", "ppl", "ppl ×ref", "KL", "best mitigation")
+    rows = []
+    for r in rank:
+        best = f"{r['best_mitigation']} ({fmt(r['best_delta_ppl'], 3)})" if r["best_mitigation"] else ""
+        cells = [(r["model"], "t"), (r["corpus"], "t"), (str(r["rank"]), ""), (r["scheme"], "t"), (r["bits"], "t"),
+                 (r["kernels"], "t"), (fmt(r["ppl"], 4), ""), (fmt(r["ppl_ratio"], 4), ""), (fmt(r["kl"], 3), ""),
+                 (best, "t")]
+        tds = "".join(f'<td class="{c}">{html.escape(v)}</td>' for v, c in cells)
+        rows.append(f'<tr>{tds}</tr>')
+    heads = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+    return f'<table id="ranking"><thead><tr>{heads}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+
+
+def chooser_html() -> str:
+    boxes = "".join(f'<label><input type="checkbox" value="{c}"{" checked" if c in VISIBLE else ""}> '
+                    f"{html.escape(COLUMNS[c][0])}</label>" for c in COLUMNS)
+    return f'<details class="columns"><summary>Columns ({len(VISIBLE)} of {len(COLUMNS)} shown)</summary>{boxes}</details>'
+
+
+def _key_html() -> str:
+    spans = "".join(f'<span class="v-{v}" style="background:{BG[v]}">{v}</span>' for v in BG)
+    return f'<p class="key note">Cell colour = verdict: {spans} ★ = the best mitigation that helps.</p>'
+
+
+BG = {"helps": "#c8e6c9", "hurts": "#ffcdd2", "inconclusive": "#eeeeee", "insufficient-data": "#fff9c4",
+      "not-applicable": "#fafafa"}
+
+
+def full_table_html(frame: Any, links: dict[str, str]) -> str:
+    head = "".join(f'<th class="{("t" if COLUMNS[c][1] is None else "") + _hidden(c)}" data-c="{c}">'
+                   f"{html.escape(COLUMNS[c][0])}</th>" for c in COLUMNS)
+    body = "\n".join(f'<tr id="{_anchor(r["run_id"])}">' + "".join(
+        _cell(c, r[c], links.get(r["run_id"]) if c == "run_id" else None) for c in COLUMNS) + "</tr>"
+        for r in frame.to_dict(orient="records"))
+    return (chooser_html() + f'<div class="wrap"><table class="sortable" id="leaderboard"><thead><tr>{head}</tr>'
+            f"</thead><tbody>\n{body}\n</tbody></table></div>")
 
 
 def to_html(frame: Any, images: dict[str, bytes | None], failures: list[dict[str, Any]],
-            skipped: list[str], superseded: int) -> str:
-    head = "".join(f"<th>{html.escape(COLUMNS[c][0])}</th>" for c in COLUMNS)
-    body = "\n".join("<tr>" + "".join(_cell(c, r[c]) for c in COLUMNS) + "</tr>"
-                     for r in frame.to_dict(orient="records"))
+            skipped: list[str], superseded: int, links: dict[str, str] | None = None) -> str:
+    rows = frame.to_dict(orient="records") if len(frame) else []
+    ms, rank = matrices(rows), ranking(rows)
     protocols = "; ".join(sorted(set(frame["protocol"]))) if len(frame) else "no records"
     parts = [
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
@@ -474,15 +631,23 @@ def to_html(frame: Any, images: dict[str, bytes | None], failures: list[dict[str
         'style-src \'unsafe-inline\'; script-src \'unsafe-inline\'">',
         "<title>quantsink leaderboard</title>", f"<style>{CSS}</style></head><body>",
         "<h1>quantsink leaderboard</h1>",
-        f'<p class="note">{len(frame)} rows. Protocol: {html.escape(protocols)}. Click a column header to sort. '
-        "ppl ×ref = candidate / reference perplexity; sink = mean attention on key 0 over layers and heads; "
-        "drain = mean value-state drain; peak = largest residual-state peak ratio over layers; "
-        "bits = weight / activation / KV-cache bits (float parts at the run's dtype); "
-        "Δppl vs unmitigated with its paired t 95% interval over windows gives the verdict: helps / hurts only "
-        "when the interval clears the measured noise floor, insufficient-data below the minimum number of "
-        "windows, not-applicable when the mitigation changed nothing.</p>",
-        f'<div class="wrap"><table class="sortable" id="leaderboard"><thead><tr>{head}</tr></thead>'
-        f"<tbody>\n{body}\n</tbody></table></div>",
+        f'<p class="note">{len(frame)} runs. Protocol: {html.escape(protocols)}.</p>',
+        "<h2>Which mitigation helps which scheme</h2>",
+        '<p class="note">Each cell: Δppl of the scheme with that mitigation minus the unmitigated scheme, on the '
+        "same windows (paired t 95% interval over windows; hover a cell for it). helps / hurts only when the "
+        "interval clears the measured noise floor; insufficient-data below the minimum number of windows; n/a when "
+        "the mitigation changed nothing. ppl ×ref = unmitigated perplexity / reference perplexity.</p>",
+        _key_html(), matrix_html(ms) or '<p class="note">No mitigated runs with a verdict in these records.</p>',
+        "<h2>Schemes ranked by perplexity ratio</h2>",
+        '<p class="note">Unmitigated schemes; bits = weight / activation / KV-cache bits (float parts at the run\'s '
+        "dtype); kernels: simulated (fake quantization) or real (a quantization library's kernels).</p>",
+        ranking_html(rank),
+        "<h2>All runs</h2>",
+        '<p class="note">Click a column header to sort; choose columns below; each run id links to its record. '
+        "sink = mean attention on key 0 over layers and heads; drain = mean value-state drain; peak = largest "
+        "residual-state peak ratio over layers; d_sink = NLL/token with the sink quantized minus kept in full "
+        "precision.</p>",
+        full_table_html(frame, links or {}),
         _failures_html(failures), _notes_html(skipped, superseded), "<h2>Plots</h2>",
     ]
     for title, png in images.items():
@@ -575,6 +740,22 @@ def to_csv(frame: Any) -> str:
     return frame.astype(object).map(csv_cell).to_csv(index=False)
 
 
+def to_matrix_csv(frame: Any) -> str:
+    """The scheme x mitigation matrix (the html's and markdown's first view) in long form, one row per cell."""
+    import pandas as pd
+
+    rows = matrix_rows(matrices(frame.to_dict(orient="records") if len(frame) else []))
+    return to_csv(pd.DataFrame(rows, columns=list(MATRIX_CSV)))
+
+
+def record_links(results: str | Path, out: str | Path) -> dict[str, str]:
+    """run_id -> the record file's path relative to the leaderboard (the html links each row to it)."""
+    import os
+
+    root = Path(results)
+    return {path.stem: Path(os.path.relpath(path, Path(out))).as_posix() for path in sorted(root.rglob("*.json"))}
+
+
 def check_results(results: str | Path, records: list[Any], failures: list[Any], skipped: list[str]) -> None:
     """A missing or empty results directory is an error: the old leaderboard is kept, nothing is written."""
     from .errors import QuantsinkError, UsageError
@@ -588,7 +769,7 @@ def check_results(results: str | Path, records: list[Any], failures: list[Any], 
 
 
 def write_report(results: str | Path, out: str | Path) -> Written:
-    """results/ -> leaderboard.{md,csv,json,html} in ``out``."""
+    """results/ -> leaderboard.{md,csv,json,html} and leaderboard_matrix.csv in ``out``."""
     from .io import atomic_write_text
     from .results import check_writable_dir
     from .results import iter_failures
@@ -602,8 +783,10 @@ def write_report(results: str | Path, out: str | Path) -> Written:
     files = {
         "leaderboard.md": to_markdown(frame, failures),
         "leaderboard.csv": to_csv(frame),
+        "leaderboard_matrix.csv": to_matrix_csv(frame),
         "leaderboard.json": to_json(frame, failures, skipped, superseded),
-        "leaderboard.html": to_html(frame, plots(frame, kept), failures, skipped, superseded),
+        "leaderboard.html": to_html(frame, plots(frame, kept), failures, skipped, superseded,
+                                    record_links(results, out)),
     }
     written = Written(n_records=len(records), n_rows=len(frame), n_failures=len(failures), n_skipped=len(skipped))
     for name, text in files.items():

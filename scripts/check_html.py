@@ -4,7 +4,10 @@
 
 Chromium (Debian: ``apt-get install -y chromium``) renders the page offline twice:
 ``--dump-dom`` (the DOM after scripts ran) and ``--screenshot``.  Checks:
-the leaderboard table has the expected rows (``--rows``, else at least one),
+the page leads with the scheme x mitigation matrix (cells coloured by verdict, a best
+mitigation marked when one helps), then the scheme ranking; the full leaderboard table has
+the expected rows (``--rows``, else at least one), a few columns shown by default (the
+column chooser hides the rest) and a link from each row to its record;
 every plot is an inline ``data:image/png`` <img> that decoded to a non-empty
 image, nothing refers to the network, no injected <script> beyond the page's own,
 and the screenshot is not blank.  Prints one JSON line; exit 1 when a check fails.
@@ -55,11 +58,27 @@ class DomCounter(HTMLParser):
         self.external: list[str] = []
         self.table_ids: list[str] = []
         self.cells: list[list[str]] = []  # data-v of each leaderboard cell, in DOM order
+        self.matrix_cells: list[str] = []  # class of each verdict cell of the matrices
+        self.ranking_rows = 0
+        self.shown_columns = 0  # leaderboard header cells not hidden by the column chooser
+        self.record_links = 0  # leaderboard links to a record file
+        self.first_table = ""  # id or class of the first table on the page
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         attr = dict(attrs)
         if tag == "table":
-            self.table_ids.append(attr.get("id") or "")
+            self.table_ids.append(attr.get("id") or attr.get("class") or "")
+            self.first_table = self.first_table or self.table_ids[-1]
+        table = self.table_ids[-1] if self.table_ids else ""
+        classes = (attr.get("class") or "").split()
+        if tag == "td" and table == "matrix" and any(c.startswith("v-") for c in classes):
+            self.matrix_cells.append(" ".join(classes))
+        if tag == "tr" and "tbody" in self.stack and table == "ranking":
+            self.ranking_rows += 1
+        if tag == "th" and table == "leaderboard" and "hide" not in classes:
+            self.shown_columns += 1
+        if tag == "a" and table == "leaderboard" and (attr.get("href") or "").endswith(".json"):
+            self.record_links += 1
         if tag == "tr" and "tbody" in self.stack and self.table_ids and self.table_ids[-1] == "leaderboard":
             self.rows += 1
             self.cells.append([])
@@ -105,13 +124,20 @@ def check(html: Path, screenshot: Path, rows: int | None = None, size: str = "14
     pngs = [src for src in dom.images if src.startswith("data:image/png;base64,") and len(src) > 1000]
     result = {"rows": dom.rows, "images": len(dom.images), "png_images": len(pngs), "scripts": dom.scripts,
               "external_refs": dom.external, "screenshot": str(screenshot), "screenshot_size": [width, height],
-              "white_fraction": round(white, 3)}
+              "white_fraction": round(white, 3), "first_table": dom.first_table,
+              "matrix_cells": len(dom.matrix_cells), "best_cells": sum("best" in c for c in dom.matrix_cells),
+              "ranking_rows": dom.ranking_rows, "shown_columns": dom.shown_columns,
+              "record_links": dom.record_links}
     failures = [
         (dom.rows >= 1 if rows is None else dom.rows == rows, f"table rows {dom.rows} (expected {rows or '>= 1'})"),
         (len(pngs) >= 1 and len(pngs) == len(dom.images), "every <img> is an inline PNG (and there is one)"),
         (not dom.external, f"no network references ({dom.external[:3]})"),
         (dom.scripts == 1, f"exactly the page's own <script> ({dom.scripts} found)"),
         (white < 0.97, f"screenshot not blank (white fraction {white:.3f})"),
+        (dom.first_table == "matrix", f"the page leads with the matrix (first table: {dom.first_table!r})"),
+        (dom.ranking_rows >= 1, "a ranking of schemes"),
+        (3 <= dom.shown_columns <= 14, f"a few columns shown by default ({dom.shown_columns})"),
+        (dom.record_links == dom.rows, f"each row links to its record ({dom.record_links} of {dom.rows})"),
     ]
     result["failed"] = [message for ok, message in failures if not ok]
     return result

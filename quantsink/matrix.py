@@ -1,0 +1,134 @@
+"""The leaderboard's first view: which mitigation helps which scheme, and which scheme hurts least.
+
+Pure functions over leaderboard rows (``report.row`` dicts), nothing recomputed:
+
+* ``matrices``: per (model, corpus, protocol), a scheme x mitigation matrix (schemes with at least
+  one mitigated run) whose cells are
+  the mitigation's effect (``effects.mitigation_effect``: Δppl, mitigated minus the
+  unmitigated scheme, paired t 95% interval over windows) and its verdict; the best
+  mitigation of a scheme is the one with the lowest Δppl among those whose verdict is
+  ``helps`` (none is marked when no mitigation helps).
+* ``ranking``: the unmitigated schemes of each (model, corpus, protocol) by perplexity ratio
+  to the reference (lower is better), with their bits (``W8A8KV32``), simulated or real
+  kernels, and the best mitigation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+VERDICT_ORDER = ("helps", "inconclusive", "hurts", "insufficient-data", "not-applicable")
+MATRIX_CSV = ("model", "corpus", "protocol", "scheme", "mitigation", "delta_ppl", "ci_low", "ci_high", "verdict",
+              "best", "run_id")
+
+
+@dataclass
+class Cell:
+    verdict: str | None
+    delta_ppl: float | None
+    ci: tuple[float, float] | None
+    run_id: str
+    best: bool = False
+
+
+@dataclass
+class Matrix:
+    """One (model, corpus, protocol): scheme rows, mitigation columns, cells by (scheme, mitigation)."""
+
+    model: str
+    corpus: str
+    protocol: str
+    schemes: list[str] = field(default_factory=list)
+    mitigations: list[str] = field(default_factory=list)
+    cells: dict[tuple[str, str], Cell] = field(default_factory=dict)
+    baseline: dict[str, dict[str, Any]] = field(default_factory=dict)  # scheme -> its unmitigated row
+
+    @property
+    def title(self) -> str:
+        return f"{self.model} · {self.corpus}"
+
+    def best(self, scheme: str) -> str | None:
+        return next((m for m in self.mitigations if self.cells.get((scheme, m)) and self.cells[(scheme, m)].best),
+                    None)
+
+
+def _group(rows: Iterable[dict[str, Any]]) -> dict[tuple[str, str, str], list[dict[str, Any]]]:
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["model"], r["corpus"], r["protocol"]), []).append(r)
+    return groups
+
+
+def _finite(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+        else None
+
+
+def matrix(key: tuple[str, str, str], rows: list[dict[str, Any]]) -> Matrix:
+    out = Matrix(*key)
+    for r in rows:
+        if r["mitigation"] == "none":
+            out.baseline[r["scheme"]] = r
+        elif r["verdict"]:
+            out.cells[(r["scheme"], r["mitigation"])] = Cell(r["verdict"], _finite(r["effect"]), r["effect_ci"],
+                                                             r["run_id"])
+    out.schemes = sorted({s for s, _ in out.cells},
+                         key=lambda s: (_finite((out.baseline.get(s) or {}).get("ppl_ratio")) or math.inf, s))
+    helped = {m: sum(c.verdict == "helps" for (_, mm), c in out.cells.items() if mm == m) for _, m in out.cells}
+    out.mitigations = sorted(helped, key=lambda m: (-helped[m], m))
+    for scheme in out.schemes:
+        _mark_best(out, scheme)
+    return out
+
+
+def _mark_best(m: Matrix, scheme: str) -> None:
+    helps = [c for (s, _), c in m.cells.items() if s == scheme and c.verdict == "helps" and c.delta_ppl is not None]
+    if helps:
+        min(helps, key=lambda c: c.delta_ppl).best = True
+
+
+def matrices(rows: Iterable[dict[str, Any]]) -> list[Matrix]:
+    """Every (model, corpus, protocol) that has at least one mitigated run with a verdict."""
+    found = [matrix(key, part) for key, part in _group(rows).items()]
+    return [m for m in found if m.cells]
+
+
+def ranking(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Unmitigated schemes by ppl ratio within each (model, corpus, protocol), with the best mitigation."""
+    out = []
+    for key, part in _group(rows).items():
+        m = matrix(key, part)
+        base = sorted(m.baseline.values(), key=lambda r: (_finite(r["ppl_ratio"]) or math.inf, r["scheme"]))
+        for rank, r in enumerate(base, 1):
+            best = m.best(r["scheme"])
+            cell = m.cells.get((r["scheme"], best)) if best else None
+            out.append({"model": r["model"], "corpus": r["corpus"], "protocol": r["protocol"], "rank": rank,
+                        "scheme": r["scheme"], "bits": r["bits"], "kernels": "simulated" if r["simulated"] else "real",
+                        "ppl": r["ppl"], "ppl_ratio": r["ppl_ratio"], "kl": r["kl"], "best_mitigation": best,
+                        "best_delta_ppl": cell.delta_ppl if cell else None, "run_id": r["run_id"]})
+    return out
+
+
+def matrix_rows(ms: list[Matrix]) -> list[dict[str, Any]]:
+    """The matrices in long form (one row per cell): the CSV and JSON carry these."""
+    return [{"model": m.model, "corpus": m.corpus, "protocol": m.protocol, "scheme": s, "mitigation": mit,
+             "delta_ppl": c.delta_ppl, "ci_low": c.ci[0] if c.ci else None, "ci_high": c.ci[1] if c.ci else None,
+             "verdict": c.verdict, "best": c.best, "run_id": c.run_id}
+            for m in ms for s in m.schemes for mit in m.mitigations if (c := m.cells.get((s, mit)))]
+
+
+def cell_text(cell: Cell | None, digits: int = 3) -> str:
+    """``-12.1 helps ★`` (``n/a`` for not-applicable, empty when there is no run)."""
+    if cell is None:
+        return ""
+    if cell.verdict == "not-applicable":
+        return "n/a"
+    value = "" if cell.delta_ppl is None else f"{_signed(cell.delta_ppl, digits)} "
+    return f"{value}{cell.verdict}" + (" ★" if cell.best else "")
+
+
+def _signed(value: float, digits: int) -> str:
+    """``+1.23`` / ``-12`` / ``±0`` (a delta below 5e-4 in magnitude reads as zero)."""
+    return "±0" if abs(value) < 5e-4 else f"{value:+.{digits}g}"
