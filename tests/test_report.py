@@ -87,7 +87,7 @@ def test_write_report_all_formats(tmp_path):
     written = write_report(tmp_path / "runs", tmp_path / "out")
     assert written.n_rows == len(records) == 20 and written.n_skipped == 0
     assert sorted(p.name for p in written.paths) == ["leaderboard.csv", "leaderboard.html", "leaderboard.json",
-                                                     "leaderboard.md"]
+                                                     "leaderboard.md", "leaderboard_matrix.csv"]
     csv = pd.read_csv(tmp_path / "out" / "leaderboard.csv")
     assert len(csv) == 20 and {"ppl_ratio", "verdict", "d_sink", "heads_woken", "protocol", "backend"} <= set(csv.columns)
     assert sorted(csv["verdict"].dropna().unique()) == ["helps", "inconclusive"]
@@ -97,7 +97,7 @@ def test_write_report_all_formats(tmp_path):
     assert len(helps) == 4 and all(r["effect"] == pytest.approx(-12.0) and r["effect_ci"][1] < 0 for r in helps)
     assert sum(r["d_sink"] is not None for r in data["rows"]) == 12  # every w8a8 row: none, sink-fp, smooth
     md = (tmp_path / "out" / "leaderboard.md").read_text()
-    assert md.count("\n| ") == 21 and "Protocol: 8x128 tok" in md  # header + 20 rows
+    assert md.split("**All runs**")[1].count("\n| ") == 21 and "Protocol: 8x128 tok" in md  # header + 20 rows
     page = (tmp_path / "out" / "leaderboard.html").read_text()
     assert page.count("<img ") == 5 and page.count("data:image/png;base64,") == 5
     assert "http://" not in page and "https://" not in page
