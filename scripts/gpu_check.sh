@@ -39,7 +39,7 @@ import json, os, sys, time
 
 import torch
 
-from quantsink.cli import quiet_libraries
+from quantsink.env import quiet_libraries
 from quantsink.config import RunConfig
 from quantsink.run import Session, evaluate
 
