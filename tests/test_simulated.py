@@ -348,3 +348,27 @@ def test_static_scale_follows_a_changed_range():
     assert q(x)[0, 0, 1] == 1.0  # clamped to the range
     q.lo, q.hi = torch.tensor(-4.0), torch.tensor(4.0)  # a new range (e.g. re-calibrated)
     assert torch.isclose(q(x.clone())[0, 0, 1], torch.tensor(2.0), atol=4 / 127)
+
+
+def test_calibration_skips_the_output_head(tiny_llama, monkeypatch):
+    """The calibration forward computes the last position's logits only; the ranges are unchanged."""
+    from quantsink.schemes import simulated
+
+    assert simulated.skip_logits(tiny_llama) == {"logits_to_keep": 1}
+    shapes = []
+    real = simulated.calibrate
+
+    def spy(model, ctx):
+        handle = model.lm_head.register_forward_hook(lambda m, a, o: shapes.append(tuple(o.shape)))
+        try:
+            return real(model, ctx)
+        finally:
+            handle.remove()
+
+    monkeypatch.setattr(simulated, "calibrate", spy)
+    skipped, _ = quantize(tiny_llama, "w8a8")
+    monkeypatch.setattr(simulated, "skip_logits", lambda model: {})
+    full, _ = quantize(tiny_llama, "w8a8")
+    assert shapes == [(4, 1, VOCAB), (4, 24, VOCAB)]  # the head ran on one position per window, then on all
+    ranges = [[(float(q.lo), float(q.hi)) for q in quantizers(m, ActQuantizer).values()] for m in (skipped, full)]
+    assert ranges[0] == ranges[1]

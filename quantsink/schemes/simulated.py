@@ -29,6 +29,7 @@ once per calibrated range.
 from __future__ import annotations
 
 import hashlib
+import inspect
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Literal
 
@@ -390,7 +391,7 @@ def calibrate(model: nn.Module, ctx: QuantContext, batch_tokens: int = 2048) -> 
         for start in range(0, len(ids), per):
             rows = slice(start, start + per)
             model(input_ids=ids[rows].to(device), attention_mask=windows.attention_mask[rows].to(device),
-                  use_cache=False)
+                  use_cache=False, **skip_logits(model))
     finally:
         for q in acts.values():
             q.observing = False
@@ -399,6 +400,14 @@ def calibrate(model: nn.Module, ctx: QuantContext, batch_tokens: int = 2048) -> 
             "ids_sha256": hashlib.sha256(ids.cpu().numpy().tobytes()).hexdigest()[:16],
             "ranges": "per-tensor min/max over all calibration tokens (0 included), kept positions excluded",
             "observed_in": "float activations (weights and KV already quantized), every mitigation attached"}
+
+
+def skip_logits(model: nn.Module) -> dict[str, Any]:
+    """Forward kwargs that skip the output head where the model allows it (transformers'
+    ``logits_to_keep``: logits of the last position only): a calibration forward needs the
+    Linear inputs, not (B, T, vocab) logits (the head is 20-60% of the embedded models' FLOPs)."""
+    params = inspect.signature(model.forward).parameters
+    return {"logits_to_keep": 1} if "logits_to_keep" in params else {}
 
 
 def _preset(name: str, help: str, **fields: Any) -> None:
