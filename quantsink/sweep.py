@@ -465,10 +465,32 @@ class Summary:
     elsewhere: int = 0  # recorded meanwhile by another sweep on the same store
     missing: list[str] = field(default_factory=list)
     crashed_workers: list[int] = field(default_factory=list)
+    wall_s: float = 0.0  # the sweep's wall time
+    stages: dict[str, float] = field(default_factory=dict)  # timing stages summed over the runs it recorded
 
     @property
     def ok(self) -> bool:
         return not self.failed and not self.missing and not self.crashed_workers
+
+    @property
+    def pass_s(self) -> float:
+        """Seconds of candidate passes in the runs this sweep recorded."""
+        return self.stages.get("candidate_s", 0.0)
+
+
+STAGES = ("load_s", "tokenize_s", "reference_s", "quantize_s", "candidate_s", "noise_floor_s", "lm_eval_s")
+
+
+def stage_times(store: Store, run_ids: Iterable[str]) -> dict[str, float]:
+    """``timing`` stages (seconds) summed over the stored records of ``run_ids``."""
+    from .results import find_record
+
+    totals = dict.fromkeys(STAGES, 0.0)
+    for run_id in run_ids:
+        record = find_record(store.root, run_id)
+        for stage in STAGES:
+            totals[stage] += float(record.timing.get(stage, 0.0)) if record is not None else 0.0
+    return totals
 
 
 def pending(planned: list[PlannedRun], store: Store) -> list[PlannedRun]:
@@ -512,6 +534,7 @@ def sweep(planned: list[PlannedRun], results: str | Path, *, jobs: int = 1, run_
                 emit("completed", worker, len(finished))
 
     token = uuid.uuid4().hex
+    t0 = time.perf_counter()
     if todo and ray is not None:
         from .ray_executor import run_ray
 
@@ -522,6 +545,8 @@ def sweep(planned: list[PlannedRun], results: str | Path, *, jobs: int = 1, run_
                                                jobs=min(jobs, len(todo)))
     elif todo:
         work(todo, results, sweep=token, emit=collect, run_fn=run_fn)
+    summary.wall_s = time.perf_counter() - t0
+    summary.stages = stage_times(store, (p.run_id for p in todo if finished.get(p.index) == "done"))
     summary.elsewhere = sum(status == "elsewhere" for status in finished.values())
     failed_ids = {p.run_id for p in todo if store.failed_in(p.run_id, token)}
     summary.missing = [p.label for p in todo if not store.has_record(p.run_id) and p.run_id not in failed_ids]

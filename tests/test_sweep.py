@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import collections
 import json
 import os
@@ -283,3 +284,22 @@ def test_invalid_record_file_is_set_aside_and_the_run_redone(tmp_path):
     assert summary.ok and len(summary.done) == 2
     assert json.loads((results / f"{planned[0].run_id}.json").read_text())["run_id"] == planned[0].run_id
     assert (results / f"{planned[0].run_id}.json.invalid").read_text() == "{truncated"
+
+
+def test_summary_sums_the_pass_times_of_the_runs_it_recorded(tmp_path):
+    from quantsink.cli.sweep_cmd import _time_line
+
+    def timed(config, *, session, progress):  # noqa: ANN001,ANN202
+        record = sweep_fakes.fake_run(config, session=session, progress=progress)
+        return dataclasses.replace(record, timing={"candidate_s": 2.0, "quantize_s": 0.5})
+
+    results = tmp_path / "runs"
+    planned = _planned(results, "s1,s2")
+    summary = sweep(planned, results, run_fn=timed)
+    n = len(summary.done)
+    assert summary.ok and n == len(planned) and summary.wall_s > 0
+    assert summary.pass_s == 2.0 * n and summary.stages["quantize_s"] == 0.5 * n
+    line = _time_line(summary)
+    assert line.startswith(f"time: {summary.wall_s:.0f} s wall, {2 * n} s in candidate passes (wall / passes ")
+    assert f"quantize {0.5 * n:.0f} s" in line
+    assert sweep(planned, results, run_fn=timed).pass_s == 0  # a second sweep runs nothing

@@ -184,6 +184,15 @@ class SweepProgress:
         self.bar.__exit__(*exc)
 
 
+def _time_line(summary: Any) -> str:
+    """Wall time vs the candidate passes it bought, and where the rest went."""
+    stages = {k: v for k, v in summary.stages.items() if v and k != "candidate_s"}
+    ratio = f" (wall / passes {summary.wall_s / summary.pass_s:.2f})" if summary.pass_s else ""
+    rest = ", ".join(f"{k.removesuffix('_s').replace('_', ' ')} {v:.0f} s" for k, v in stages.items())
+    return (f"time: {summary.wall_s:.0f} s wall, {summary.pass_s:.0f} s in candidate passes{ratio}"
+            + (f"; summed over the runs: {rest}" if rest else ""))
+
+
 def _run_sweep(planned: list[Any], results: str, jobs: int, ray: Any = None) -> None:
     from .. import sweep as sweeps
 
@@ -201,6 +210,8 @@ def _run_sweep(planned: list[Any], results: str, jobs: int, ray: Any = None) -> 
               f"{len(summary.failed)} failed"
               + (f", {summary.elsewhere} recorded meanwhile by another sweep" if summary.elsewhere else "")
               + (f", {summary.retried} earlier failures retried" if summary.retried else ""), highlight=False)
+    if summary.done:
+        out.print(_time_line(summary), highlight=False, soft_wrap=True)
     if summary.failed:
         table = Table(title="failed runs (recorded as <run_id>.failed; the next sweep retries them)")
         table.add_column("run")
