@@ -298,8 +298,8 @@ def attention_probes(model: nn.Module, probes: Mapping[nn.Module, Callable[[torc
     """``probes[attention module](probs)`` on every forward of the block, the forward unchanged.
 
     Eager attention (and quantsink's own, e.g. ReLU attention) returns its weights: they are read
-    from each module's output.  Any other kernel keeps running as it is, and the probabilities are computed beside it from the
-    query and key it is given (:func:`attention_probs`)."""
+    from each module's output.  Any other kernel keeps running as it is, and the probabilities are
+    computed beside it from the query and key it is given (:func:`attention_probs`)."""
     from .attention import returns_weights
 
     impl = getattr(model.config, "_attn_implementation", None) or "eager"

@@ -68,6 +68,18 @@ def dynamics_table(runs: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def layer_table(runs: dict[str, dict]) -> str:
+    lines = ["| run | layer | Attn_<s> | dormant share | value norm <s> vs others | residual <s> vs others |",
+             "|---|---|---|---|---|---|"]
+    for name, run in runs.items():
+        for i, layer in enumerate(run["history"][-1]["layers"]):
+            mean = lambda key: sum(layer[key]) / len(layer[key])  # noqa: E731
+            lines.append(f"| {name} | {i} | {mean('attn_sink'):.3f} | {mean('dormant_share'):.2f} | "
+                         f"{mean('value_norm_sink'):.2f} vs {mean('value_norm_others'):.2f} | "
+                         f"{layer['residual_norm_sink']:.1f} vs {layer['residual_norm_others']:.1f} |")
+    return "\n".join(lines)
+
+
 def quant_table(rows: list[dict]) -> str:
     by = {(r["model"], r["scheme"], r["mitigation"]): r for r in rows}
     models = list(dict.fromkeys(r["model"] for r in rows))
@@ -79,9 +91,9 @@ def quant_table(rows: list[dict]) -> str:
         cells = []
         for s in schemes:
             a, b = by.get((m, s, "none")), by.get((m, s, "sink-fp"))
-            cell = f"{(a['ppl'] / ref - 1):+.2%}" if a else "-"
+            cell = f"{(a['ppl'] / ref - 1):+.3%}" if a else "-"
             if b:
-                cell += f" ({(b['ppl'] / ref - 1):+.2%}, {b['verdict']})"
+                cell += f" ({(b['ppl'] / ref - 1):+.3%}, {b['verdict']})"
             cells.append(cell)
         lines.append(f"| {Path(m).name} | {ref:.4f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -100,6 +112,8 @@ def main() -> None:
     summary = {"runs": {n: {"config": r["config"], "final": r["final"]} for n, r in runs.items()}, "quantization": rows}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(dynamics_table(runs))
+    print()
+    print(layer_table(runs))
     print()
     print(quant_table(rows) if rows else "(no quantization rows)")
 

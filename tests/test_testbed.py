@@ -134,7 +134,7 @@ def test_stats_probes_read_relu_weights_not_a_softmax(trained):
     model = load_model(str(trained["relu"][0]), device="cpu").model
     ids = torch.arange(10)[None]  # (1, T)
     seen = []
-    with hooks.attach(model, {"layers.0.attn": hooks.Hook(seen.append, "attention")}):
+    with hooks.attach(model, {"layers.0.attn": hooks.Hook(lambda probs, row: seen.append(probs), "attention")}):
         out = model(ids, output_attentions=True)
     torch.testing.assert_close(seen[0], out.attentions[0].float())
     assert not torch.allclose(seen[0].sum(-1), torch.ones(10))
@@ -181,7 +181,7 @@ def test_quantsink_eval_on_a_trained_relu_model(trained, tmp_path):
     where = trained["relu"][0]
     record = run(RunConfig(model=str(where), corpus=f"file:{where}/heldout.jsonl", protocol="lm-eval", window=31,
                            max_tokens=62, calib_windows=1, stats_windows=2, scheme="w8a8", device="cpu",
-                           results=str(tmp_path), offline=True))
+                           results=str(tmp_path), offline=True)).to_dict()
     assert record["protocol"]["n_windows"] == 2 and record["protocol"]["scored_tokens"] == 62
     assert record["candidate"]["ppl"] > 1
     assert record["noise_floor"]["perturbation"].startswith("attention quantsink_relu -> quantsink_relu")

@@ -84,10 +84,13 @@ def probe(model: Any, task: BigramBackcopy, seqs: torch.Tensor) -> dict[str, Any
     n_layers = len(hooks.find_blocks(model))
     seen: dict[str, Any] = {}
 
-    def keep(name: str, on: str = "output") -> hooks.Hook:
-        return hooks.Hook(lambda value: seen.__setitem__(name, value), on)  # type: ignore[arg-type]
+    def keep(name: str) -> hooks.Hook:
+        return hooks.Hook(lambda value: seen.__setitem__(name, value))
 
-    wanted = {name: keep(name, "attention" if name.endswith(".attn") else "output") for name in found
+    def rows(name: str) -> hooks.Hook:  # attention probabilities arrive one batch row at a time
+        return hooks.Hook(lambda probs, row: seen.setdefault(name, []).append(probs), "attention")
+
+    wanted = {name: rows(name) if name.endswith(".attn") else keep(name) for name in found
               if name.startswith("layers.") and (name.count(".") == 1 or name.endswith((".attn", ".v_proj")))}
     was_training = model.training
     model.eval()
@@ -106,7 +109,7 @@ def _layer(seen: dict[str, Any], found: dict[str, Any], i: int, trigger: torch.T
     v = hooks.hidden_of(seen[f"layers.{i}.attn.v_proj"])  # (B, T, H*D)
     attn = found[f"layers.{i}.attn"]
     out_proj = getattr(attn, "out_proj", None) or attn.o_proj  # OPT / Llama naming
-    weights = seen[f"layers.{i}.attn"]  # (B, H, T, T): the kernel's own (eager, ReLU) or softmax beside it
+    weights = torch.cat(seen[f"layers.{i}.attn"])  # (B, H, T, T): the kernel's own (eager, ReLU) or softmax beside it
     return {"residual_norm_sink": residual_sink, "residual_norm_others": residual_others,
             **_attention_rows(weights, trigger), **_value_rows(v, out_proj, heads)}
 
