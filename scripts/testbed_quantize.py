@@ -13,19 +13,20 @@ import sys
 import time
 
 from quantsink import RunConfig, evaluate
-from quantsink.effects import mitigation_effect
 from quantsink.run import Session
 
 SCHEMES = ["w8a8", "w8a8-tok", "kv4", "w8a8:act_bits=4"]
 MITIGATIONS = ["none", "sink-fp"]
 
 
-def row(path: str, record: dict, seconds: float, verdict: str | None) -> dict:
+def row(path: str, record: dict, seconds: float) -> dict:
+    effect = record.get("mitigation_effect") or {}
     return {"model": path, "scheme": record["config"]["scheme"], "mitigation": record["config"]["mitigation"],
             "ref_ppl": record["reference"]["ppl"], "ppl": record["candidate"]["ppl"],
             "kl": record["candidate"].get("kl"), "top1": record["candidate"].get("top1_agreement"),
             "n_windows": record["protocol"]["n_windows"], "scored": record["protocol"]["scored_tokens"],
-            "verdict": verdict, "seconds": round(seconds, 1)}
+            "verdict": effect.get("verdict"), "d_sink": (record.get("d_sink") or {}).get("nats_per_token"),
+            "seconds": round(seconds, 1)}
 
 
 def main() -> None:
@@ -33,16 +34,13 @@ def main() -> None:
     session = Session()
     for path in models:
         for scheme in SCHEMES:
-            base = None
             for mitigation in MITIGATIONS:
                 t0 = time.time()
                 config = RunConfig(model=path, corpus=f"file:{path}/heldout.jsonl", protocol="lm-eval", window=255,
                                    max_tokens=48 * 255, calib_windows=8, stats_windows=8, scheme=scheme,
                                    mitigation=mitigation, device="cpu", results=results, offline=True)
-                record = run(config, session=session)
-                verdict = mitigation_effect(base, record)["verdict"] if base is not None else None
-                base = base or record
-                line = json.dumps(row(path, record.to_dict(), time.time() - t0, verdict))
+                record, found = evaluate(config, session=session)  # the plan: variant runs too
+                line = json.dumps(row(path, {**record.to_dict(), **found.to_dict()}, time.time() - t0))
                 print(line, flush=True)
                 with open(rows, "a", encoding="utf-8") as handle:
                     handle.write(line + "\n")
