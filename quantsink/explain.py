@@ -401,7 +401,7 @@ def plot(view: dict[str, Any]) -> bytes:
     import matplotlib.pyplot as plt
 
     panels = [p for p in (_plot_sites, _plot_layers, _plot_positions) if p(None, view)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.0), squeeze=False, layout="constrained")
     for ax, panel in zip(axes[0], panels):
         panel(ax, view)
     run = view["run"]
