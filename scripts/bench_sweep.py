@@ -74,8 +74,7 @@ def passes(args: argparse.Namespace, scheme: str) -> dict[str, Any]:
     """Part 1: float / quantized / bf16 / stats passes on the same windows."""
     from quantsink.config import RunConfig
     from quantsink.evaluate import ReferenceHead, run_pass
-    from quantsink.hooks import stats_pass
-    from quantsink.run import Session, build_candidate, prepare
+    from quantsink.run import Session, build_candidate, prepare, stats_pass
 
     base = RunConfig(model=args.model, window=args.window, max_tokens=args.windows * args.window,
                      calib_windows=4, device="cpu", stats=False)
@@ -131,7 +130,6 @@ def passes(args: argparse.Namespace, scheme: str) -> dict[str, Any]:
 def sweep_grid(args: argparse.Namespace) -> dict[str, Any]:
     """Part 2: the grid through the sweep machinery, in a fresh store and reference cache."""
     from quantsink import sweep as sweeps
-    from quantsink.results import iter_records
 
     with tempfile.TemporaryDirectory(prefix="bench-sweep-") as tmp:
         os.environ["QUANTSINK_REFERENCE_CACHE"] = str(Path(tmp) / "reference")
@@ -139,18 +137,15 @@ def sweep_grid(args: argparse.Namespace) -> dict[str, Any]:
             "models": [args.model], "corpora": ["python-docs"], "schemes": args.schemes,
             "mitigations": args.mitigations, "window": args.window, "max_tokens": args.windows * args.window,
             "calib_windows": 4, "device": "cpu"})
-        results = Path(tmp) / "grid"
         t0 = time.perf_counter()
         planned = sweeps.plan(grid.configs())
-        summary = sweeps.sweep(planned, results, jobs=1)
+        summary = sweeps.sweep(planned, Path(tmp) / "grid", jobs=1)
         wall = time.perf_counter() - t0
-        records = list(iter_records(results))
-    timing = [r["timing"] for r in records]
-    stages = {key: round(sum(t.get(key, 0.0) for t in timing), 3)
-              for key in ("load_s", "tokenize_s", "reference_s", "quantize_s", "candidate_s", "noise_floor_s")}
+    stages = {key: round(value, 3) for key, value in summary.stages.items()}
     pass_sum = stages["candidate_s"]
     passes = pass_sum + stages["noise_floor_s"] + stages["reference_s"]
-    return {"cells": len(planned), "records": len(records), "failed": len(summary.failed), "wall_s": round(wall, 3),
+    return {"cells": len(planned), "records": len(summary.done), "failed": len(summary.failed),
+            "wall_s": round(wall, 3), "sweep_wall_s": round(summary.wall_s, 3),
             "candidate_pass_s_sum": round(pass_sum, 3), "overhead_ratio": round(wall / pass_sum, 3),
             "all_passes_s_sum": round(passes, 3), "overhead_ratio_all_passes": round(wall / passes, 3),
             "stage_s_sum": stages}

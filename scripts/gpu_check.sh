@@ -48,7 +48,7 @@ windows, window = int(os.environ.get("WINDOWS", 16)), int(os.environ.get("WINDOW
 tol = float(os.environ.get("TOL", 0.005))
 schemes = os.environ.get("SCHEMES", "fp32,int8,nf4,w8a8").split(",")
 base = RunConfig(model="smollm2-135m", corpus="python-docs", window=window, max_tokens=windows * window,
-                 calib_windows=4, stats=False)
+                 calib_windows=4, stats=False, noise_floor=False)
 rows, failures = {}, []
 devices = os.environ.get("DEVICES", "cuda,cpu").split(",")
 for device in devices:
@@ -57,7 +57,7 @@ for device in devices:
         config = base.replace(device=device, scheme=scheme)
         t0 = time.perf_counter()
         try:
-            record = evaluate(config, session)  # the plain comparison; nothing written
+            record = evaluate(config, session).to_dict()  # the plain comparison; nothing written
         except Exception as err:  # noqa: BLE001 - report every scheme, then fail
             failures.append(f"{device} {scheme}: {type(err).__name__}: {err}")
             print(f"{device:4s} {scheme:6s} FAILED {err}", flush=True)
