@@ -87,8 +87,8 @@ def probe(model: Any, task: BigramBackcopy, seqs: torch.Tensor) -> dict[str, Any
     def keep(name: str) -> hooks.Hook:
         return hooks.Hook(lambda value: seen.__setitem__(name, value))
 
-    def rows(name: str) -> hooks.Hook:  # attention probabilities arrive one batch row at a time
-        return hooks.Hook(lambda probs, row: seen.setdefault(name, []).append(probs), "attention")
+    def rows(name: str) -> hooks.Hook:  # one batch row at a time, in a buffer valid during the call only
+        return hooks.Hook(lambda probs, row: seen.setdefault(name, []).append(probs.clone()), "attention")
 
     wanted = {name: rows(name) if name.endswith(".attn") else keep(name) for name in found
               if name.startswith("layers.") and (name.count(".") == 1 or name.endswith((".attn", ".v_proj")))}
