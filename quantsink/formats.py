@@ -30,16 +30,17 @@ NaN in a scale group (FP8 row, MX/NV block) makes the whole group NaN, as a NaN 
 
 from __future__ import annotations
 
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
+
+from .quant import Granularity, blocked  # one block view for integer and float formats
 
 E4M3_MAX = 448.0
 E2M1_MAX = 6.0
 E2M1_EMAX = 2  # exponent of E2M1's largest normal (6 = 1.5 * 2^2)
 E8M0_EXP = (-127, 127)
 MX_BLOCK, NV_BLOCK = 32, 16
-Granularity = Literal["tensor", "row", "column"]
 
 
 def round_e4m3(x: torch.Tensor) -> torch.Tensor:
@@ -64,31 +65,6 @@ def _round_e2m1_magnitude_(a: torch.Tensor) -> torch.Tensor:
     exponent = torch.bitwise_right_shift(a.view(torch.int32), 23).clamp_(127, 129)  # biased, of 1..6
     c = exponent.add_(22).bitwise_left_shift_(23).view(torch.float32)  # 2^22, 2^23 or 2^24
     return a.add_(c).sub_(c)
-
-
-def _pad_last(x: torch.Tensor, size: int) -> torch.Tensor:
-    extra = -x.shape[-1] % size
-    return torch.nn.functional.pad(x, (0, extra)) if extra else x
-
-
-def blocked(x: torch.Tensor, gran: Granularity, group: int | None = None) -> tuple[torch.Tensor, Callable]:
-    """View ``x`` (``(..., R, C)``) so that each scale group is one vector along the last dim
-    (``tensor``: all of ``R x C`` per leading index; ``row``: each row, or blocks of ``group`` of it;
-    ``column``: each column over ``R``, or blocks of ``group`` rows); returns it and the inverse.
-    Zero padding completes a last, shorter block (it changes no amax)."""
-    *lead, R, C = x.shape
-    if gran == "tensor":
-        return x.reshape(*lead, 1, R * C), lambda y: y.reshape(x.shape)
-    t = x if gran == "row" else x.transpose(-1, -2)  # (..., rows, n)
-    n = t.shape[-1]
-    g = group or n
-    view = _pad_last(t, g).reshape(*t.shape[:-1], -1, g)  # (..., rows, n/g, g)
-
-    def restore(y: torch.Tensor) -> torch.Tensor:
-        y = y.reshape(*t.shape[:-1], -1)[..., :n]
-        return y if gran == "row" else y.transpose(-1, -2)
-
-    return view, restore
 
 
 def _masked(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:

@@ -84,30 +84,33 @@ def _pad_last(x: torch.Tensor, group: int) -> torch.Tensor:
     return torch.nn.functional.pad(x, (0, extra)) if extra else x
 
 
-def _blocks(x: torch.Tensor, gran: Granularity, group: int | None) -> tuple[torch.Tensor, Callable]:
-    """Reshape so that each range is one vector along the last dim; return it and the inverse."""
+def blocked(x: torch.Tensor, gran: Granularity, group: int | None = None) -> tuple[torch.Tensor, Callable]:
+    """View ``x`` (``(..., R, C)``) so that each scale group is one vector along the last dim
+    (``tensor``: all of ``R x C`` per leading index; ``row``: each row, or blocks of ``group`` of it;
+    ``column``: each column over ``R``, or blocks of ``group`` rows); returns it and the inverse.
+    Zero padding completes a last, shorter block (it changes no amax)."""
     *lead, R, C = x.shape
     if gran == "tensor":
         return x.reshape(*lead, 1, R * C), lambda y: y.reshape(x.shape)
     t = x if gran == "row" else x.transpose(-1, -2)  # (..., rows, n) with ranges over n
     n = t.shape[-1]
     g = group or n
-    blocked = _pad_last(t, g).reshape(*t.shape[:-1], -1, g)  # (..., rows, n/g, g)
+    view = _pad_last(t, g).reshape(*t.shape[:-1], -1, g)  # (..., rows, n/g, g)
 
     def restore(y: torch.Tensor) -> torch.Tensor:
         y = y.reshape(*t.shape[:-1], -1)[..., :n]
         return y if gran == "row" else y.transpose(-1, -2)
 
-    return blocked, restore
+    return view, restore
 
 
 def minmax(x: torch.Tensor, gran: Granularity = "tensor", group: int | None = None,
            keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-block ``(lo, hi)`` of ``x`` (0 included), ``keep`` rows left out; shaped like ``_blocks``."""
+    """Per-block ``(lo, hi)`` of ``x`` (0 included), ``keep`` rows left out; shaped like ``blocked``."""
     if keep is not None:
         x = x.masked_fill(keep[..., None], 0)
-    blocked, _ = _blocks(x, gran, group)
-    lo, hi = blocked.amin(-1, keepdim=True), blocked.amax(-1, keepdim=True)  # exact in any float dtype
+    view, _ = blocked(x, gran, group)
+    lo, hi = view.amin(-1, keepdim=True), view.amax(-1, keepdim=True)  # exact in any float dtype
     return lo.float().clamp_(max=0), hi.float().clamp_(min=0)
 
 
@@ -120,8 +123,8 @@ def fake_quant(x: torch.Tensor, bits: int, *, sym: bool = True, gran: Granularit
         raise ValueError("group must be >= 1 and needs gran 'row' or 'column'")
     lo, hi = minmax(x, gran, group, keep)
     scale, zero = qparams(lo, hi, bits, sym)
-    blocked, restore = _blocks(x, gran, group)
-    out = restore(quant_dequant(blocked, scale, zero, bits, sym))
+    view, restore = blocked(x, gran, group)
+    out = restore(quant_dequant(view, scale, zero, bits, sym))
     return out if keep is None else keep_rows(out, x, keep)
 
 
