@@ -21,7 +21,6 @@ sees) the prefix.  The record lists the chosen tokens and the objective before a
 from __future__ import annotations
 
 import copy
-import dataclasses
 import hashlib
 import time
 import weakref
@@ -36,7 +35,7 @@ from ..hooks import FQN, Hook, attach
 from ..schemes import default_filter
 from . import Env, Mitigation, register
 from ._layers import cache_kwarg
-from .intact_kv import prefix_length, reference_prefix
+from .intact_kv import keep_prefix, prefix_length, reference_prefix
 from .sink_token import prepend
 
 
@@ -146,9 +145,7 @@ class Cushion(Mitigation):
         return windows
 
     def quant_context(self, ctx: Any, env: Env) -> Any:
-        sinks = env.calibration().sink_positions
-        keep = sorted(set(ctx.keep_fp_positions) | set(range(prefix_length(tuple(sinks)))))
-        return dataclasses.replace(ctx, keep_fp_positions=tuple(keep))
+        return keep_prefix(ctx, env.calibration().sink_positions)
 
     @contextmanager
     def attach(self, model: Any, env: Env) -> Iterator[None]:

@@ -42,6 +42,12 @@ def reference_prefix(reference: Any, input_ids: torch.Tensor, mask: torch.Tensor
     return cache, out.logits  # (B, p, V)
 
 
+def keep_prefix(ctx: Any, sinks: Any) -> Any:
+    """``ctx`` with the sink prefix (positions ``0..prefix_length(sinks)-1``) kept in full precision."""
+    keep = sorted(set(ctx.keep_fp_positions) | set(range(prefix_length(tuple(sinks)))))
+    return dataclasses.replace(ctx, keep_fp_positions=tuple(keep))
+
+
 @dataclass(frozen=True)
 class IntactKV(Mitigation):
     hides_prefix: ClassVar[bool] = True
@@ -50,9 +56,8 @@ class IntactKV(Mitigation):
         """The quantized model never processes the prefix: leave it out of static calibration ranges
         (at evaluation those positions are not in its input, so nothing else changes)."""
         sinks = env.calibration().sink_positions if env.calibration else env.sink_positions
-        keep = sorted(set(ctx.keep_fp_positions) | set(range(prefix_length(tuple(sinks)))))
         env.notes["calibration"] = "prefix positions left out of static calibration ranges"
-        return dataclasses.replace(ctx, keep_fp_positions=tuple(keep))
+        return keep_prefix(ctx, sinks)
 
     @contextmanager
     def attach(self, model: Any, env: Env) -> Iterator[None]:
