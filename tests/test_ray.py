@@ -13,6 +13,7 @@ ray = pytest.importorskip("ray", reason="missing tool: ray (pip install -e '.[ra
 
 from quantsink.ray_executor import RayOptions  # noqa: E402
 from quantsink.sweep import Grid, plan, sweep  # noqa: E402
+from test_sweep_tiny import TEXT, tiny_model  # noqa: E402,F401 - the tiny Llama fixture, shared
 
 HERE = Path(__file__).parent
 
@@ -72,13 +73,11 @@ def test_failing_cell_is_recorded_as_failed(cluster, tmp_path):
 
 
 @pytest.mark.slow
-def test_ray_records_equal_local_records_on_a_tiny_model(cluster, tmp_path, monkeypatch):
+def test_ray_records_equal_local_records_on_a_tiny_model(cluster, tiny_model, tmp_path, monkeypatch):
     """Real runs (reference task + cells) give the local executor's run_ids and numbers exactly."""
     import torch
-    from test_sweep_tiny import TEXT
-
     monkeypatch.setenv("QUANTSINK_CACHE", str(tmp_path / "cache"))
-    model = _tiny(tmp_path)
+    model = tiny_model
     corpus = tmp_path / "docs.txt"
     corpus.write_text(TEXT)
     grid = Grid.from_mapping({"models": [str(model)], "corpora": [f"file:{corpus}"], "schemes": ["w8a8-dyn", "kv4"],
@@ -98,26 +97,6 @@ def test_ray_records_equal_local_records_on_a_tiny_model(cluster, tmp_path, monk
     for run_id in a:
         assert a[run_id]["candidate"]["nll_per_window"] == b[run_id]["candidate"]["nll_per_window"]
         assert a[run_id]["candidate"]["ppl"] == b[run_id]["candidate"]["ppl"]
-
-
-def _tiny(root: Path) -> Path:
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-    from test_sweep_tiny import TEXT
-
-    directory = root / "tiny"
-    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.train_from_iterator([TEXT], trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>"],
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>", bos_token="<s>")
-    tokenizer.save_pretrained(directory)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    LlamaForCausalLM(config).save_pretrained(directory, safe_serialization=True)
-    return directory
 
 
 def test_executor_ray_without_ray_says_so_in_one_line(monkeypatch):
