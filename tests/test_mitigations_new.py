@@ -81,7 +81,7 @@ def logits(model, ids, stack=None):
         return model(input_ids=ids).logits
 
 
-@pytest.mark.parametrize("bad", ["rotate:online=up", "rotate:seed=x", "cushion:length=0", "cushion:tokens=1",
+@pytest.mark.parametrize("bad", ["rotate:online=up", "rotate:seed=x", "rotate:gain=drop", "cushion:length=0", "cushion:tokens=1",
                                  "sink-fp:k=detect,channels=0", "sink-fp:k=detect,layer=-1"])
 def test_bad_specs_are_usage_errors(bad):
     with pytest.raises(UsageError):
@@ -139,6 +139,22 @@ def test_rotate_is_exact_on_gemma3_with_online_rotations_after_the_post_norms():
     assert len(notes["online_residual_rotations"]) == 4 and notes["writers_rotated"] == 0
     assert all(float(n.weight.detach().abs().max()) < 1e-4 for f, n in candidate.named_modules()  # (1 + w) -> 1
                if f in notes["norms_folded"])
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_rotate_gain_keep_is_exact_and_leaves_gains_residual_and_head_alone(family):
+    model = llama() if family == "llama" else gemma3()
+    stack, candidate, _ = prepared("rotate:gain=keep", model)
+    notes = stack.envs[0].notes
+    ids = windows(seed=4).input_ids
+    assert (logits(candidate, ids, stack) - logits(model, ids)).abs().max() < 1e-5
+    assert (logits(candidate, ids) - logits(model, ids)).abs().max() > 1e-3  # the online rotations matter
+    assert notes["gain"] == "keep" and notes["writers_rotated"] == 0 and "norms_folded" not in notes
+    ours, theirs = dict(candidate.named_parameters()), dict(model.named_parameters())
+    for name in ("model.embed_tokens.weight", "model.norm.weight", "model.layers.0.input_layernorm.weight"):
+        assert torch.equal(ours[name], theirs[name])  # residual stream and gains untouched
+    assert torch.equal(candidate.get_output_embeddings().weight, model.get_output_embeddings().weight)
+    assert "model.norm" not in notes["norms_rotated_online"]  # the head is never quantized: not rotated
 
 
 def test_rotate_spreads_a_massive_activation_over_the_channels():
