@@ -88,3 +88,20 @@ def test_the_import_graph_has_no_cycles():
 def test_a_cycle_would_be_found():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [["a", "b", "c", "a"]]
     assert cycles({"quantsink.schemes": {"quantsink.schemes.bnb"}, "quantsink.schemes.bnb": {"quantsink.schemes"}}) == []
+
+
+def test_the_api_functions_run_and_evaluate_survive_their_submodules_loading():
+    """``quantsink.run`` / ``quantsink.evaluate`` are the documented functions, whoever imported the
+    submodules of the same names first (the CLI, a test, the sweep)."""
+    import importlib
+    import types
+
+    import quantsink
+
+    modules = importlib.import_module("quantsink.run"), importlib.import_module("quantsink.evaluate")
+    from quantsink import evaluate, run
+
+    assert callable(run) and not isinstance(run, types.ModuleType) and run.__module__ == "quantsink"
+    assert callable(evaluate) and not isinstance(evaluate, types.ModuleType)
+    assert quantsink.run is run and all(isinstance(m, types.ModuleType) for m in modules)
+    assert importlib.import_module("quantsink.run").Session  # the module is still reachable by name

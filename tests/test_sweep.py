@@ -95,9 +95,13 @@ def test_default_grid_file_names_only_registered_entries():
 
     grid, _ = load_grid(ROOT / "grids" / "default.yaml")
     configs = grid.configs()
-    assert {c.model for c in configs} == {"smollm2-135m", "gemma3-270m"}
-    assert {c.corpus for c in configs} == {"python-docs", "python-code"}
-    assert len(configs) == 4 * 56 and all(c.max_tokens == 4096 and c.window == 256 for c in configs)
+    assert {(c.model, c.corpus) for c in configs} == {("smollm2-135m", "python-docs"), ("smollm2-135m", "python-code"),
+                                                      ("gemma3-270m", "python-code")}
+    assert len(configs) == 88 and all(c.max_tokens == 4096 and c.window == 256 for c in configs)
+    for model in ("smollm2-135m", "gemma3-270m"):  # issue 15's formats and issue 16's mitigations on both models
+        ran = {(c.scheme, c.mitigation) for c in configs if c.model == model}
+        assert {("w4a4-nvfp4", "sink-fp"), ("w8a8-fp8", "sink-fp"), ("kv-fp8", "none"), ("mxfp4", "none")} <= ran
+        assert {("w8a8", m) for m in ("rotate", "rotate:gain=keep", "cushion", "sink-fp:k=detect")} <= ran
     assert all(c.max_tokens // c.window >= 16 >= c.min_windows for c in configs)  # verdicts possible
     for key in {(c.model, c.corpus, c.scheme) for c in configs}:  # mitigated runs reuse none / sink-fp
         order = [c.mitigation for c in configs if (c.model, c.corpus, c.scheme) == key]

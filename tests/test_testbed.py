@@ -177,7 +177,7 @@ def test_cli_train_json_and_bad_input(tmp_path):
 def test_quantsink_eval_on_a_trained_relu_model(trained, tmp_path):
     """--model DIR with its held-out corpus: schemes apply, and the noise floor keeps ReLU attention."""
     from quantsink import RunConfig
-    from quantsink.run import run  # once the submodule quantsink.run is imported it shadows quantsink's run()
+    from quantsink import run
 
     where = trained["relu"][0]
     record = run(RunConfig(model=str(where), corpus=f"file:{where}/heldout.jsonl", protocol="lm-eval", window=31,
