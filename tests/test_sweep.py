@@ -97,11 +97,14 @@ def test_default_grid_file_names_only_registered_entries():
     configs = grid.configs()
     assert {(c.model, c.corpus) for c in configs} == {("smollm2-135m", "python-docs"), ("smollm2-135m", "python-code"),
                                                       ("gemma3-270m", "python-code")}
-    assert len(configs) == 88 and all(c.max_tokens == 4096 and c.window == 256 for c in configs)
+    assert len(configs) == 96 and all(c.max_tokens == 4096 and c.window == 256 for c in configs)
     for model in ("smollm2-135m", "gemma3-270m"):  # issue 15's formats and issue 16's mitigations on both models
         ran = {(c.scheme, c.mitigation) for c in configs if c.model == model}
         assert {("w4a4-nvfp4", "sink-fp"), ("w8a8-fp8", "sink-fp"), ("kv-fp8", "none"), ("mxfp4", "none")} <= ran
         assert {("w8a8", m) for m in ("rotate", "rotate:gain=keep", "cushion", "sink-fp:k=detect")} <= ran
+        assert {(f"w8a8-fp8:{g}", m) for g in ("act_gran=tensor", "act_mode=static,act_gran=tensor")
+                for m in ("none", "sink-fp")} <= ran  # FP8 per tensor beside INT8 per tensor (issue 15)
+        assert {("w8a8", "none"), ("w8a8-dyn", "none")} <= ran
     assert all(c.max_tokens // c.window >= 16 >= c.min_windows for c in configs)  # verdicts possible
     for key in {(c.model, c.corpus, c.scheme) for c in configs}:  # mitigated runs reuse none / sink-fp
         order = [c.mitigation for c in configs if (c.model, c.corpus, c.scheme) == key]
