@@ -20,6 +20,10 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", category=UserWarning, module="bitsandbytes")
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    # torchao (the `peers` extra) warns at import that its CUDA-only kernels do not load on a CPU
+    # machine, and torch's pytree warns about torchao's enums: neither concerns a quantsink user
+    logging.getLogger("torchao").setLevel(logging.ERROR)
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
     try:
         from transformers.utils import logging as tlog
     except ImportError:
