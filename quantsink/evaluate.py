@@ -99,6 +99,15 @@ class ReferenceHead:
 SCORE_ELEMENTS = 1 << 24  # (positions x vocab) scored per step: temporaries stay ~64 MiB in float32
 
 
+def pick_rows(flat: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``flat[rows]``: a view when the rows are one contiguous run (every position of a window is
+    scored but its last), else a copy; the same values either way."""
+    first, last = int(rows[0]), int(rows[-1])
+    if last - first + 1 == len(rows) and torch.equal(rows, torch.arange(first, last + 1, device=rows.device)):
+        return flat.narrow(0, first, len(rows))
+    return flat.index_select(0, rows)
+
+
 class _Accumulator:
     """Scores the positions of each batch in steps of ``SCORE_ELEMENTS`` logits: every step's
     temporaries are small and reused (no full (B, T, V) float32 copies); the numbers are those
@@ -124,7 +133,7 @@ class _Accumulator:
         step = max(128, SCORE_ELEMENTS // flat.shape[1])
         for lo in range(0, len(rows), step):
             part = slice(lo, lo + step)
-            self._score(flat.index_select(0, rows[part]), target[part], where[part], self.cursor + lo)
+            self._score(pick_rows(flat, rows[part]), target[part], where[part], self.cursor + lo)
         self.cursor += len(rows)
 
     def _score(self, logits: torch.Tensor, target: torch.Tensor, where: torch.Tensor, start: int) -> None:

@@ -123,3 +123,15 @@ def test_scoring_in_steps_gives_the_numbers_of_whole_batch_scoring(tiny, monkeyp
     assert torch.equal(ref_a.nll, ref_b.nll) and torch.equal(ref_a.targets.hidden, ref_b.targets.hidden)
     assert torch.allclose(cand_a.kl, cand_b.kl, rtol=1e-6) and torch.equal(cand_a.nll, cand_b.nll)
     assert torch.equal(cand_a.top1, cand_b.top1) and float(cand_a.kl.sum()) > 0
+
+
+def test_pick_rows_is_a_view_for_one_contiguous_run_and_a_copy_otherwise():
+    from quantsink.evaluate import pick_rows
+
+    flat = torch.arange(40.0).view(10, 4)
+    run = torch.tensor([3, 4, 5, 6])
+    view = pick_rows(flat, run)
+    assert torch.equal(view, flat[3:7]) and view.data_ptr() == flat[3].data_ptr()  # no copy
+    for rows in ([1, 2, 4, 5], [0, 2, 1, 3]):  # a gap; the span of a run, shuffled
+        picked = pick_rows(flat, torch.tensor(rows))
+        assert torch.equal(picked, flat[rows]) and picked.data_ptr() != flat[rows[0]].data_ptr()
