@@ -2,7 +2,8 @@
 
 Behaviour is driven by the scheme name and environment variables, so it survives
 ``spawn``: ``QS_FAKE_LOG`` (append ``start|end run_id pid time`` lines),
-``QS_FAKE_SLEEP`` (seconds per run), ``QS_FAKE_KILL`` (a scheme at which the process
+``QS_FAKE_SLEEP`` (seconds per run), ``QS_FAKE_PEERS`` (no run ends before that many processes
+have started a run: concurrent sweeps overlap however slowly each starts), ``QS_FAKE_KILL`` (a scheme at which the process
 exits mid-run, like a kill), and schemes containing ``fail`` (or equal to ``QS_FAKE_FAIL``) raise unless
 ``QS_FAKE_HEAL`` is set.
 """
@@ -54,10 +55,21 @@ def _first_kill() -> bool:
         return False
 
 
+def _wait_for_peers(deadline_s: float = 120.0) -> None:
+    """Block until ``QS_FAKE_PEERS`` distinct processes have logged a start (or the deadline passes)."""
+    peers, path = int(os.environ.get("QS_FAKE_PEERS", "0")), os.environ.get("QS_FAKE_LOG")
+    end = time.monotonic() + deadline_s
+    while peers and path and time.monotonic() < end:
+        if len({e[2] for e in read_log(path) if e[0] == "start"}) >= peers:
+            return
+        time.sleep(0.05)
+
+
 def fake_run(config: RunConfig, *, session: Any, progress: Any) -> RunRecord:
     run_id = fake_id(config)
     _log("start", run_id)
     tick = progress("candidate", 2)
+    _wait_for_peers()
     time.sleep(float(os.environ.get("QS_FAKE_SLEEP", "0")))
     tick(1)
     if os.environ.get("QS_FAKE_KILL") and config.scheme == os.environ["QS_FAKE_KILL"] and _first_kill():

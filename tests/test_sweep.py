@@ -235,7 +235,7 @@ def test_planned_id_out_of_sync_is_a_failure_not_a_silent_rerun(tmp_path):
 
 def test_two_concurrent_sweeps_duplicate_nothing(tmp_path):
     results, log = tmp_path / "runs", tmp_path / "log"
-    env = {"QS_FAKE_LOG": str(log), "QS_FAKE_SLEEP": "0.1"}
+    env = {"QS_FAKE_LOG": str(log), "QS_FAKE_SLEEP": "0.1", "QS_FAKE_PEERS": "2"}  # the sweeps overlap
     procs = [_subprocess_sweep(results, "s1,s2,s3,s4,s5", env) for _ in range(2)]
     outs = [p.communicate(timeout=180) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
