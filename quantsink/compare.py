@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UsageError
-from .paired import MIN_WINDOWS, paired_t, ppl_delta, verdict
-from .results import RunRecord, iter_records, load_record
+from .effects import floor_of, paired_delta
+from .paired import MIN_WINDOWS
+from .results import RunRecord, find_record, iter_records, load_record
 
 READING = {"helps": "B is better than A", "hurts": "B is worse than A",
            "inconclusive": "no difference beyond the interval and noise floor",
@@ -42,6 +43,9 @@ def resolve(arg: str, results: str | Path, *, model: str | None = None, corpus: 
     path = Path(arg)
     if arg.endswith(".json") or path.is_file():
         return load_record(path)
+    found = find_record(results, arg) if Path(results).is_dir() else None  # a run id: one file, not the store
+    if found is not None:
+        return found
     records = list(iter_records(results))
     by_id = [r for r in records if r.run_id == arg]
     if by_id:
@@ -113,10 +117,6 @@ def side(record: RunRecord) -> dict[str, Any]:
             "bits_per_byte": c.bits_per_byte, "simulated": record.scheme.simulated}
 
 
-def _floor(record: RunRecord) -> float:
-    return float((record.noise_floor or {}).get("nats_per_token") or 0.0)
-
-
 def per_window(a: RunRecord, b: RunRecord) -> list[dict[str, Any]]:
     """Per window: B minus A in NLL per scored token and in KL per scored token."""
     ca, cb = a.candidate, b.candidate
@@ -132,22 +132,9 @@ def _per(b: float | None, a: float | None, n: int) -> float | None:
 
 def paired(a: RunRecord, b: RunRecord, min_windows: int = MIN_WINDOWS) -> dict[str, Any]:
     """B minus A, paired over windows, with the interval and the verdict (lower is better)."""
-    ca, cb, n = a.candidate, b.candidate, a.candidate.scored_per_window
-    nll = paired_t(ca.nll_per_window, cb.nll_per_window, n)
-    kl = paired_t(ca.kl_per_window, cb.kl_per_window, n) if ca.kl_per_window and cb.kl_per_window else None
-    floor = max(_floor(a), _floor(b))
-    label = verdict(nll["ci"], nll["n_windows"], floor=floor, min_windows=min_windows)
-    return {"delta_ppl": ppl_delta(ca.nll_per_window, n, nll["delta"]),
-            "ci95": [ppl_delta(ca.nll_per_window, n, x) for x in nll["ci"]],
-            "delta_nll_per_token": nll["delta"], "delta_nll_ci95": nll["ci"],
-            "delta_kl": kl["delta"] if kl else None, "delta_kl_ci95": kl["ci"] if kl else None,
-            "delta_top1": _minus(cb.top1_agreement, ca.top1_agreement), "verdict": label, "reading": READING[label],
-            "noise_floor_nats": floor, "noise_floor_measured": bool(a.noise_floor or b.noise_floor),
-            "n_windows": nll["n_windows"], "min_windows": min_windows, "method": nll["method"], "rule": RULE}
-
-
-def _minus(b: float | None, a: float | None) -> float | None:
-    return None if a is None or b is None else b - a
+    out = paired_delta(a, b, floor=max(floor_of(a), floor_of(b)), min_windows=min_windows)
+    return {**out, "reading": READING[out["verdict"]], "noise_floor_measured": bool(a.noise_floor or b.noise_floor),
+            "rule": RULE}
 
 
 def moved(a: RunRecord, b: RunRecord, top: int = TOP) -> dict[str, Any] | None:

@@ -119,26 +119,31 @@ def floor_of(base: RunRecord) -> float:
     return float((base.noise_floor or {}).get("nats_per_token") or 0.0)
 
 
+def paired_delta(a: RunRecord, b: RunRecord, *, floor: float, min_windows: int) -> dict[str, Any]:
+    """B minus A, paired over windows (lower ppl / KL is better): the deltas, their intervals and the verdict
+    against ``floor`` (nats/token).  KL and top-1 deltas are None where a run lacks them."""
+    ca, cb, n = a.candidate, b.candidate, a.candidate.scored_per_window
+    nll = paired_t(ca.nll_per_window, cb.nll_per_window, n)
+    kl = paired_t(ca.kl_per_window, cb.kl_per_window, n) if ca.kl_per_window and cb.kl_per_window else None
+    top1 = None if ca.top1_agreement is None or cb.top1_agreement is None else cb.top1_agreement - ca.top1_agreement
+    return {"delta_ppl": ppl_delta(ca.nll_per_window, n, nll["delta"]),
+            "ci95": [ppl_delta(ca.nll_per_window, n, x) for x in nll["ci"]],
+            "delta_nll_per_token": nll["delta"], "delta_nll_ci95": nll["ci"],
+            "delta_kl": kl["delta"] if kl else None, "delta_kl_ci95": kl["ci"] if kl else None,
+            "delta_top1": top1, "verdict": verdict(nll["ci"], nll["n_windows"], floor=floor, min_windows=min_windows),
+            "noise_floor_nats": floor, "n_windows": nll["n_windows"], "min_windows": min_windows,
+            "confidence": nll["confidence"], "method": nll["method"]}
+
+
 def mitigation_effect(base: RunRecord, mitigated: RunRecord, *, min_windows: int = MIN_WINDOWS) -> dict[str, Any]:
     """Mitigated minus unmitigated, paired over windows (lower ppl / KL is better), with its verdict."""
-    b, m = base.candidate, mitigated.candidate
-    n = b.scored_per_window
-    nll = paired_t(b.nll_per_window, m.nll_per_window, n)
-    kl = paired_t(b.kl_per_window, m.kl_per_window, n)
-    floor = floor_of(base)
-    why = not_applicable(base, mitigated)
-    label = "not-applicable" if why else verdict(nll["ci"], nll["n_windows"], floor=floor, min_windows=min_windows)
-    return {"baseline": _summary(base),
-            "delta_ppl": ppl_delta(b.nll_per_window, n, nll["delta"]),
-            "ci95": [ppl_delta(b.nll_per_window, n, x) for x in nll["ci"]],
-            "delta_nll_per_token": nll["delta"], "delta_nll_ci95": nll["ci"],
-            "delta_kl": kl["delta"], "delta_kl_ci95": kl["ci"],
-            "delta_top1": m.top1_agreement - b.top1_agreement,
-            "verdict": label, "not_applicable": why, "rule": RULE,
-            "noise_floor_nats": floor, "noise_floor_ppl": ppl_delta(b.nll_per_window, n, floor),
-            "noise_floor_measured": base.noise_floor is not None,
-            "n_windows": nll["n_windows"], "min_windows": min_windows, "confidence": nll["confidence"],
-            "method": nll["method"], "shared_sink": shared_sink(mitigated)}
+    floor, why = floor_of(base), not_applicable(base, mitigated)
+    effect = {"baseline": _summary(base), **paired_delta(base, mitigated, floor=floor, min_windows=min_windows)}
+    if why:
+        effect["verdict"] = "not-applicable"
+    return {**effect, "not_applicable": why, "rule": RULE,
+            "noise_floor_ppl": ppl_delta(base.candidate.nll_per_window, base.candidate.scored_per_window, floor),
+            "noise_floor_measured": base.noise_floor is not None, "shared_sink": shared_sink(mitigated)}
 
 
 def d_sink(full: RunRecord, sink_fp: RunRecord) -> dict[str, Any]:

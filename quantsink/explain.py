@@ -206,18 +206,17 @@ class ScopedKeep:
         return self.keep.rows(x) if self.scope.keeps(self.layer) else None
 
 
-def scope_quantizers(model: Any) -> tuple[Scope, dict[Any, int]]:
-    """Put every activation / KV quantizer of a simulated candidate behind one ``Scope`` -> (scope, {q: layer})."""
+def scope_quantizers(model: Any) -> Scope:
+    """Put every activation / KV quantizer of a simulated candidate behind one ``Scope`` (layer by layer)."""
     from .hooks import find_blocks
     from .schemes.simulated import ActQuantizer, KVQuantizer
 
-    scope, layer_of = Scope(), {}
+    scope = Scope()
     for i, block in enumerate(find_blocks(model)):
         for module in block.modules():
             if isinstance(module, (ActQuantizer, KVQuantizer)):
-                layer_of[module] = i
                 module.keep = ScopedKeep(module.keep, i, scope)
-    return scope, layer_of
+    return scope
 
 
 def token_nll(model: Any, windows: Any, batch_tokens: int) -> tuple[list[float], list[int], list[int]]:
@@ -271,19 +270,12 @@ class Measurement:
         return result.extra.get("stats"), nll, pos, win
 
     def candidate(self) -> tuple[Any, Scope, Any]:
-        import copy
-
+        from .run import quantized_copy
         from .schemes import QuantContext
 
-        prep = self.prep
-        ctx = QuantContext(calibration=prep.mitigations.calibration, keep_fp_positions=SINK)
-        model = copy.deepcopy(prep.loaded.model)
-        model, ctx = prep.mitigations.prepare(model, ctx)
-        model = prep.scheme.apply(model, ctx)
-        model.eval()
-        prep.mitigations.scheme_hooks = ctx.hooks
-        scope, _ = scope_quantizers(model)
-        return model, scope, ctx
+        ctx = QuantContext(calibration=self.prep.mitigations.calibration, keep_fp_positions=SINK)
+        model, ctx = quantized_copy(self.prep, ctx)
+        return model, scope_quantizers(model), ctx
 
     def ranges(self, model: Any, scope: Scope, ctx: Any) -> dict[str, dict[Any, tuple[Any, Any]]]:
         """Static ranges with the sink in (``none``) and out (``all``) of every quantizer's calibration."""

@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterable
 
 from .config import EVALUATOR_VERSION, RunConfig, __version__, stable_hash
 from .env import offline_from_env
+from .errors import QuantsinkError
 from .mitigations import canonical_mitigation, parse_mitigations
 from .schemes import parse_scheme
 from .spec import params_of
@@ -128,8 +129,8 @@ def plan(configs: Iterable[RunConfig], planner: Planner | None = None, *, fresh:
         for mitigation in planner.variants(config):
             _add(runs, variant(config, mitigation), planner, is_variant=True, fresh=False)
         _add(runs, config, planner, is_variant=False, fresh=fresh)
-    groups = list(dict.fromkeys(p.group for p in runs.values()))
-    ordered = sorted(runs.values(), key=lambda p: groups.index(p.group))  # stable: plan order within a group
+    rank = {g: i for i, g in enumerate(dict.fromkeys(p.group for p in runs.values()))}
+    ordered = sorted(runs.values(), key=lambda p: rank[p.group])  # stable: plan order within a group
     return [dataclasses.replace(p, index=i) for i, p in enumerate(ordered)]
 
 
@@ -140,3 +141,10 @@ def _add(runs: dict[str, PlannedRun], config: RunConfig, planner: Planner, *, is
         runs[run_id] = PlannedRun(len(runs), config, run_id, reference_group(config), is_variant, fresh)
     elif not is_variant:
         runs[run_id] = dataclasses.replace(old, variant=False, fresh=old.fresh or fresh)
+
+
+def check_run_id(record: Any, planned: str) -> None:
+    """A run's record must carry the run_id it was planned under (else the store would file it elsewhere)."""
+    if record.run_id != planned:
+        raise QuantsinkError(f"record run_id {record.run_id} != planned {planned}: plan.Identities is out of "
+                             f"sync with run.run_id (a bug)")

@@ -33,6 +33,7 @@ from typing import Any, Callable
 
 from .errors import QuantsinkError, UsageError
 from .io import atomic_write_bytes
+from .plan import check_run_id
 
 _SESSION: dict[str, Any] = {}  # per Ray worker process: one Session, models loaded once
 
@@ -193,8 +194,7 @@ def _finish(ray: Any, obj: Any, sub: Submitted, store: Any, sweep: str, emit: Ca
     seconds = time.perf_counter() - sub.started
     try:
         record = ray.get(obj)
-        if record.run_id != sub.run.run_id:
-            raise QuantsinkError(f"record run_id {record.run_id} != planned {sub.run.run_id} (a bug)")
+        check_run_id(record, sub.run.run_id)
         store.write(record)
         emit("end", 0, sub.run.index, "done", seconds, "")
     except Exception as error:  # noqa: BLE001 - a cell's failure is recorded, the grid goes on

@@ -227,15 +227,20 @@ def reference_pass(prep: Prepared, progress: Progress) -> tuple[PassResult, bool
     return result, False
 
 
-def build_candidate(prep: Prepared) -> tuple[Any, dict[str, Any]]:
-    """Copy the reference, apply mitigations' model transforms, then the scheme; calibrate static
-    ranges with every hook of the run attached (the model as it is evaluated)."""
-    ctx = QuantContext(calibration=prep.mitigations.calibration)
+def quantized_copy(prep: Prepared, ctx: QuantContext) -> tuple[Any, QuantContext]:
+    """Copy the reference, apply mitigations' model transforms, then the scheme (not yet calibrated)."""
     model = copy.deepcopy(prep.loaded.model)
     model, ctx = prep.mitigations.prepare(model, ctx)
     model = prep.scheme.apply(model, ctx)
     model.eval()
     prep.mitigations.scheme_hooks = ctx.hooks
+    return model, ctx
+
+
+def build_candidate(prep: Prepared) -> tuple[Any, dict[str, Any]]:
+    """``quantized_copy``, then static ranges calibrated with every hook of the run attached (the model as
+    it is evaluated)."""
+    model, ctx = quantized_copy(prep, QuantContext(calibration=prep.mitigations.calibration))
     with prep.mitigations.attach(model):
         prep.scheme.calibrate(model, ctx)
     return model, ctx.notes

@@ -50,9 +50,9 @@ from typing import Any, Callable, Iterable
 
 from .config import RunConfig, check_types
 from .errors import QuantsinkError, UsageError
-from .plan import PlannedRun, plan, reference_group  # noqa: F401  (the sweep's plan is the planner's)
+from .plan import PlannedRun, check_run_id, plan
 from .locks import owner_alive, release, try_lock  # noqa: F401  (sweeps claim runs with them)
-from .results import RunRecord, Store, find_record, iter_failures  # noqa: F401
+from .results import RunRecord, Store, check_writable_dir, find_record
 from .spec import split_specs
 
 AXES = {"models": "model", "corpora": "corpus", "schemes": "scheme", "mitigations": "mitigation"}
@@ -246,13 +246,16 @@ def run_plan(planned: list[PlannedRun], results: str | Path, *, session: Any, pr
 
 
 def run_config(config: RunConfig, *, session: Any = None, progress: Any = None,
-               write: bool = True) -> tuple[RunRecord, Any]:
-    """What ``quantsink eval`` does: plan ``config`` (its variant runs included), run the plan, and
-    compute its effects from the records.  -> (its record, its ``effects.Effects``)."""
+               write: bool = True, fresh: bool = True) -> tuple[RunRecord, Any]:
+    """What ``quantsink eval`` does: plan ``config`` (its variant runs included; ``fresh``: the run itself
+    re-run even when stored), run the plan, and compute its effects from the records.
+    -> (its record, its ``effects.Effects``)."""
     from .effects import effects
     from .run import Session
 
-    planned = plan([config], fresh=True)
+    if write:
+        check_writable_dir(config.results, "--results")  # one line now, not an OSError after the hashing
+    planned = plan([config], fresh=fresh)
     records = run_plan(planned, config.results, session=session or Session(), write=write,
                        progress=progress or (lambda stage, total: lambda n: None))
     record = records[next(p.run_id for p in planned if not p.variant)]
@@ -278,9 +281,7 @@ def _run_one(p: PlannedRun, store: Store, session: Any, progress: Any, write: bo
 
 def _checked_run(p: PlannedRun, session: Any, progress: Any) -> RunRecord:
     record = default_run(p.config, session=session, progress=progress)
-    if record.run_id != p.run_id:
-        raise QuantsinkError(f"record run_id {record.run_id} != planned {p.run_id}: plan.Identities "
-                             f"is out of sync with run.run_id (a bug)")
+    check_run_id(record, p.run_id)
     return record
 
 
@@ -369,9 +370,7 @@ def execute(p: PlannedRun, store: Store, sweep: str, emit: Emit, run_fn: RunFn,
     t0 = time.perf_counter()
     try:
         record = run_fn(p.config.replace(results=str(store.root)), session=session, progress=progress)
-        if record.run_id != p.run_id:
-            raise QuantsinkError(f"record run_id {record.run_id} != planned {p.run_id}: "
-                                 f"plan.Identities is out of sync with run.run_id (a bug)")
+        check_run_id(record, p.run_id)
         store.write(record)
         emit("end", worker, p.index, "done", time.perf_counter() - t0, "")
     except Exception as error:  # noqa: BLE001 - any run's failure is recorded, the grid goes on
@@ -463,6 +462,7 @@ class Summary:
     done: list[tuple[str, float]] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)
     elsewhere: int = 0  # recorded meanwhile by another sweep on the same store
+    workers: int = 1  # runs at once (local worker processes; 0: a Ray cluster, however many it lends)
     missing: list[str] = field(default_factory=list)
     crashed_workers: list[int] = field(default_factory=list)
     wall_s: float = 0.0  # the sweep's wall time
@@ -538,9 +538,11 @@ def sweep(planned: list[PlannedRun], results: str | Path, *, jobs: int = 1, run_
     if todo and ray is not None:
         from .ray_executor import run_ray
 
+        summary.workers = 0
         summary.crashed_workers = run_ray(todo, results, sweep=token, emit=collect, run_fn=run_fn, options=ray,
                                           real=run_fn is default_run)
     elif todo and jobs > 1:
+        summary.workers = min(jobs, len(todo))
         summary.crashed_workers = run_parallel(todo, results, sweep=token, emit=collect, run_fn=run_fn,
                                                jobs=min(jobs, len(todo)))
     elif todo:

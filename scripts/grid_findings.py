@@ -5,7 +5,9 @@
 Prints markdown: (1) per (model, corpus, scheme) the unmitigated ppl, the ppl with the sink kept in
 full precision and d_sink with its paired t interval (issue 15's questions: is FP8 per tensor as
 fragile to the sink as INT8 per tensor; does NVFP4's 16-element group make sink-fp unnecessary?);
-(2) per (model, corpus, scheme) the best mitigation by ppl and every mitigation's verdict (issue 16).
+(2) per (model, corpus, scheme) the mitigation with the lowest ppl (whatever its verdict; the report's star
+marks the best one that *helps*) and every mitigation's verdict (issue 16).  Only the records behind the
+leaderboard's rows count (the newest per model, corpus, protocol, scheme and mitigation).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from quantsink.report import read_results, record_effects
+from quantsink.report import leaderboard, read_results, record_effects
 
 
 def sink_table(records: list, found: dict) -> list[str]:
@@ -35,7 +37,7 @@ def winners(records: list, found: dict) -> list[str]:
     cells: dict[tuple[str, str, str], list] = defaultdict(list)
     for r in records:
         cells[(r.config.model, r.config.corpus, r.config.scheme)].append(r)
-    lines = ["| model | corpus | scheme | none | best (ppl, verdict) | verdicts of the others |", "|---|---|---|---|---|---|"]
+    lines = ["| model | corpus | scheme | none | lowest ppl (verdict) | verdicts of the others |", "|---|---|---|---|---|---|"]
     for key in sorted(cells):
         runs = cells[key]
         base = next((r for r in runs if r.config.mitigation == "none"), None)
@@ -52,8 +54,9 @@ def winners(records: list, found: dict) -> list[str]:
 
 def main() -> None:
     directory = Path(sys.argv[1] if len(sys.argv) > 1 else "results/grid")
-    records, _ = read_results(directory)
-    found = record_effects(records)
+    stored, _ = read_results(directory)
+    found = record_effects(stored)
+    _, records, _ = leaderboard(stored)  # one record per row of the leaderboard
     print("\n".join(["## Sink damage per scheme (d_sink)", "", *sink_table(records, found), "",
                      "## Best mitigation per scheme", "", *winners(records, found)]))
 

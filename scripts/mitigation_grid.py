@@ -31,18 +31,14 @@ def cells(schemes: list[str], mitigations: list[str], float_checks: list[str]) -
 
 def run_cell(config, session, store_only=False):
     """-> (record, effects, reused?): the cell's plan run like `quantsink eval` (stored runs reused)."""
-    from quantsink.effects import effects
     from quantsink.plan import plan
     from quantsink.results import find_record
-    from quantsink.sweep import run_plan
+    from quantsink.sweep import run_config
 
-    planned = plan([config])
-    stored = {p.run_id: find_record(config.results, p.run_id) for p in planned}
-    if store_only and None in stored.values():
+    reused = all(find_record(config.results, p.run_id) is not None for p in plan([config]))
+    if store_only and not reused:
         raise LookupError("not in the results store (not run yet)")
-    records = run_plan(planned, config.results, session=session, progress=lambda stage, total: lambda n: None)
-    record = records[next(p.run_id for p in planned if not p.variant)]
-    return record, effects(record, records.get), None not in stored.values()
+    return (*run_config(config, session=session, fresh=False), reused)
 
 
 def row(record, found) -> dict:

@@ -50,10 +50,6 @@ def compare_plot(runs: dict[str, dict], path: Path) -> None:
     plt.close(fig)
 
 
-def fmt(x: float | None, digits: int = 3) -> str:
-    return "-" if x is None else f"{x:.{digits}g}"
-
-
 def dynamics_table(runs: dict[str, dict]) -> str:
     lines = ["| run | steps x batch | loss (bigram / backcopy) | Attn_<s> (layer) | dormant share | "
              "value norm <s> vs others | W_O v norm <s> vs others | layer-0 residual <s> vs others |",

@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from quantsink.report import read_results, record_effects
+from quantsink.report import leaderboard, read_results, record_effects
 
 
 def old_cells(directory: Path) -> dict[tuple[str, ...], dict[str, Any]]:
@@ -33,8 +33,9 @@ def old_cells(directory: Path) -> dict[tuple[str, ...], dict[str, Any]]:
 
 
 def new_cells(directory: Path) -> dict[tuple[str, ...], dict[str, Any]]:
-    records, _ = read_results(directory)
-    found = record_effects(records)
+    stored, _ = read_results(directory)
+    found = record_effects(stored)
+    _, records, _ = leaderboard(stored)  # the newest record per leaderboard row
     cells = {}
     for record in records:
         effect = found[record.run_id].mitigation_effect
@@ -46,13 +47,13 @@ def new_cells(directory: Path) -> dict[tuple[str, ...], dict[str, Any]]:
 
 
 def table(old: dict, new: dict) -> str:
-    lines = ["| model | corpus | scheme | mitigation | before (4 windows) | after (16 windows) |",
+    lines = ["| model | corpus | scheme | mitigation | before (windows) | after (windows) |",
              "|---|---|---|---|---|---|"]
     for key in sorted(set(old) & set(new)):
         a, b = old[key], new[key]
         mark = "" if a["verdict"] == b["verdict"] else " **changed**"
-        lines.append(f"| {' | '.join(key)} | {a['verdict']} {a['delta_ppl']:+.3g} | "
-                     f"{b['verdict']} {b['delta_ppl']:+.3g}{mark} |")
+        lines.append(f"| {' | '.join(key)} | {a['verdict']} {a['delta_ppl']:+.3g} ({a['n']}) | "
+                     f"{b['verdict']} {b['delta_ppl']:+.3g} ({b['n']}){mark} |")
     counts = collections.Counter((old[k]["verdict"], new[k]["verdict"]) for k in set(old) & set(new))
     summary = [f"- {a} -> {b}: {n}" for (a, b), n in sorted(counts.items())]
     return "\n".join(summary + ["", *lines]) + "\n"

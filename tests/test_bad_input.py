@@ -127,6 +127,16 @@ def test_results_that_is_not_writable_is_refused_before_the_load(tiny_model_dir,
         run_mod.run(RunConfig(model=str(tiny_model_dir), results=str(tmp_path / "runs")))
 
 
+def test_eval_path_refuses_results_under_a_file_before_the_load(tiny_model_dir, tmp_path, monkeypatch):
+    """``quantsink eval`` runs through sweep.run_config (its runs do not write themselves): same one-line check."""
+    from quantsink import evaluate
+
+    (tmp_path / "file").write_text("x")
+    no_load(monkeypatch)
+    with pytest.raises(UsageError, match="is under .*file, which is a file"):
+        evaluate(RunConfig(model=str(tiny_model_dir), results=str(tmp_path / "file" / "sub")))
+
+
 def test_report_out_that_is_a_file(tmp_path):
     write_record(make_record(), tmp_path / "runs")
     (tmp_path / "out").write_text("x")

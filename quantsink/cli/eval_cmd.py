@@ -128,27 +128,20 @@ def eval_command(config: RunConfig,
 
     With a mitigation, the same scheme without it runs too (mitigation_effect); with a scheme that
     quantizes tokens, also with sink-fp (d_sink); recorded runs are reused.  --dry-run lists them."""
+    from ..errors import UsageError
     from ..plan import plan
-    from ..sweep import run_config
+    from ..sweep import invalid_pair, run_config
 
     quiet()
-    check_pair(config)
+    why = invalid_pair(config)  # refused in one line before anything is hashed or loaded
+    if why:
+        raise UsageError(why)
     if dry_run:
         out.print(plan_table(plan([config], fresh=True), config.results))
         return
     with RichProgress(enabled=not json_out and err.is_terminal) as progress:
         record, found = run_config(config, progress=progress, write=not no_write)
     _show(record, found, json_out, None if no_write else config.results)
-
-
-def check_pair(config: RunConfig) -> None:
-    """A mitigation that cannot apply to the scheme is refused in one line before anything is hashed or loaded."""
-    from ..mitigations import parse_mitigations
-    from ..schemes import parse_scheme
-
-    scheme = parse_scheme(config.scheme)
-    for mitigation in parse_mitigations(config.mitigation):
-        mitigation.check(scheme)
 
 
 def _show(record: Any, found: Any, json_out: bool, results: str | None) -> None:

@@ -64,7 +64,8 @@ def render(view: dict[str, Any], top: int) -> None:
         out.print(layers_table(view["layers"], view["d_sink"]))
     elif view.get("d_sink"):
         d = view["d_sink"]
-        out.print(f"d_sink (stored none / sink-fp runs): {d['nats_per_token']:.3g} nats/token "
+        where = "measured here" if d.get("measured") else "stored none / sink-fp runs"
+        out.print(f"d_sink ({where}): {d['nats_per_token']:.3g} nats/token "
                   f"[{d['ci95'][0]:.3g}, {d['ci95'][1]:.3g}]", highlight=False)
     out.print(view["summary"], highlight=False, soft_wrap=True)
 

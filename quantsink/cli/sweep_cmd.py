@@ -187,7 +187,8 @@ class SweepProgress:
 def _time_line(summary: Any) -> str:
     """Wall time vs the candidate passes it bought, and where the rest went."""
     stages = {k: v for k, v in summary.stages.items() if v and k != "candidate_s"}
-    ratio = f" (wall / passes {summary.wall_s / summary.pass_s:.2f})" if summary.pass_s else ""
+    serial = summary.workers == 1  # with workers in parallel the passes overlap: no overhead ratio
+    ratio = f" (wall / passes {summary.wall_s / summary.pass_s:.2f})" if summary.pass_s and serial else ""
     rest = ", ".join(f"{k.removesuffix('_s').replace('_', ' ')} {v:.0f} s" for k, v in stages.items())
     return (f"time: {summary.wall_s:.0f} s wall, {summary.pass_s:.0f} s in candidate passes{ratio}"
             + (f"; summed over the runs: {rest}" if rest else ""))

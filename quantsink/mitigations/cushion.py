@@ -128,7 +128,7 @@ class Cushion(Mitigation):
         key = (hashlib.sha256(calib.input_ids.numpy().tobytes()).hexdigest(), self.spec())
         memo = SEARCHED.setdefault(reference, {})
         if key in memo:
-            return {**memo[key], "search_reused": True}
+            return {**memo[key], "search_reused": True, "search_s": 0.0, "search_s_original": memo[key]["search_s"]}
         vocab = reference.get_input_embeddings().weight.shape[0]
         pool = torch.randperm(vocab, generator=torch.Generator().manual_seed(self.seed))[:self.candidates]
         t0 = time.perf_counter()

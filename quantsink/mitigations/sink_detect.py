@@ -35,7 +35,6 @@ class _Stop(Exception):
     pass
 
 
-@torch.no_grad()
 def residual_norms(model: Any, into: list[torch.Tensor]) -> Any:
     """Collect the norm of every decoder layer's output residual state, (B, T) per layer (a context)."""
     def grab(output: Any) -> None:
@@ -45,6 +44,7 @@ def residual_norms(model: Any, into: list[torch.Tensor]) -> Any:
     return attach(model, {name: grab for name in layers}, known=layers)
 
 
+@torch.no_grad()
 def layer_state(model: Any, ids: torch.Tensor, layer: int, mask: torch.Tensor | None = None) -> torch.Tensor:
     """The residual state after decoder layer ``layer``; the forward stops there.  (B, T, C)"""
     got: list[torch.Tensor] = []
