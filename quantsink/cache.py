@@ -14,12 +14,16 @@ import hashlib
 import json
 import os
 import warnings
+from dataclasses import fields
 from pathlib import Path
 
 import torch
 
 from .evaluate import PassResult, Targets
 from .io import atomic_path, cache_root
+
+
+TARGETS = {f.name for f in fields(Targets)}
 
 
 def reference_path(key: str) -> Path:
@@ -43,8 +47,8 @@ def save_pass(path: Path, result: PassResult) -> None:
     from safetensors.torch import save_file
 
     assert result.targets is not None
-    tensors = {"nll": result.nll, "n_scored": result.n_scored, "nbytes": result.nbytes,
-               "hidden": result.targets.hidden.contiguous()}
+    kept = {name: value.contiguous() for name, value in vars(result.targets).items() if value is not None}
+    tensors = {"nll": result.nll, "n_scored": result.n_scored, "nbytes": result.nbytes, **kept}
     meta = {"seconds": str(result.seconds), "extra": json.dumps(result.extra)}
     meta["digest"] = tensor_digest(tensors, meta)
     with atomic_path(path) as tmp:
@@ -65,10 +69,11 @@ def load_pass(path: Path, n_windows: int) -> PassResult | None:
         if stored != tensor_digest(tensors, meta):
             raise ValueError("digest mismatch" if stored else "no digest")
         result = PassResult(tensors["nll"], tensors["n_scored"], tensors["nbytes"],
-                            targets=Targets(tensors["hidden"]), seconds=float(meta.get("seconds", 0)),
+                            targets=Targets(**{k: v for k, v in tensors.items() if k in TARGETS}), seconds=float(meta.get("seconds", 0)),
                             extra=json.loads(meta.get("extra", "{}")))
         consistent = (len(result.nll) == n_windows
-                      and result.targets.hidden.shape[0] == int(result.n_scored.sum())
+                      and all(len(t) == int(result.n_scored.sum()) for t in vars(result.targets).values()
+                              if t is not None)
                       and bool(torch.isfinite(result.nll).all()))
         if not consistent:
             raise ValueError("shapes do not match the windows")

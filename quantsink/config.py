@@ -20,7 +20,7 @@ from typing import Any, Literal
 from .errors import UsageError
 
 __version__ = "0.1.0"
-EVALUATOR_VERSION = "2"  # bump when a change alters any recorded number
+EVALUATOR_VERSION = "3"  # bump when a change alters any recorded number
 
 
 def _opt(help: str, identity: bool = True, **extra: Any) -> Any:

@@ -10,13 +10,23 @@ Protocol (stated again in every record under ``protocol``):
 * ``ppl = exp(sum NLL / sum scored)`` (token perplexity), ``bits_per_byte =
   sum NLL / ln 2 / sum bytes``.
 * ``kl``: mean over scored tokens of KL(reference || candidate) of the full
-  next-token distributions, exact: the reference pass keeps the float32 input of
-  the output head at each scored position, and the candidate pass rebuilds the
-  reference logits from it with the reference's own head (no second reference
-  forward, no top-k truncation).
+  next-token distributions (no second reference forward, no top-k truncation).
+  The reference pass keeps, per scored position, the float32 input ``h`` of the
+  output head, ``sum_v p_v log p_v`` and the expected output embedding
+  ``e = sum_v p_v W_v`` (``W`` the head's rows, ``p`` the reference's
+  next-token distribution).  When the candidate's output head is the
+  reference's (the same float32 weight, no bias, no logit soft-capping), the KL
+  follows from the candidate's head input ``h'`` and the log-normaliser ``L'``
+  of its logits ``z' = W h'``: ``sum_v p_v log q_v = e . h' - L'``, so
+  ``KL = sum_v p_v log p_v - e . h' + L'`` (float64; 0 where ``h' = h``
+  bitwise, floored at 0 against rounding).  Otherwise (a folded, quantized or
+  bfloat16 head) the candidate pass rebuilds the reference logits from ``h``
+  with the reference's own head and sums ``p (log p - log q)``.
 * ``top1_agreement``: share of scored positions where the candidate's argmax is
   the reference's argmax.
-* Logits are scored in float32 whatever the model dtype.
+* Logits are scored in float32 whatever the model dtype: a position's NLL is
+  ``L - z_target`` (float64) with ``L`` the cascade-summed ``logsumexp`` of its
+  float32 logits ``z`` (``normaliser``).
 """
 
 from __future__ import annotations
@@ -40,6 +50,14 @@ class Targets:
     output head at every scored position, in window order.  (S, H)"""
 
     hidden: torch.Tensor  # (S, H) float32
+    neg_entropy: torch.Tensor | None = None  # (S,) float64: sum_v p_v log p_v
+    expected_embedding: torch.Tensor | None = None  # (S, H) float32: sum_v p_v W_v
+    argmax: torch.Tensor | None = None  # (S,) int64: the reference's top-1 token
+
+    @property
+    def summarised(self) -> bool:
+        """Whether the KL can skip rebuilding the reference logits (a plain float32 head)."""
+        return self.expected_embedding is not None
 
 
 @dataclass
@@ -88,12 +106,24 @@ class ReferenceHead:
     def of(cls, model: Any) -> "ReferenceHead":
         return cls(model.get_output_embeddings(), getattr(model.config, "final_logit_softcapping", None))
 
-    def logp(self, hidden: torch.Tensor) -> torch.Tensor:
+    def plain_weight(self) -> torch.Tensor | None:
+        """The head's weight when its logits are ``W h`` in float32 (no bias, no soft-capping), else None."""
+        weight = self.head.weight
+        plain = weight.dtype == torch.float32 and getattr(self.head, "bias", None) is None and not self.softcap
+        return weight if plain and type(self.head) is torch.nn.Linear else None
+
+    def shared_with(self, model: Any) -> bool:
+        """Whether ``model``'s output head computes exactly the reference's plain float32 logits."""
+        mine, theirs = self.plain_weight(), ReferenceHead.of(model).plain_weight()
+        return mine is not None and theirs is not None and (theirs is mine or torch.equal(theirs, mine))
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The reference's float32 logits (S, V) from its head inputs."""
         weight = self.head.weight
         logits = self.head(hidden.to(device=weight.device, dtype=weight.dtype)).float()  # (S, V)
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits.log_softmax(-1)
+        return logits
 
 
 SCORE_ELEMENTS = 1 << 24  # (positions x vocab) scored per step: temporaries stay ~64 MiB in float32
@@ -113,13 +143,17 @@ class _Accumulator:
     temporaries are small and reused (no full (B, T, V) float32 copies); the numbers are those
     of whole-batch scoring, as each step only picks rows (row-wise ops, sums added in order)."""
 
-    def __init__(self, n: int, reference: Targets | None, head: ReferenceHead | None):
+    def __init__(self, n: int, reference: Targets | None, head: ReferenceHead | None, keep: bool,
+                 own: torch.Tensor | None):
         self.nll = torch.zeros(n, dtype=torch.float64)
         self.kl = torch.zeros(n, dtype=torch.float64) if reference is not None else None
         self.top1 = torch.zeros(n, dtype=torch.long) if reference is not None else None
         self.reference, self.head = reference, head
+        self.keep = keep  # the reference pass: keep what the candidate passes need (``Targets``)
+        self.own = own  # the reference pass's head weight when plain float32: summarise for the KL
         self.cursor = 0  # scored positions consumed so far (window order)
-        self.hidden: list[torch.Tensor] = []
+        self.kept: dict[str, list[torch.Tensor]] = {"hidden": [], "neg_entropy": [],
+                                                    "expected_embedding": [], "argmax": []}
 
     def add(self, first: int, logits: torch.Tensor, windows: Windows, hidden: torch.Tensor | None) -> None:
         mask = windows.scored[:, 1:].to(logits.device)  # (B, T-1) targets scored
@@ -128,26 +162,87 @@ class _Accumulator:
         flat = logits.reshape(-1, logits.shape[-1])  # (B*T, V), a view
         rows = b * logits.shape[1] + t  # (S,) row of each scored position in flat
         target = windows.input_ids[:, 1:].to(logits.device)[b, t]  # (S,)
-        if hidden is not None:
-            self.hidden.append(hidden[:, :-1][mask].float().cpu())  # (S, H)
+        aligned = hidden is not None and hidden.shape[:2] == logits.shape[:2]  # (a cached prefix is not)
+        h = hidden[:, :-1][mask].float() if aligned else None  # (S, H) head inputs
+        if self.keep:
+            self.kept["hidden"].append(h.cpu())
+        if h is not None and not (self.reference is not None and _is_head_output(flat[rows[:2]], h[:2], self.head)):
+            h = None  # not the reference's head: KL by rebuilding the reference logits
         step = max(128, SCORE_ELEMENTS // flat.shape[1])
         for lo in range(0, len(rows), step):
             part = slice(lo, lo + step)
-            self._score(pick_rows(flat, rows[part]), target[part], where[part], self.cursor + lo)
+            self._score(pick_rows(flat, rows[part]), target[part], where[part], self.cursor + lo,
+                        h[part] if h is not None else None)
         self.cursor += len(rows)
 
-    def _score(self, logits: torch.Tensor, target: torch.Tensor, where: torch.Tensor, start: int) -> None:
+    def _score(self, logits: torch.Tensor, target: torch.Tensor, where: torch.Tensor, start: int,
+               h: torch.Tensor | None) -> None:
         """NLL (and KL, top-1 vs the reference) of ``logits`` (c, V), positions ``start..start+c``."""
-        logq = logits.float().log_softmax(-1)  # (c, V)
-        self.nll.index_add_(0, where, -logq.gather(1, target[:, None])[:, 0].double().cpu())
-        if self.reference is not None:
-            logp = self.head.logp(self.reference.hidden[start:start + len(target)]).to(logq.device)  # (c, V)
-            self.top1.index_add_(0, where, (logp.argmax(1) == logq.argmax(1)).long().cpu())
-            kl = torch.nn.functional.kl_div(logq, logp, reduction="none", log_target=True)  # exp(p) (p - q)
-            self.kl.index_add_(0, where, kl.sum(1).double().cpu())
+        z = logits.float()
+        norm, top = normaliser(z)
+        self.nll.index_add_(0, where, (norm.double() - z.gather(1, target[:, None])[:, 0].double()).cpu())
+        if self.own is not None:
+            self._summarise(z, norm, top)
+        if self.reference is None:
+            return
+        span = slice(start, start + len(target))
+        ref_top, kl = self._summary_kl(norm, h, span) if h is not None else self._rebuilt_kl(z, norm, span)
+        self.top1.index_add_(0, where, (ref_top.to(top.device) == top).long().cpu())
+        self.kl.index_add_(0, where, kl.double().cpu())
+
+    def _summarise(self, z: torch.Tensor, norm: torch.Tensor, top: torch.Tensor) -> None:
+        """The reference's side of the KL at these positions: sum p log p, E_p[W_v] (float64 sums), argmax."""
+        logp = z.double() - norm.double()[:, None]
+        p = logp.exp()
+        self.kept["neg_entropy"].append((p * logp).nan_to_num_(0.0).sum(1).cpu())
+        self.kept["expected_embedding"].append(expected_rows(p.float(), self.own).float().cpu())
+        self.kept["argmax"].append(top.cpu())
+
+    def _summary_kl(self, norm: torch.Tensor, h: torch.Tensor, span: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """(reference argmax, KL) from the reference summary: sum p log p - e . h' + L' (float64)."""
+        ref = self.reference
+        e = ref.expected_embedding[span].to(h.device).double()
+        kl = ref.neg_entropy[span].to(h.device) - (e * h.double()).sum(1) + norm.double()
+        same = (h == ref.hidden[span].to(h.device)).all(1)  # identical head input: identical distribution
+        return ref.argmax[span], kl.masked_fill_(same, 0.0).clamp_(min=0.0)
+
+    def _rebuilt_kl(self, z: torch.Tensor, norm: torch.Tensor, span: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """(reference argmax, KL) with the reference logits rebuilt from its head inputs (any head)."""
+        zp = self.head.logits(self.reference.hidden[span]).to(z.device)  # (c, V) float32
+        norm_p, ref_top = normaliser(zp)
+        logp, logq = zp.sub_(norm_p[:, None]), z - norm[:, None]
+        return ref_top, torch.nn.functional.kl_div(logq, logp, reduction="none", log_target=True).sum(1)
 
     def targets(self) -> Targets | None:
-        return Targets(torch.cat(self.hidden)) if self.hidden else None
+        kept = {name: torch.cat(parts) for name, parts in self.kept.items() if parts}
+        return Targets(**kept) if "hidden" in kept else None
+
+
+def normaliser(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-normaliser ``L = logsumexp(z)``, argmax) per row of float32 logits ``z`` (c, V).  ``L`` is
+    ``max + log sum exp(z - max)`` with torch's cascaded sum: unbiased to ~1e-7 relative, where
+    ``log_softmax``'s running float32 sum drifts ~2e-5 nats low over a 262k vocabulary."""
+    top_value, top = z.max(1)
+    return top_value + (z - top_value[:, None]).exp_().sum(1).log_(), top
+
+
+EXPECTED_BLOCK = 4096  # vocabulary rows per float32 GEMM in expected_rows; the blocks add in float64
+
+
+def expected_rows(p: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``p @ weight`` (c, V) x (V, H) as float64: float32 GEMMs over blocks of the vocabulary, summed in
+    float64 (one float32 GEMM over 262k rows drifts ~1e-4 relative, which the KL cannot afford)."""
+    out = torch.zeros(p.shape[0], weight.shape[1], dtype=torch.float64, device=p.device)
+    for lo in range(0, weight.shape[0], EXPECTED_BLOCK):
+        out += (p[:, lo:lo + EXPECTED_BLOCK] @ weight[lo:lo + EXPECTED_BLOCK]).double()
+    return out
+
+
+def _is_head_output(logits: torch.Tensor, h: torch.Tensor, head: ReferenceHead) -> bool:
+    """Spot check, once per batch, that ``logits`` (a few rows) are the reference head applied to ``h``:
+    a hook or wrapper that changes the head's input or output sends the KL the rebuilding way."""
+    rebuilt = torch.nn.functional.linear(h, head.head.weight.to(h.device))
+    return torch.allclose(rebuilt, logits.float(), rtol=1e-4, atol=1e-4)
 
 
 class _HeadInput:
@@ -194,9 +289,12 @@ def run_pass(model: Any, windows: Windows, *, reference: Targets | None = None,
     if reference is not None and reference_head is None:
         raise ValueError("a reference needs the reference_head that rebuilds its logits")
     device = input_device(model)
-    acc = _Accumulator(len(windows), reference, reference_head)
+    own = ReferenceHead.of(model).plain_weight() if keep_targets else None
+    summary_kl = reference is not None and reference.summarised and reference_head.shared_with(model)
+    acc = _Accumulator(len(windows), reference, reference_head if reference is not None else None,
+                       keep_targets, own)
     start = time.perf_counter()
-    head_input = _HeadInput(model, keep_targets)
+    head_input = _HeadInput(model, keep_targets or summary_kl)
     with head_input.attached():
         for rows in batches(windows, batch_tokens, boundaries):
             part = windows.subset(rows).trimmed()  # right padding all rows share is not computed

@@ -179,7 +179,9 @@ def prepare(config: RunConfig, session: Session) -> Prepared:
     protocol = {
         "kind": config.protocol, **made.protocol, "n_windows": len(made.windows),
         "scored_tokens": made.windows.n_scored, "dtype": config.dtype,
-        "kl": "exact KL(reference || candidate) over the full vocabulary, mean per scored token",
+        "kl": ("exact KL(reference || candidate) over the full vocabulary, mean per scored token (from the "
+               "reference's sum p log p and expected output embedding where the heads are the same, else "
+               "from rebuilt reference logits; evaluate.py)"),
         "evaluator_version": EVALUATOR_VERSION,
     }
     stack = MitigationStack.of(mitigations, reference=loaded.model, tokenizer=loaded.tokenizer, scheme=scheme,

@@ -55,6 +55,16 @@ def test_reference_cache_garbage_is_detected_and_recomputed(tmp_path, tensor, ga
         assert cache.load_pass(path, 4) is None
 
 
+def test_reference_cache_keeps_the_kl_summary(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    p = tiny_pass()
+    p.targets = Targets(p.targets.hidden, neg_entropy=-torch.rand(124, generator=g, dtype=torch.float64),
+                        expected_embedding=torch.randn(124, 8, generator=g), argmax=torch.arange(124))
+    cache.save_pass(tmp_path / "ref.safetensors", p)
+    back = cache.load_pass(tmp_path / "ref.safetensors", 4).targets
+    assert back.summarised and all(torch.equal(getattr(back, k), getattr(p.targets, k)) for k in vars(p.targets))
+
+
 def test_reference_cache_entry_without_digest_is_recomputed(tmp_path):
     from safetensors.torch import save_file
 

@@ -135,3 +135,77 @@ def test_pick_rows_is_a_view_for_one_contiguous_run_and_a_copy_otherwise():
     for rows in ([1, 2, 4, 5], [0, 2, 1, 3]):  # a gap; the span of a run, shuffled
         picked = pick_rows(flat, torch.tensor(rows))
         assert torch.equal(picked, flat[rows]) and picked.data_ptr() != flat[rows[0]].data_ptr()
+
+
+def _noisy_body(model, scale=0.05, seed=1):
+    """A copy of ``model`` with every weight perturbed but its output head's (the head stays the reference's)."""
+    other = copy.deepcopy(model)
+    head = other.get_output_embeddings().weight
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in other.parameters():
+            if p is not head:
+                p.add_(scale * torch.randn(p.shape, generator=g))
+    return other
+
+
+def _direct_kl(ref_model, cand_model, windows):
+    """KL(reference || candidate) and top-1 agreement in float64 from both models' full logits."""
+    mask = windows.scored[:, 1:]
+    with torch.no_grad():
+        lp = ref_model(input_ids=windows.input_ids).logits[:, :-1][mask].double().log_softmax(-1)
+        lq = cand_model(input_ids=windows.input_ids).logits[:, :-1][mask].double().log_softmax(-1)
+    return float((lp.exp() * (lp - lq)).sum(1).mean()), float((lp.argmax(1) == lq.argmax(1)).double().mean())
+
+
+def test_kl_from_the_reference_summary_matches_the_rebuilt_kl_without_rebuilding(tiny, monkeypatch):
+    """Same head: the KL comes from sum p log p, E_p[W_v] and the candidate's head input (no reference
+    logits rebuilt), and equals the rebuilt-logits KL and a float64 direct KL."""
+    import dataclasses
+
+    evaluate = importlib.import_module("quantsink.evaluate")
+    windows = random_windows(window=24, stride=12)
+    other = _noisy_body(tiny)
+    ref = run_pass(tiny, windows, keep_targets=True)
+    assert ref.targets.summarised and ref.targets.neg_entropy.dtype == torch.float64
+    rebuilt = run_pass(other, windows, reference=dataclasses.replace(ref.targets, expected_embedding=None),
+                       reference_head=ReferenceHead.of(tiny))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("rebuilt the reference logits although the heads are the same")
+
+    monkeypatch.setattr(evaluate._Accumulator, "_rebuilt_kl", refuse)
+    summary = run_pass(other, windows, reference=ref.targets, reference_head=ReferenceHead.of(tiny))
+    direct, agree = _direct_kl(tiny, other, windows)
+    assert direct > 1e-3
+    per_token = (summary.kl - rebuilt.kl) / summary.n_scored  # float32 rounding of L and e . h', ~1e-6 nats
+    assert float(per_token.abs().max()) < 2e-6 and torch.equal(summary.nll, rebuilt.nll)
+    assert summary.summary()["kl"] == pytest.approx(direct, rel=2e-5)
+    assert torch.equal(summary.top1, rebuilt.top1) and summary.summary()["top1_agreement"] == pytest.approx(agree)
+
+
+def test_a_changed_head_output_falls_back_to_rebuilding(tiny):
+    """A hook that changes the head's output (as a soft-cap or a wrapper would) fails the spot check:
+    the KL is rebuilt from the reference logits and stays exact."""
+    windows = random_windows(window=24, stride=12)
+    other = _noisy_body(tiny, scale=0.01)
+    ref = run_pass(tiny, windows, keep_targets=True)
+    handle = other.get_output_embeddings().register_forward_hook(lambda m, a, out: out * 1.3)
+    try:
+        cand = run_pass(other, windows, reference=ref.targets, reference_head=ReferenceHead.of(tiny))
+        direct, _ = _direct_kl(tiny, other, windows)
+    finally:
+        handle.remove()
+    assert cand.summary()["kl"] == pytest.approx(direct, rel=1e-5)
+
+
+def test_the_log_normaliser_is_unbiased_over_a_large_vocabulary():
+    """L = logsumexp(z) over 262,144 float32 logits within 2e-6 of float64, with no drift across rows."""
+    from quantsink.evaluate import normaliser
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(64, 262_144, generator=g) * 3 + 20
+    norm, top = normaliser(z)
+    err = norm.double() - torch.logsumexp(z.double(), -1)
+    assert float(err.abs().max()) < 4e-6 and abs(float(err.mean())) < 5e-7  # L ~ 37: one float32 ulp is 3.8e-6
+    assert torch.equal(top, z.argmax(1))
