@@ -192,10 +192,10 @@ class _Accumulator:
 
     def _summarise(self, z: torch.Tensor, norm: torch.Tensor, top: torch.Tensor) -> None:
         """The reference's side of the KL at these positions: sum p log p, E_p[W_v] (float64 sums), argmax."""
-        logp = z - norm[:, None]
+        logp = z.double() - norm.double()[:, None]
         p = logp.exp()
-        self.kept["neg_entropy"].append((p * logp).nan_to_num_(0.0).sum(1, dtype=torch.float64).cpu())
-        self.kept["expected_embedding"].append(expected_rows(p, self.own).float().cpu())
+        self.kept["neg_entropy"].append((p * logp).nan_to_num_(0.0).sum(1).cpu())
+        self.kept["expected_embedding"].append(expected_rows(p.float(), self.own).float().cpu())
         self.kept["argmax"].append(top.cpu())
 
     def _summary_kl(self, norm: torch.Tensor, h: torch.Tensor, span: slice) -> tuple[torch.Tensor, torch.Tensor]:
