@@ -1,7 +1,7 @@
 # Two commands do everything on a fresh machine (both idempotent):
 #   make demo   -> set up .venv, then `quantsink eval --scheme int8` on smollm2-135m (embedded: needs no hub)
 #   make test   -> set up .venv, then run the test suite
-#   make leaderboard -> sweep grids/default.yaml into results/grid (resumable; 46 min on 2 cores in float32),
+#   make leaderboard -> sweep grids/default.yaml into results/grid (resumable; 29 min on 2 cores in float32),
 #                       then write results/leaderboard.{md,csv,json,html}
 #   make check-html  -> render results/leaderboard.html in headless Chromium and check it
 #                       (needs Debian's chromium: apt-get update && apt-get install -y chromium)
