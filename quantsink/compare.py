@@ -147,10 +147,19 @@ def moved(a: RunRecord, b: RunRecord, top: int = TOP) -> dict[str, Any] | None:
     return changes(sa, sb, top=top)
 
 
+def evaluator_note(a: RunRecord, b: RunRecord) -> str | None:
+    """A caveat when the two runs were scored by different evaluator versions (None when the same)."""
+    va, vb = a.protocol.evaluator_version, b.protocol.evaluator_version
+    if va == vb:
+        return None
+    return (f"A was scored by evaluator {va}, B by evaluator {vb}: scoring alone can move NLL and KL in the "
+            f"last digits (2 -> 3: ~1e-5 nats/token; README, The evaluation protocol)")
+
+
 def compare(a: RunRecord, b: RunRecord, *, top: int = TOP) -> dict[str, Any]:
     """Everything ``quantsink compare`` shows (JSON-ready); refuses runs on different windows."""
     check_pairable(a, b)
     return {"a": side(a), "b": side(b), "windows": _windows(a), "paired": paired(a, b, a.config.min_windows),
-            "per_window": per_window(a, b), "moved": moved(a, b, top),
+            "per_window": per_window(a, b), "moved": moved(a, b, top), "evaluator_note": evaluator_note(a, b),
             "moved_note": "stats.changes from A's candidate statistics to B's (woken = dormant in A, active in B)"}
 

@@ -35,6 +35,15 @@ def test_compare_pairs_windows_and_gives_the_verdict(tmp_path):
     assert shifts == sorted(shifts, reverse=True)
 
 
+def test_compare_notes_runs_scored_by_different_evaluators(tmp_path):
+    records = write_grid(tmp_path)
+    a, b = _pick(records), _pick(records, mitigation="sink-fp")
+    assert compare(a, b)["evaluator_note"] is None
+    old = dataclasses.replace(a, protocol=dataclasses.replace(a.protocol, evaluator_version="2"))
+    note = compare(old, b)["evaluator_note"]
+    assert note.startswith(f"A was scored by evaluator 2, B by evaluator {b.protocol.evaluator_version}")
+
+
 def test_compare_cli_resolves_specs_and_ids(tmp_path):
     records = write_grid(tmp_path)
     narrow = ["--results", str(tmp_path), "--model", "tiny-llama", "--corpus", "python-docs"]

@@ -39,7 +39,7 @@ def paired_lines(result: dict[str, Any]) -> list[str]:
              + ("" if p["noise_floor_measured"] else " (not measured: 0)")]
     deltas = [w["delta_nll_per_token"] for w in result["per_window"]]
     lines.append("  per-window ΔNLL/token: " + " ".join(_f(d, 3) for d in deltas))
-    return lines
+    return lines + ([f"note: {result['evaluator_note']}"] if result["evaluator_note"] else [])
 
 
 def moved_lines(moved: dict[str, Any] | None, top: int) -> list[str]:
