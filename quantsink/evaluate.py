@@ -20,8 +20,9 @@ Protocol (stated again in every record under ``protocol``):
   of its logits ``z' = W h'``: ``sum_v p_v log q_v = e . h' - L'``, so
   ``KL = sum_v p_v log p_v - e . h' + L'`` (float64; 0 where ``h' = h``
   bitwise, floored at 0 against rounding).  Otherwise (a folded, quantized or
-  bfloat16 head) the candidate pass rebuilds the reference logits from ``h``
-  with the reference's own head and sums ``p (log p - log q)``.
+  bfloat16 head; a candidate fed a cached prefix, whose head never sees it) the
+  candidate pass rebuilds the reference logits from ``h`` with the reference's
+  own head and sums ``p (log p - log q)``.
 * ``top1_agreement``: share of scored positions where the candidate's argmax is
   the reference's argmax.
 * Logits are scored in float32 whatever the model dtype: a position's NLL is
