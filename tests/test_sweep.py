@@ -298,7 +298,7 @@ def test_summary_sums_the_pass_times_of_the_runs_it_recorded(tmp_path):
 
     def timed(config, *, session, progress):  # noqa: ANN001,ANN202
         record = sweep_fakes.fake_run(config, session=session, progress=progress)
-        return dataclasses.replace(record, timing={"candidate_s": 2.0, "quantize_s": 0.5})
+        return dataclasses.replace(record, timing={"candidate_s": 2.0, "quantize_s": 0.5, "noise_floor_s": 1.0})
 
     results = tmp_path / "runs"
     planned = _planned(results, "s1,s2")
@@ -307,6 +307,7 @@ def test_summary_sums_the_pass_times_of_the_runs_it_recorded(tmp_path):
     assert summary.ok and n == len(planned) and summary.wall_s > 0
     assert summary.pass_s == 2.0 * n and summary.stages["quantize_s"] == 0.5 * n
     line = _time_line(summary)
-    assert line.startswith(f"time: {summary.wall_s:.0f} s wall, {2 * n} s in candidate passes (wall / passes ")
+    assert line.startswith(f"time: {summary.wall_s:.0f} s wall, {2 * n} s in candidate passes (wall / candidate "
+                           f"passes {summary.wall_s / (2 * n):.2f}, / all passes {summary.wall_s / (3 * n):.2f})")
     assert f"quantize {0.5 * n:.0f} s" in line
     assert sweep(planned, results, run_fn=timed).pass_s == 0  # a second sweep runs nothing

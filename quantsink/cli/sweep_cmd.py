@@ -184,11 +184,22 @@ class SweepProgress:
         self.bar.__exit__(*exc)
 
 
+OTHER_PASSES = ("reference_s", "noise_floor_s")  # forward passes beside the candidates' (the noise floor's null test)
+
+
+def _ratios(summary: Any) -> str:
+    """Wall time over the candidate passes, and over every pass; none when workers ran in parallel
+    (their passes overlap)."""
+    if not summary.pass_s or summary.workers != 1:
+        return ""
+    every = summary.pass_s + sum(summary.stages.get(k, 0.0) for k in OTHER_PASSES)
+    return f" (wall / candidate passes {summary.wall_s / summary.pass_s:.2f}, / all passes {summary.wall_s / every:.2f})"
+
+
 def _time_line(summary: Any) -> str:
     """Wall time vs the candidate passes it bought, and where the rest went."""
     stages = {k: v for k, v in summary.stages.items() if v and k != "candidate_s"}
-    serial = summary.workers == 1  # with workers in parallel the passes overlap: no overhead ratio
-    ratio = f" (wall / passes {summary.wall_s / summary.pass_s:.2f})" if summary.pass_s and serial else ""
+    ratio = _ratios(summary)
     rest = ", ".join(f"{k.removesuffix('_s').replace('_', ' ')} {v:.0f} s" for k, v in stages.items())
     return (f"time: {summary.wall_s:.0f} s wall, {summary.pass_s:.0f} s in candidate passes{ratio}"
             + (f"; summed over the runs: {rest}" if rest else ""))
