@@ -109,7 +109,9 @@ class ReferenceHead:
 
     def plain_weight(self) -> torch.Tensor | None:
         """The head's weight when its logits are ``W h`` in float32 (no bias, no soft-capping), else None."""
-        weight = self.head.weight
+        weight = getattr(self.head, "weight", None)
+        if weight is None:
+            return None
         plain = weight.dtype == torch.float32 and getattr(self.head, "bias", None) is None and not self.softcap
         return weight if plain and type(self.head) is torch.nn.Linear else None
 
