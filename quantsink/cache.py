@@ -68,9 +68,9 @@ def load_pass(path: Path, n_windows: int) -> PassResult | None:
         stored = meta.pop("digest", None)
         if stored != tensor_digest(tensors, meta):
             raise ValueError("digest mismatch" if stored else "no digest")
-        result = PassResult(tensors["nll"], tensors["n_scored"], tensors["nbytes"],
-                            targets=Targets(**{k: v for k, v in tensors.items() if k in TARGETS}), seconds=float(meta.get("seconds", 0)),
-                            extra=json.loads(meta.get("extra", "{}")))
+        targets = Targets(**{name: t for name, t in tensors.items() if name in TARGETS})
+        result = PassResult(tensors["nll"], tensors["n_scored"], tensors["nbytes"], targets=targets,
+                            seconds=float(meta.get("seconds", 0)), extra=json.loads(meta.get("extra", "{}")))
         consistent = (len(result.nll) == n_windows
                       and all(len(t) == int(result.n_scored.sum()) for t in vars(result.targets).values()
                               if t is not None)

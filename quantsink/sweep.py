@@ -477,6 +477,11 @@ class Summary:
         """Seconds of candidate passes in the runs this sweep recorded."""
         return self.stages.get("candidate_s", 0.0)
 
+    @property
+    def all_pass_s(self) -> float:
+        """Seconds of every forward pass over the windows: candidate, reference and noise-floor passes."""
+        return sum(self.stages.get(stage, 0.0) for stage in ("candidate_s", "reference_s", "noise_floor_s"))
+
 
 STAGES = ("load_s", "tokenize_s", "reference_s", "quantize_s", "candidate_s", "noise_floor_s", "lm_eval_s")
 

@@ -184,16 +184,13 @@ class SweepProgress:
         self.bar.__exit__(*exc)
 
 
-OTHER_PASSES = ("reference_s", "noise_floor_s")  # forward passes beside the candidates' (the noise floor's null test)
-
-
 def _ratios(summary: Any) -> str:
     """Wall time over the candidate passes, and over every pass; none when workers ran in parallel
     (their passes overlap)."""
     if not summary.pass_s or summary.workers != 1:
         return ""
-    every = summary.pass_s + sum(summary.stages.get(k, 0.0) for k in OTHER_PASSES)
-    return f" (wall / candidate passes {summary.wall_s / summary.pass_s:.2f}, / all passes {summary.wall_s / every:.2f})"
+    return (f" (wall / candidate passes {summary.wall_s / summary.pass_s:.2f}, "
+            f"/ all passes {summary.wall_s / summary.all_pass_s:.2f})")
 
 
 def _time_line(summary: Any) -> str:
