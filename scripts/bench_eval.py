@@ -83,12 +83,12 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from quantsink import lmeval
+    from quantsink.pipeline import lmeval
     from quantsink.config import RunConfig
-    from quantsink.corpus import load_corpus
-    from quantsink.evaluate import run_pass
-    from quantsink.models import load_model
-    from quantsink.run import PROTOCOLS
+    from quantsink.data.corpus import load_corpus
+    from quantsink.measure.passes import run_pass
+    from quantsink.data.models import load_model
+    from quantsink.pipeline.run import PROTOCOLS
 
     loaded = load_model("smollm2-135m", device="cpu", dtype="float32")
     model, tokenizer = loaded.model, loaded.tokenizer

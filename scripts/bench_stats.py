@@ -47,9 +47,9 @@ def main() -> None:
 
     from quantsink.env import quiet_libraries
     from quantsink.config import RunConfig
-    from quantsink.evaluate import run_pass
-    from quantsink.hooks import StatsCollector
-    from quantsink.run import Session, prepare
+    from quantsink.measure.passes import run_pass
+    from quantsink.measure.collector import StatsCollector
+    from quantsink.pipeline.run import Session, prepare
 
     quiet_libraries()
     config = RunConfig(model=args.model, corpus=args.corpus, max_tokens=args.max_tokens, window=args.window,

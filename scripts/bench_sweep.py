@@ -76,8 +76,8 @@ def alternate(fns: dict[str, Callable[[], Any]], repeats: int) -> tuple[dict[str
 def passes(args: argparse.Namespace, scheme: str) -> dict[str, Any]:
     """Part 1: float / quantized / bf16 / stats passes on the same windows."""
     from quantsink.config import RunConfig
-    from quantsink.evaluate import ReferenceHead, run_pass
-    from quantsink.run import Session, build_candidate, prepare, stats_pass
+    from quantsink.measure.passes import ReferenceHead, run_pass
+    from quantsink.pipeline.run import Session, build_candidate, prepare, stats_pass
 
     base = RunConfig(model=args.model, window=args.window, max_tokens=args.windows * args.window,
                      calib_windows=4, device="cpu", stats=False)
@@ -138,11 +138,12 @@ def passes(args: argparse.Namespace, scheme: str) -> dict[str, Any]:
 
 def sweep_grid(args: argparse.Namespace) -> dict[str, Any]:
     """Part 2: the grid through the sweep machinery, in a fresh store and reference cache."""
-    from quantsink import sweep as sweeps
+    from quantsink.sweep import local as sweeps
+    from quantsink.sweep.grid import Grid
 
     with tempfile.TemporaryDirectory(prefix="bench-sweep-") as tmp:
         os.environ["QUANTSINK_REFERENCE_CACHE"] = str(Path(tmp) / "reference")
-        grid = sweeps.Grid.from_mapping({
+        grid = Grid.from_mapping({
             "models": [args.model], "corpora": ["python-docs"], "schemes": args.schemes,
             "mitigations": args.mitigations, "window": args.window, "max_tokens": args.windows * args.window,
             "calib_windows": 4, "device": "cpu"})
@@ -175,7 +176,7 @@ def main() -> None:
 
     from quantsink.env import quiet_libraries
     from quantsink.schemes import parse_scheme
-    from quantsink.sweep import split_axis
+    from quantsink.sweep.grid import split_axis
 
     args.schemes = list(split_axis("schemes", args.schemes))
     args.mitigations = list(split_axis("mitigations", args.mitigations))

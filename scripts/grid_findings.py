@@ -16,7 +16,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from quantsink.report import leaderboard, read_results, record_effects
+from quantsink.report.leaderboard import leaderboard, read_results, record_effects
 
 
 def sink_table(records: list, found: dict) -> list[str]:

@@ -1,6 +1,6 @@
 """The mitigation grid: {schemes} x {mitigations} on each corpus, one process, one model load.
 
-Every cell is a normal ``quantsink.run`` (record written under --results, with
+Every cell is a normal ``quantsink.pipeline.run`` (record written under --results, with
 ``mitigation_effect`` and ``d_sink``); a cell whose record is already in the
 store is reused, so the script can be stopped and re-run.  Prints (and writes
 with --out) a markdown table per corpus: perplexity, delta_ppl with its 95% CI,
@@ -31,9 +31,9 @@ def cells(schemes: list[str], mitigations: list[str], float_checks: list[str]) -
 
 def run_cell(config, session, store_only=False):
     """-> (record, effects, reused?): the cell's plan run like `quantsink eval` (stored runs reused)."""
-    from quantsink.plan import plan
-    from quantsink.results import find_record
-    from quantsink.sweep import run_config
+    from quantsink.pipeline.plan import plan
+    from quantsink.records.store import find_record
+    from quantsink.pipeline.execute import run_config
 
     reused = all(find_record(config.results, p.run_id) is not None for p in plan([config]))
     if store_only and not reused:
@@ -93,7 +93,7 @@ def main() -> None:
 
     from quantsink.env import quiet_libraries
     from quantsink.config import RunConfig
-    from quantsink.run import Session
+    from quantsink.pipeline.run import Session
 
     quiet_libraries()
     session = Session()

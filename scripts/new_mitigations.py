@@ -13,8 +13,8 @@ import json
 import time
 
 from quantsink.config import RunConfig
-from quantsink.run import Session
-from quantsink.sweep import run_config as evaluate
+from quantsink.pipeline.run import Session
+from quantsink.pipeline.execute import run_config as evaluate
 
 # each mitigated run also evaluates (or reuses) `none` and `sink-fp` on the same windows (mitigation_effect, d_sink)
 MITIGATIONS = ["rotate", "rotate,sink-fp", "cushion", "sink-fp:k=detect"]

@@ -13,7 +13,7 @@ import sys
 import time
 
 from quantsink import RunConfig, evaluate
-from quantsink.run import Session
+from quantsink.pipeline.run import Session
 
 SCHEMES = ["w8a8", "w8a8-tok", "kv4", "w8a8:act_bits=4"]
 MITIGATIONS = ["none", "sink-fp"]

@@ -3,7 +3,7 @@
     python scripts/verdict_changes.py OLD_DIR NEW_DIR [--out results/NOTES-verdicts.md]
 
 OLD_DIR holds schema-1 records (they stored ``mitigation_effect``: percentile bootstrap over 4
-windows, fixed 0.1% margin); NEW_DIR the current records, whose verdicts ``quantsink.effects``
+windows, fixed 0.1% margin); NEW_DIR the current records, whose verdicts ``quantsink.analysis.effects``
 computes (paired t over windows, measured noise floor, ``min_windows``).  Cells are matched on
 (model, corpus, scheme, mitigation).  Prints (or writes) a markdown table of every matched cell
 with both verdicts, and a count of changes by (old -> new).
@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from quantsink.report import leaderboard, read_results, record_effects
+from quantsink.report.leaderboard import leaderboard, read_results, record_effects
 
 
 def old_cells(directory: Path) -> dict[tuple[str, ...], dict[str, Any]]:

@@ -18,8 +18,8 @@ from typing import Any
 
 from quantsink.config import RunConfig, stable_hash
 from quantsink.errors import QuantsinkError
-from quantsink.plan import Planner
-from quantsink.results import RunRecord
+from quantsink.pipeline.plan import Planner
+from quantsink.records.schema import RunRecord
 from synthetic_records import make_record
 
 
@@ -94,7 +94,9 @@ def read_log(path: str) -> list[tuple[str, str, int, float]]:
 
 def sweep_main(results: str, schemes: str, jobs: int = 1) -> None:
     """Entry for a sweep in a subprocess: ``python -c 'import sweep_fakes; sweep_fakes.sweep_main(...)'``."""
-    from quantsink.sweep import Grid, plan, sweep
+    from quantsink.sweep.grid import Grid
+    from quantsink.pipeline.execute import plan
+    from quantsink.sweep.local import sweep
 
     configs = Grid.from_mapping({"models": "m1,m2", "corpora": "c1", "schemes": schemes}).configs({"results": results})
     summary = sweep(plan(configs, PLANNER), results, jobs=jobs, run_fn=fake_run)

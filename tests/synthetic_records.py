@@ -1,4 +1,4 @@
-"""Synthetic run records, built through the record schema (``quantsink.results.RunRecord``) and the
+"""Synthetic run records, built through the record schema (``quantsink.records.schema.RunRecord``) and the
 library's own functions (``plan.canonical``/``run_id_for``, ``Scheme.record``, ``stats.summarize``,
 ``stats.changes``), for report tests and the html check.  Variant runs (``none``, ``sink-fp``) carry
 the run_ids the planner gives them, so effects pair them as they pair real runs."""
@@ -13,12 +13,13 @@ from typing import Any
 
 import torch
 
-from quantsink import stats as S
+from quantsink.measure import stats as S
 from quantsink.config import RunConfig, stable_hash
 from quantsink.errors import UsageError
-from quantsink.plan import canonical, run_id_for
-from quantsink.results import (SCHEMA_VERSION, CorpusRecord, MitigationRecord, ModelRecord, PassRecord,
-                               ProtocolRecord, RunRecord, SchemeRecord, StatsRecord, write_record)
+from quantsink.pipeline.plan import canonical, run_id_for
+from quantsink.records.schema import (SCHEMA_VERSION, CorpusRecord, MitigationRecord, ModelRecord, PassRecord,
+    ProtocolRecord, RunRecord, SchemeRecord, StatsRecord)
+from quantsink.records.store import write_record
 
 LAYERS, HEADS, KV_HEADS, WINDOWS, WINDOW = 6, 4, 2, 8, 128
 

@@ -51,7 +51,7 @@ def test_the_graph_sees_relative_imports():
     deps = graph()
     assert "quantsink.common" not in deps["quantsink.cli"]
     assert {"quantsink.cli.common", "quantsink.cli.eval_cmd"} <= deps["quantsink.cli"]
-    assert "quantsink.env" in deps["quantsink.cli.common"] and "quantsink.sweep" in deps["quantsink.cli.eval_cmd"]
+    assert "quantsink.env" in deps["quantsink.cli.common"] and "quantsink.pipeline.execute" in deps["quantsink.cli.eval_cmd"]
 
 
 def registration(importer: str, imported: str) -> bool:
@@ -90,18 +90,25 @@ def test_a_cycle_would_be_found():
     assert cycles({"quantsink.schemes": {"quantsink.schemes.bnb"}, "quantsink.schemes.bnb": {"quantsink.schemes"}}) == []
 
 
-def test_the_api_functions_run_and_evaluate_survive_their_submodules_loading():
-    """``quantsink.run`` / ``quantsink.evaluate`` are the documented functions, whoever imported the
-    submodules of the same names first (the CLI, a test, the sweep)."""
+def test_no_module_is_named_like_a_public_function():
+    """``import quantsink.X`` always gives a module: no submodule shares a name with the API's functions,
+    and loading every submodule leaves ``quantsink.run`` / ``quantsink.evaluate`` the functions."""
     import importlib
     import types
 
     import quantsink
 
-    modules = importlib.import_module("quantsink.run"), importlib.import_module("quantsink.evaluate")
-    from quantsink import evaluate, run
+    public = {name for name in quantsink.__all__ if callable(getattr(quantsink, name))}
+    names = {p.stem for p in PACKAGE.glob("*.py")} | {p.parent.name for p in PACKAGE.glob("*/__init__.py")}
+    assert public and not (public & names)
+    for module in graph():
+        importlib.import_module(module) if not module.endswith("__main__") else None
+    assert isinstance(quantsink.run, types.FunctionType) and quantsink.run.__module__ == "quantsink.api"
+    assert isinstance(quantsink.evaluate, types.FunctionType)
+    assert isinstance(importlib.import_module("quantsink.pipeline.run"), types.ModuleType)
 
-    assert callable(run) and not isinstance(run, types.ModuleType) and run.__module__ == "quantsink"
-    assert callable(evaluate) and not isinstance(evaluate, types.ModuleType)
-    assert quantsink.run is run and all(isinstance(m, types.ModuleType) for m in modules)
-    assert importlib.import_module("quantsink.run").Session  # the module is still reachable by name
+
+def test_the_package_root_holds_at_most_ten_modules():
+    """The stages are folders (``docs/architecture.md``); the root keeps the API and the shared basics."""
+    root = sorted(p.name for p in PACKAGE.glob("*.py"))
+    assert len(root) <= 10, root

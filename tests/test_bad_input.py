@@ -10,19 +10,19 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from quantsink import models
+from quantsink.data import models
 from quantsink.cli import app
 from quantsink.config import RunConfig
-from quantsink.corpus import load_corpus
+from quantsink.data.corpus import load_corpus
 from quantsink.errors import QuantsinkError, UsageError
-from quantsink.report import write_report
-from quantsink.results import write_record
+from quantsink.report.leaderboard import write_report
+from quantsink.records.store import write_record
 from quantsink.schemes import parse_scheme
-from quantsink.sweep import load_grid
+from quantsink.sweep.grid import load_grid
 from synthetic_records import make_record
 
 runner = CliRunner()
-run_mod = importlib.import_module("quantsink.run")  # the module (the package exports a function `run`)
+run_mod = importlib.import_module("quantsink.pipeline.run")  # the module (the package exports a function `run`)
 
 
 def one_line_error(result, code: int, message: str) -> None:
@@ -237,7 +237,7 @@ def test_report_skips_a_directory_named_json_and_a_record_of_the_wrong_shape(tmp
 
 
 def test_schema_version_as_a_string_is_not_called_newer(tmp_path):
-    from quantsink.results import load_record
+    from quantsink.records.store import load_record
 
     path = tmp_path / "x.json"
     path.write_text(json.dumps({**make_record().to_dict(), "schema_version": "1"}))

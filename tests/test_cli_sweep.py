@@ -10,9 +10,9 @@ import pytest
 from typer.testing import CliRunner
 
 import sweep_fakes
-from quantsink import sweep as sweep_mod
+from quantsink.sweep import local as sweep_mod
 from quantsink.cli import app
-from quantsink.report import COLUMNS, write_report
+from quantsink.report.leaderboard import COLUMNS, write_report
 from synthetic_records import make_record, write_grid
 
 ROOT = Path(__file__).parent.parent
@@ -121,7 +121,7 @@ needs_chromium = pytest.mark.skipif(check_html.chromium() is None,
 
 @needs_chromium
 def test_html_renders_in_headless_chromium_with_table_plots_and_sorting(tmp_path):
-    from quantsink.results import write_record
+    from quantsink.records.store import write_record
 
     write_grid(tmp_path / "runs")
     write_record(make_record(model="<img src=x onerror=alert(1)>", scheme="int8"), tmp_path / "runs")

@@ -8,11 +8,11 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from quantsink import explain as E
+from quantsink.analysis import explain as E
 from quantsink.cli import app
-from quantsink.compare import compare, resolve
+from quantsink.analysis.compare import compare, resolve
 from quantsink.errors import UsageError
-from quantsink.results import write_record
+from quantsink.records.store import write_record
 from synthetic_records import make_record, write_grid
 
 runner = CliRunner()

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from quantsink.corpus import Corpus, TokenStream, load_corpus, sliding_windows, tokenize
+from quantsink.data.corpus import Corpus, TokenStream, load_corpus, sliding_windows, tokenize
 from quantsink.errors import QuantsinkError, UsageError
 
 

@@ -13,13 +13,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from quantsink import cache, models
+from quantsink.measure import cache
+from quantsink.data import models
 from quantsink.cli import app
 from quantsink.config import RunConfig
-from quantsink.evaluate import PassResult, Targets
-from quantsink.report import write_report
-from quantsink.results import write_record
-from quantsink.run import run
+from quantsink.measure.passes import PassResult, Targets
+from quantsink.report.leaderboard import write_report
+from quantsink.records.store import write_record
+from quantsink.pipeline.run import run
 from synthetic_records import make_record
 
 runner = CliRunner()

@@ -7,9 +7,9 @@ import math
 import pytest
 
 from quantsink.config import RunConfig
-from quantsink.effects import Effects, d_sink, effects, mitigation_effect, variant_id
+from quantsink.analysis.effects import Effects, d_sink, effects, mitigation_effect, variant_id
 from quantsink.errors import QuantsinkError
-from quantsink.plan import Planner, plan, variants
+from quantsink.pipeline.plan import Planner, plan, variants
 from synthetic_records import make_record
 
 N = [100, 120, 110, 90, 105, 95, 115, 100]  # 8 windows: the default min_windows

@@ -6,8 +6,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from quantsink.corpus import TokenStream, sliding_windows
-from quantsink.evaluate import ReferenceHead, batches, run_pass
+from quantsink.data.corpus import TokenStream, sliding_windows
+from quantsink.measure.passes import ReferenceHead, batches, run_pass
 
 
 class ConstantLM(torch.nn.Module):
@@ -104,7 +104,7 @@ def test_reference_needs_its_head(tiny):
 
 def test_scoring_in_steps_gives_the_numbers_of_whole_batch_scoring(tiny, monkeypatch):
     """The accumulator scores a batch's positions a few rows at a time: same NLL, KL, top-1."""
-    evaluate = importlib.import_module("quantsink.evaluate")  # the module (the package's evaluate() is the API)
+    evaluate = importlib.import_module("quantsink.measure.passes")  # the module (the package's evaluate() is the API)
 
     windows = random_windows(prefix=0)
     noisy = copy.deepcopy(tiny)
@@ -126,7 +126,7 @@ def test_scoring_in_steps_gives_the_numbers_of_whole_batch_scoring(tiny, monkeyp
 
 
 def test_pick_rows_is_a_view_for_one_contiguous_run_and_a_copy_otherwise():
-    from quantsink.evaluate import pick_rows
+    from quantsink.measure.passes import pick_rows
 
     flat = torch.arange(40.0).view(10, 4)
     run = torch.tensor([3, 4, 5, 6])
@@ -163,7 +163,7 @@ def test_kl_from_the_reference_summary_matches_the_rebuilt_kl_without_rebuilding
     logits rebuilt), and equals the rebuilt-logits KL and a float64 direct KL."""
     import dataclasses
 
-    evaluate = importlib.import_module("quantsink.evaluate")
+    evaluate = importlib.import_module("quantsink.measure.passes")
     windows = random_windows(window=24, stride=12)
     other = _noisy_body(tiny)
     ref = run_pass(tiny, windows, keep_targets=True)
@@ -201,7 +201,7 @@ def test_a_changed_head_output_falls_back_to_rebuilding(tiny):
 
 def test_the_log_normaliser_is_unbiased_over_a_large_vocabulary():
     """L = logsumexp(z) over 262,144 float32 logits within 2e-6 of float64, with no drift across rows."""
-    from quantsink.evaluate import normaliser
+    from quantsink.measure.passes import normaliser
 
     g = torch.Generator().manual_seed(0)
     z = torch.randn(64, 262_144, generator=g) * 3 + 20

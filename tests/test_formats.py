@@ -9,10 +9,10 @@ import math
 import pytest
 import torch
 
-from quantsink import formats as F
-from quantsink.corpus import Windows
+from quantsink.schemes import formats as F
+from quantsink.data.corpus import Windows
 from quantsink.errors import UsageError
-from quantsink.hooks import attach
+from quantsink.hooks.sites import attach
 from quantsink.schemes import SCHEMES, QuantContext, parse_scheme
 from quantsink.schemes import quantize as apply_and_calibrate
 from quantsink.schemes.fp_formats import FloatFormats, FormatQuantizer
@@ -359,7 +359,7 @@ def test_presets_end_to_end_on_tiny_model(spec, tiny_model_dir, tiny_text_file, 
 
     from quantsink import RunConfig
 
-    run_config = importlib.import_module("quantsink.sweep").run_config
+    run_config = importlib.import_module("quantsink.pipeline.execute").run_config
 
     scheme = parse_scheme(spec)
     token_level = bool(scheme.act_bits or scheme.kv_bits)  # weight-only schemes have nothing for sink-fp to keep

@@ -6,10 +6,12 @@ import pytest
 import torch
 from torch import nn
 
-from quantsink import hooks
-from quantsink.corpus import Windows
+from quantsink.hooks import sites as hooks
+from quantsink.data.corpus import Windows
 from quantsink.errors import QuantsinkError
-from quantsink.evaluate import run_pass
+from quantsink.measure.passes import run_pass
+from quantsink.measure.collector import StatsCollector
+from quantsink.hooks.probes import PROBE_PREFIX
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 VOCAB = 96
@@ -97,11 +99,11 @@ def test_attach_detaches_even_when_the_forward_raises():
 def test_collector_restores_attention_and_hooks_when_the_forward_raises():
     model = tiny()
     before = _hook_count(model)
-    collector = hooks.StatsCollector(model, stats_windows=2)
+    collector = StatsCollector(model, stats_windows=2)
     part = windows(2)
     with pytest.raises(ValueError, match="boom"):
         with collector.batch_context(slice(0, 2), part):
-            assert model.config._attn_implementation == hooks.PROBE_PREFIX + "sdpa"  # the same kernel, probed
+            assert model.config._attn_implementation == PROBE_PREFIX + "sdpa"  # the same kernel, probed
             raise ValueError("boom")
     assert model.config._attn_implementation == "sdpa" and _hook_count(model) == before
     with pytest.raises(ValueError, match="straddles"):
@@ -113,7 +115,7 @@ def test_collector_restores_attention_and_hooks_when_the_forward_raises():
 def test_stats_ride_on_the_pass_without_changing_it(kind):
     model, wins = tiny(kind), windows(3)
     plain = run_pass(model, wins, batch_tokens=48)
-    with hooks.StatsCollector(model, stats_windows=2) as collector:
+    with StatsCollector(model, stats_windows=2) as collector:
         probed = run_pass(model, wins, batch_tokens=48, batch_context=collector.batch_context,
                           boundaries=collector.boundaries)
     assert torch.equal(probed.nll, plain.nll)  # bitwise: the probed rows run the same kernels
@@ -137,7 +139,7 @@ def test_planted_massive_activation_becomes_the_extreme_token():
 
     handle = model.model.layers[0].register_forward_hook(plant)
     try:
-        with hooks.StatsCollector(model, stats_windows=2) as collector:
+        with StatsCollector(model, stats_windows=2) as collector:
             run_pass(model, wins, batch_tokens=48, batch_context=collector.batch_context,
                      boundaries=collector.boundaries)
     finally:

@@ -3,8 +3,8 @@
 import pytest
 
 from quantsink.config import RunConfig
-from quantsink.results import load_record
-from quantsink.run import Session, run
+from quantsink.records.store import load_record
+from quantsink.pipeline.run import Session, run
 
 pytestmark = pytest.mark.slow
 

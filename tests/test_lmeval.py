@@ -18,13 +18,13 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import pytest
 import torch
 
-from quantsink import lmeval
+from quantsink.pipeline import lmeval
 from quantsink.config import RunConfig
-from quantsink.corpus import TokenStream, load_corpus, rolling_rows, rolling_windows
+from quantsink.data.corpus import TokenStream, load_corpus, rolling_rows, rolling_windows
 from quantsink.errors import QuantsinkError, UsageError
-from quantsink.evaluate import run_pass
+from quantsink.measure.passes import run_pass
 from quantsink.mitigations import MITIGATIONS, Mitigation
-from quantsink.models import LoadedModel, ModelInfo
+from quantsink.data.models import LoadedModel, ModelInfo
 
 METRICS = ("word_perplexity", "byte_perplexity", "bits_per_byte")  # what a local task reports
 
@@ -254,13 +254,13 @@ def test_sink_token_reaches_lm_eval_through_its_wrapper(tiny: LoadedModel) -> No
 
 
 def session_with(loaded: LoadedModel) -> Any:
-    from quantsink.run import Session
+    from quantsink.pipeline.run import Session
 
     return Session(models={("tiny", "auto", "float32", False): loaded})
 
 
 def test_lm_eval_refuses_input_changing_mitigation(tiny: LoadedModel) -> None:
-    from quantsink.run import run
+    from quantsink.pipeline.run import run
 
     config = RunConfig(model="tiny", scheme="bf16", mitigation="test-input-changer", window=32, max_tokens=64,
                        lm_eval="python-docs", lm_eval_limit=1)
@@ -271,7 +271,7 @@ def test_lm_eval_refuses_input_changing_mitigation(tiny: LoadedModel) -> None:
 
 
 def test_run_records_lm_eval_both_sides(tiny: LoadedModel, tmp_path: Any) -> None:
-    from quantsink.run import run
+    from quantsink.pipeline.run import run
 
     config = RunConfig(model="tiny", scheme="bf16", protocol="lm-eval", window=64, max_tokens=256,
                        lm_eval="python-docs", lm_eval_limit=1, results=str(tmp_path))
@@ -292,7 +292,7 @@ def test_run_records_lm_eval_both_sides(tiny: LoadedModel, tmp_path: Any) -> Non
 
 @pytest.mark.slow
 def test_lm_eval_agreement_smollm2() -> None:
-    from quantsink.models import load_model
+    from quantsink.data.models import load_model
 
     loaded = load_model("smollm2-135m", device="cpu", dtype="float32")
     out = lmeval.evaluate_model(loaded.model, loaded.tokenizer, ["python-docs"], limit=2, max_length=256,

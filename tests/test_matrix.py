@@ -6,8 +6,8 @@ import csv
 import io
 import json
 
-from quantsink.matrix import Cell, cell_text, matrices, ranking
-from quantsink.report import leaderboard, write_report
+from quantsink.report.matrix import Cell, cell_text, matrices, ranking
+from quantsink.report.leaderboard import leaderboard, write_report
 from synthetic_records import grid_records, make_record, write_grid
 
 

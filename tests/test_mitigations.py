@@ -5,10 +5,10 @@ import copy
 import pytest
 import torch
 
-from quantsink.corpus import TokenStream, sliding_windows
+from quantsink.data.corpus import TokenStream, sliding_windows
 from quantsink.errors import UsageError
 from quantsink.mitigations import MITIGATIONS, Env, MitigationStack, canonical_mitigation, parse_mitigations
-from quantsink.hooks import Hook, attach, attached_hooks, hidden_of, layer_sites
+from quantsink.hooks.sites import Hook, attach, attached_hooks, hidden_of, layer_sites
 from quantsink.mitigations._layers import cache_kwarg, output_cache
 from quantsink.mitigations.clip import clip_norms
 from quantsink.mitigations.intact_kv import prefix_length
@@ -313,7 +313,7 @@ def test_sink_fp_detect_keeps_the_detected_positions(tiny):
 def _site_io(model, ids, stack, **inputs):
     """{fqn: (quantizer input, quantizer output)} of every activation / KV quantizer, one forward
     with the run's hooks (``stack.attach``) attached."""
-    from quantsink.hooks import Hook
+    from quantsink.hooks.sites import Hook
     from quantsink.schemes.simulated import quantizers
 
     seen = {}
@@ -408,7 +408,7 @@ def test_intact_kv_leaves_the_prefix_out_of_static_calibration(tiny):
 def test_intact_kv_run_with_stats_keeps_reference_stats_and_says_why_candidate_has_none(
         tiny_model_dir, tiny_text_file, tmp_path):
     from quantsink.config import RunConfig
-    from quantsink.sweep import run_config
+    from quantsink.pipeline.execute import run_config
 
     record, effects = run_config(RunConfig(model=str(tiny_model_dir), corpus=f"file:{tiny_text_file}",
                                            scheme="w8a8-dyn", mitigation="intact-kv", window=32, max_tokens=128,

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from quantsink.corpus import TokenStream, sliding_windows
+from quantsink.data.corpus import TokenStream, sliding_windows
 from quantsink.errors import QuantsinkError, UsageError
 from quantsink.mitigations import Env, MitigationStack, parse_mitigations
 from quantsink.schemes import QuantContext, parse_scheme
@@ -177,7 +177,7 @@ def test_rotate_spreads_a_massive_activation_over_the_channels():
 
 
 def test_rotate_online_hadamard_runs_before_the_schemes_input_quantizer():
-    from quantsink.hooks import attached_hooks
+    from quantsink.hooks.sites import attached_hooks
 
     model = llama()
     stack, candidate, ctx = prepared("rotate", model, scheme="w8a8-dyn")
@@ -308,7 +308,7 @@ def test_sink_fp_detect_keeps_nothing_and_says_so_without_extreme_tokens():
                                         "rotate,sink-fp"])
 def test_new_mitigations_run_end_to_end(tiny_model_dir, tiny_text_file, tmp_path, mitigation):
     from quantsink.config import RunConfig
-    from quantsink.sweep import run_config
+    from quantsink.pipeline.execute import run_config
 
     config = RunConfig(model=str(tiny_model_dir), corpus=f"file:{tiny_text_file}", scheme="w8a8",
                        mitigation=mitigation, max_tokens=128, window=32, calib_windows=2, stats_windows=1,

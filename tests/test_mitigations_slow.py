@@ -3,9 +3,9 @@
 import pytest
 
 from quantsink.config import RunConfig
-from quantsink.results import iter_records
-from quantsink.run import Session
-from quantsink.sweep import run_config
+from quantsink.records.store import iter_records
+from quantsink.pipeline.run import Session
+from quantsink.pipeline.execute import run_config
 
 pytestmark = pytest.mark.slow
 

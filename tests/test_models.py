@@ -1,7 +1,7 @@
 import pytest
 
 from quantsink.errors import QuantsinkError, UsageError
-from quantsink.models import load_model, resolve_device, torch_dtype
+from quantsink.data.models import load_model, resolve_device, torch_dtype
 
 
 def test_local_directory_loads_from_safetensors(tiny_model_dir):
@@ -71,7 +71,7 @@ def test_local_directory_never_asks_the_hub(hub_calls, tiny_model_dir):
 
 def test_offline_comes_from_the_option_or_the_environment(monkeypatch):
     from quantsink.config import RunConfig
-    from quantsink.plan import canonical
+    from quantsink.pipeline.plan import canonical
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     assert canonical(RunConfig()).offline is False and canonical(RunConfig(offline=True)).offline is True

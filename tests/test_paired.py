@@ -5,8 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from quantsink.paired import (MIN_WINDOWS, false_verdict_rate, noise_floor, paired_t, ppl_delta, t_quantile,
-                              verdict)
+from quantsink.measure.paired import (MIN_WINDOWS, false_verdict_rate, noise_floor, paired_t, ppl_delta, t_quantile, verdict)
 
 
 def _windows(n=12, seed=0):

@@ -111,11 +111,11 @@ def test_peers_on_smollm2_perplexity():
     import importlib
 
     from quantsink.config import RunConfig
-    from quantsink.evaluate import run_pass
+    from quantsink.measure.passes import run_pass
 
     quanto = pytest.importorskip("optimum.quanto", reason=MISSING_PEERS)
     _torchao()
-    R = importlib.import_module("quantsink.run")
+    R = importlib.import_module("quantsink.pipeline.run")
     prep = R.prepare(RunConfig(corpus="python-code", max_tokens=512, window=256, calib_windows=2), R.Session())
     model, windows = prep.loaded.model, prep.windows
 
@@ -158,7 +158,7 @@ def wide_range(rows: int = 64, cols: int = 256, seed: int = 0) -> torch.Tensor:
 
 @pytest.mark.parametrize("rounding", ["floor", "ceil"])
 def test_mxfp4_bit_identical_to_torchao(rounding):
-    from quantsink.formats import fake_mxfp4
+    from quantsink.schemes.formats import fake_mxfp4
 
     mx = _mx()
     from torchao.prototype.mx_formats.config import ScaleCalculationMode
@@ -170,7 +170,7 @@ def test_mxfp4_bit_identical_to_torchao(rounding):
 
 
 def test_nvfp4_matches_torchao_except_its_block_scale_clamp():
-    from quantsink import formats as F
+    from quantsink.schemes import formats as F
 
     _mx()
     nv = pytest.importorskip("torchao.prototype.mx_formats.nvfp4_tensor", reason=MISSING_PEERS)
@@ -191,7 +191,7 @@ def test_nvfp4_matches_torchao_except_its_block_scale_clamp():
 
 
 def test_fp8_per_row_bit_identical_to_torchao():
-    from quantsink.formats import fake_fp8
+    from quantsink.schemes.formats import fake_fp8
 
     _torchao()
     qp = pytest.importorskip("torchao.quantization.quant_primitives", reason=MISSING_PEERS)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from quantsink.quant import fake_quant, minmax, qbounds, qparams, quant_dequant
+from quantsink.schemes.quant import fake_quant, minmax, qbounds, qparams, quant_dequant
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 6, 8])

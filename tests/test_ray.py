@@ -11,8 +11,10 @@ import pytest
 
 ray = pytest.importorskip("ray", reason="missing tool: ray (pip install -e '.[ray]', or make test)")
 
-from quantsink.ray_executor import RayOptions  # noqa: E402
-from quantsink.sweep import Grid, plan, sweep  # noqa: E402
+from quantsink.sweep.ray_cluster import RayOptions  # noqa: E402
+from quantsink.sweep.grid import Grid
+from quantsink.pipeline.execute import plan
+from quantsink.sweep.local import sweep  # noqa: E402
 from test_sweep_tiny import TEXT, tiny_model  # noqa: E402,F401 - the tiny Llama fixture, shared
 
 HERE = Path(__file__).parent
@@ -103,7 +105,7 @@ def test_executor_ray_without_ray_says_so_in_one_line(monkeypatch):
     import builtins
 
     from quantsink.errors import UsageError
-    from quantsink.ray_executor import import_ray
+    from quantsink.sweep.ray_cluster import import_ray
 
     real = builtins.__import__
     monkeypatch.setattr(builtins, "__import__",

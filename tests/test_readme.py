@@ -7,7 +7,7 @@ import re
 import typing
 from pathlib import Path
 
-from quantsink.results import RunRecord
+from quantsink.records.schema import RunRecord
 
 README = Path(__file__).parent.parent / "README.md"
 

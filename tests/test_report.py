@@ -10,9 +10,10 @@ import math
 import pandas as pd
 import pytest
 
-from quantsink.effects import effects
-from quantsink.report import leaderboard, row, woken_heads, write_report
-from quantsink.results import SCHEMA_VERSION, write_record
+from quantsink.analysis.effects import effects
+from quantsink.report.leaderboard import leaderboard, row, woken_heads, write_report
+from quantsink.records.schema import SCHEMA_VERSION
+from quantsink.records.store import write_record
 from synthetic_records import make_record, write_grid
 
 EVIL = "<script>alert('x')</script>"
@@ -50,7 +51,7 @@ def test_effect_and_d_sink_come_from_the_variant_records():
 
 
 def test_not_applicable_shows_no_effect_and_bits_name_every_part():
-    from quantsink.effects import Effects
+    from quantsink.analysis.effects import Effects
 
     effect = {"delta_ppl": 0.0, "delta_kl": 0.0, "ci95": [0.0, 0.0], "verdict": "not-applicable"}
     r = row(make_record(mitigation="sink-token"), Effects(mitigation_effect=effect))
@@ -62,7 +63,7 @@ def test_not_applicable_shows_no_effect_and_bits_name_every_part():
 
 
 def test_schemes_record_their_bit_widths():
-    from quantsink.report import bits_label
+    from quantsink.report.leaderboard import bits_label
 
     labels = {spec: bits_label(make_record(scheme=spec))
               for spec in ("w8a8", "kv4", "w8a8-kv8", "int8", "nf4", "bf16")}

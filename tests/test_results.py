@@ -5,7 +5,8 @@ import os
 import pytest
 
 from quantsink.errors import QuantsinkError
-from quantsink.results import SCHEMA_VERSION, RunRecord, iter_records, load_record, write_record
+from quantsink.records.schema import SCHEMA_VERSION, RunRecord
+from quantsink.records.store import iter_records, load_record, write_record
 from synthetic_records import make_record
 
 

@@ -8,9 +8,9 @@ import os
 import pytest
 import torch
 
-from quantsink.corpus import Windows
+from quantsink.data.corpus import Windows
 from quantsink.errors import UsageError
-from quantsink.hooks import attach, attached_hooks
+from quantsink.hooks.sites import attach, attached_hooks
 from quantsink.schemes import SCHEMES, QuantContext, parse_scheme
 from quantsink.schemes import quantize as apply_and_calibrate
 from quantsink.schemes.simulated import ActQuantizer, KVQuantizer, QuantLinear, Simulated, quantizers
@@ -263,7 +263,7 @@ def smollm2_code():
 
     from quantsink.config import RunConfig
 
-    R = importlib.import_module("quantsink.run")
+    R = importlib.import_module("quantsink.pipeline.run")
     config = RunConfig(corpus="python-code", max_tokens=512, window=256, calib_windows=2)
     return R, config, R.Session()
 
@@ -272,7 +272,7 @@ def smollm2_code():
 def test_smollm2_w8a8_record_and_disjoint_calibration(smollm2_code, tmp_path):
     import hashlib
 
-    from quantsink.corpus import tokenize
+    from quantsink.data.corpus import tokenize
 
     R, config, session = smollm2_code
     record = R.run(config.replace(scheme="w8a8", results=str(tmp_path)), session=session)
@@ -294,7 +294,7 @@ def test_smollm2_w8a8_record_and_disjoint_calibration(smollm2_code, tmp_path):
 def test_smollm2_sink_dominates_per_tensor_activations(smollm2_code):
     """FACTS.md: dynamic per-tensor int8 activations hurt; keeping token 0 in float recovers most of it;
     per-token activations and kv8 stay close to the reference."""
-    from quantsink.evaluate import run_pass
+    from quantsink.measure.passes import run_pass
 
     R, config, session = smollm2_code
     prep = R.prepare(config, session)

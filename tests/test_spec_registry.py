@@ -67,7 +67,7 @@ def test_registry_suggests_close_match_and_lists_names():
 
 def test_spellings_of_one_scheme_share_a_run_id():
     from quantsink.config import RunConfig
-    from quantsink.plan import canonical, run_id_for
+    from quantsink.pipeline.plan import canonical, run_id_for
 
     def rid(scheme: str, mitigation: str = "none") -> str:
         return run_id_for(canonical(RunConfig(scheme=scheme, mitigation=mitigation)), "m", "c")

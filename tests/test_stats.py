@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from quantsink import stats as S
+from quantsink.measure import stats as S
 
 
 def test_planted_outlier_found_at_its_channel_and_position():

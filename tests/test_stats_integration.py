@@ -6,7 +6,7 @@ import os
 import pytest
 
 from quantsink.config import RunConfig
-from quantsink.run import Session, run
+from quantsink.pipeline.run import Session, run
 
 pytestmark = pytest.mark.slow
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -21,7 +21,7 @@ def session():
 @pytest.fixture(scope="module")
 def runs(session, tmp_path_factory):
     """int8 with stats, again (reference from cache), and with --no-stats; private reference cache."""
-    import quantsink.cache as cache
+    import quantsink.measure.cache as cache
 
     root = tmp_path_factory.mktemp("reference-cache")
     out = tmp_path_factory.mktemp("runs")
@@ -91,7 +91,7 @@ def test_inspect_cli_profile_compare_and_plots(tmp_path):
 
 
 def _reference_stats(session, **changes):
-    from quantsink.run import prepare, stats_pass
+    from quantsink.pipeline.run import prepare, stats_pass
 
     config = RunConfig(window=256, max_tokens=256, calib_windows=1, stats_windows=1).replace(**changes)
     prep = prepare(config, session)

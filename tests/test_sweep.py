@@ -17,7 +17,9 @@ import pytest
 import sweep_fakes
 from quantsink.config import RunConfig
 from quantsink.errors import UsageError
-from quantsink.sweep import Grid, Store, load_grid, owner_alive, plan, sweep, try_lock
+from quantsink.sweep.grid import Grid, load_grid
+from quantsink.pipeline.execute import Store, plan, try_lock
+from quantsink.sweep.local import owner_alive, sweep
 
 TESTS = Path(__file__).parent
 ROOT = TESTS.parent
@@ -91,7 +93,7 @@ def test_bad_yaml_is_one_line_error(tmp_path):
 def test_default_grid_file_names_only_registered_entries():
     from quantsink.mitigations import MITIGATIONS
     from quantsink.schemes import SCHEMES
-    from quantsink.sweep import validate_names
+    from quantsink.pipeline.execute import validate_names
 
     grid, _ = load_grid(ROOT / "grids" / "default.yaml")
     configs = grid.configs()
@@ -146,7 +148,7 @@ def test_half_written_lock_is_stale_only_after_grace(tmp_path):
 
 def test_reused_pid_with_other_start_time_is_dead():
     me = {"pid": os.getpid(), "host": os.uname().nodename}
-    from quantsink.locks import _start_time
+    from quantsink.records.locks import _start_time
 
     assert owner_alive({**me, "start": _start_time(os.getpid())})
     if _start_time(os.getpid()) is not None:

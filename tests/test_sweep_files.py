@@ -19,12 +19,16 @@ import pytest
 from typer.testing import CliRunner
 
 import sweep_fakes
-from quantsink import sweep as sweep_mod
+from quantsink.pipeline import execute
+from quantsink.sweep import local as sweep_mod
 from quantsink.cli import app
 from quantsink.config import RunConfig
-from quantsink.plan import Planner
-from quantsink.results import SCHEMA_VERSION, write_record
-from quantsink.sweep import Grid, plan, sweep
+from quantsink.pipeline.plan import Planner
+from quantsink.records.schema import SCHEMA_VERSION
+from quantsink.records.store import write_record
+from quantsink.sweep.grid import Grid
+from quantsink.pipeline.execute import plan
+from quantsink.sweep.local import sweep
 from synthetic_records import make_record
 
 TESTS = Path(__file__).parent
@@ -161,7 +165,7 @@ REAL_VARIANTS = Planner(run_id=sweep_fakes.fake_id)  # real canonical specs and 
 
 def eval_like(config: RunConfig, results: Path, fresh: bool) -> None:
     """What `quantsink eval` does: plan, then run the plan in this process."""
-    sweep_mod.run_plan(plan([config], REAL_VARIANTS, fresh=fresh), results, session=None,
+    execute.run_plan(plan([config], REAL_VARIANTS, fresh=fresh), results, session=None,
                        progress=lambda *a: lambda n: None)
 
 
@@ -176,7 +180,7 @@ def in_threads(*targets) -> None:
 
 def test_concurrent_plans_run_a_shared_variant_once(tmp_path, monkeypatch):
     counting = CountingRun()
-    monkeypatch.setattr(sweep_mod, "default_run", counting)
+    monkeypatch.setattr(execute, "default_run", counting)
     configs = [RunConfig(scheme="w8a8", mitigation=m) for m in ("smooth", "clip-residual")]
     in_threads(*(lambda c=c: eval_like(c, tmp_path, fresh=False) for c in configs))
     assert counting.calls == {"smooth": 1, "clip-residual": 1, "none": 1, "sink-fp": 1}
@@ -185,7 +189,7 @@ def test_concurrent_plans_run_a_shared_variant_once(tmp_path, monkeypatch):
 
 def test_plans_that_need_each_other_as_variants_do_not_deadlock(tmp_path, monkeypatch):
     counting = CountingRun()
-    monkeypatch.setattr(sweep_mod, "default_run", counting)
+    monkeypatch.setattr(execute, "default_run", counting)
     configs = [RunConfig(scheme="w8a8", mitigation=m) for m in ("none", "sink-fp")]
     in_threads(*(lambda c=c: eval_like(c, tmp_path, fresh=False) for c in configs))
     assert counting.calls == {"none": 1, "sink-fp": 1}  # one lock held at a time: no cycle to wait on
@@ -211,7 +215,7 @@ def test_written_files_follow_the_umask(tmp_path, mask):
 
 
 def test_converted_model_directory_follows_the_umask(tmp_path, monkeypatch):
-    from quantsink import models
+    from quantsink.data import models
 
     monkeypatch.setenv("QUANTSINK_CACHE", str(tmp_path / "cache"))
     old = os.umask(0o022)
@@ -238,8 +242,8 @@ def fake_prep(max_tokens: int, limit=None):
 
 
 def test_lm_eval_without_a_limit_says_what_it_will_score_and_how_to_limit_it():
-    from quantsink import lmeval
-    from quantsink.corpus import load_corpus
+    from quantsink.pipeline import lmeval
+    from quantsink.data.corpus import load_corpus
 
     docs = load_corpus("python-docs").documents
     first = len(docs[0].encode()) / 4

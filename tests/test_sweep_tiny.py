@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 
 from quantsink.config import RunConfig
-from quantsink.sweep import Grid, plan, sweep
+from quantsink.sweep.grid import Grid
+from quantsink.pipeline.execute import plan
+from quantsink.sweep.local import sweep
 
 TEXT = ("def add(a, b):\n    return a + b\n\n" * 40 + "The sink token takes the attention of dormant heads. " * 40)
 
@@ -60,8 +62,8 @@ def _records(results: Path) -> list[dict]:
 
 
 def test_planned_run_id_is_the_records_run_id(tiny_model, corpora, tmp_path):
-    from quantsink.plan import Identities, canonical
-    from quantsink.run import run
+    from quantsink.pipeline.plan import Identities, canonical
+    from quantsink.pipeline.run import run
 
     planned_run_id = Identities().run_id
     config = RunConfig(model=str(tiny_model), corpus=corpora[0], scheme="BF16", window=16, max_tokens=64,

@@ -91,7 +91,7 @@ def test_resume_continues_the_same_run(tmp_path):
 
 @pytest.mark.parametrize("attention,implementation", [("softmax", "sdpa"), ("relu", "quantsink_relu")])
 def test_model_dir_loads_through_quantsink(trained, attention, implementation):
-    from quantsink.models import load_model
+    from quantsink.data.models import load_model
 
     where, _ = trained[attention]
     loaded = load_model(str(where), device="cpu")
@@ -100,7 +100,7 @@ def test_model_dir_loads_through_quantsink(trained, attention, implementation):
     ids = torch.tensor([[loaded.tokenizer.bos_token_id, *loaded.tokenizer("the cat ")["input_ids"]]])
     from transformers import OPTForCausalLM
 
-    from quantsink.attention import register
+    from quantsink.hooks.attention import register
 
     register()
     direct = OPTForCausalLM.from_pretrained(where, attn_implementation=implementation)
@@ -110,8 +110,8 @@ def test_model_dir_loads_through_quantsink(trained, attention, implementation):
 def test_relu_attention_is_registered_and_used(trained):
     from transformers import AttentionInterface
 
-    from quantsink.attention import RELU
-    from quantsink.models import load_model
+    from quantsink.hooks.attention import RELU
+    from quantsink.data.models import load_model
 
     assert RELU in AttentionInterface._global_mapping
     model = load_model(str(trained["relu"][0]), device="cpu").model
@@ -128,8 +128,8 @@ def test_relu_attention_is_registered_and_used(trained):
 
 
 def test_stats_probes_read_relu_weights_not_a_softmax(trained):
-    from quantsink import hooks
-    from quantsink.models import load_model
+    from quantsink.hooks import sites as hooks
+    from quantsink.data.models import load_model
 
     model = load_model(str(trained["relu"][0]), device="cpu").model
     ids = torch.arange(10)[None]  # (1, T)

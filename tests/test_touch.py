@@ -8,11 +8,11 @@ import dataclasses
 import pytest
 import torch
 
-from quantsink import hooks
+from quantsink.hooks import probes, sites as hooks
 from quantsink.config import RunConfig
 from quantsink.errors import UsageError
 from quantsink.mitigations import MITIGATIONS
-from quantsink.run import Session, build_candidate, candidate_pass, prepare, reference_pass
+from quantsink.pipeline.run import Session, build_candidate, candidate_pass, prepare, reference_pass
 from quantsink.schemes import SCHEMES
 
 
@@ -66,7 +66,7 @@ def test_no_hooks_left_after_any_scheme_and_mitigation(tiny_model_dir, tiny_text
             where = f"{scheme} + {mitigation}"
             assert hooks.attached_hooks(model) == 0 and hooks.attached_hooks(prep.loaded.model) == 0, where
             assert model.config._attn_implementation == prep.loaded.model.config._attn_implementation == "sdpa"
-            assert not hooks._PROBES, where
+            assert not probes._PROBES, where
             ran += 1
     assert ran >= 50
 
@@ -99,7 +99,7 @@ def test_static_ranges_are_observed_with_the_mitigations_attached(tiny_model_dir
 
 @pytest.mark.parametrize("scheme", ["fp32", "w8a8", "kv4"])
 def test_metrics_are_bitwise_the_same_with_and_without_stats(tiny_model_dir, tiny_text_file, session, scheme):
-    from quantsink.run import evaluate
+    from quantsink.pipeline.run import evaluate
 
     records = {stats: evaluate(_config(tiny_model_dir, tiny_text_file, scheme=scheme, stats=stats,
                                        stats_windows=2, max_tokens=96), session).to_dict()

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from quantsink.config import RunConfig
-from quantsink.sweep import run_config
+from quantsink.pipeline.execute import run_config
 
 
 def _config(tiny_model_dir, tiny_text_file, tmp_path, **changes):

@@ -68,7 +68,7 @@ def compare_command(
 ) -> None:
     """Two runs on the same model, corpus and windows: paired per-window deltas with the interval and
     verdict, KL and top-1 side by side, and the extreme-token statistics that moved most."""
-    from ..compare import compare, resolve
+    from quantsink.analysis.compare import compare, resolve
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # files that are no current records are skipped silently here

@@ -101,7 +101,7 @@ def effect_table(record: Any, effects: Any) -> Table:
 
 def plan_table(planned: list[Any], results: str) -> Table:
     """``--dry-run``: every run the command would perform, and whether the store has it."""
-    from ..results import Store
+    from quantsink.records.store import Store
 
     store = Store(Path(results))
     table = Table(title=f"{len(planned)} planned runs -> {results}", title_justify="left",
@@ -129,8 +129,8 @@ def eval_command(config: RunConfig,
     With a mitigation, the same scheme without it runs too (mitigation_effect); with a scheme that
     quantizes tokens, also with sink-fp (d_sink); recorded runs are reused.  --dry-run lists them."""
     from ..errors import UsageError
-    from ..plan import plan
-    from ..sweep import invalid_pair, run_config
+    from quantsink.pipeline.plan import plan
+    from quantsink.pipeline.execute import invalid_pair, run_config
 
     quiet()
     why = invalid_pair(config)  # refused in one line before anything is hashed or loaded

@@ -1,4 +1,4 @@
-"""``quantsink explain [RUN]``: renders :mod:`quantsink.explain` (tables, summary, ``--json``, ``--plot``)."""
+"""``quantsink explain [RUN]``: renders :mod:`quantsink.analysis.explain` (tables, summary, ``--json``, ``--plot``)."""
 
 from __future__ import annotations
 
@@ -90,7 +90,7 @@ def _span(part: str) -> range:
 
 
 def _from_record(run: str, results: str) -> Any:
-    from ..compare import resolve
+    from quantsink.analysis.compare import resolve
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -113,7 +113,7 @@ def explain_command(
 ) -> None:
     """Where the damage comes from: per quantized site the range with and without the extreme tokens;
     per position the NLL increase; d_sink split by layer; a short summary."""
-    from .. import explain as E
+    from quantsink.analysis import explain as E
     from ..errors import UsageError
     from ..io import atomic_write_bytes
 
@@ -141,8 +141,8 @@ def explain_command(
 
 
 def _stored_d_sink(record: Any, results: str) -> dict[str, Any] | None:
-    from ..effects import effects
-    from ..results import find_record
+    from quantsink.analysis.effects import effects
+    from quantsink.records.store import find_record
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -94,7 +94,7 @@ def inspect_command(config: RunConfig,
                     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout.")) -> None:
     """Per-layer extreme-token profile (peak ratio, massive activation, sink score, value drain, dormant
     heads) on the first --stats-windows windows; with a --scheme other than fp32, what it changes."""
-    from ..inspection import inspect, write_plots
+    from quantsink.analysis.inspection import inspect, write_plots
 
     quiet()
     report, maps = inspect(config, compare_corpus, top)

@@ -36,13 +36,13 @@ def _schemes() -> Any:
 
 
 def _models() -> Any:
-    from ..models import MODELS
+    from quantsink.data.models import MODELS
 
     return MODELS
 
 
 def _corpora() -> Any:
-    from ..corpus import CORPORA
+    from quantsink.data.corpus import CORPORA
 
     return CORPORA
 
@@ -54,7 +54,7 @@ def _mitigations() -> Any:
 
 
 def _tasks() -> Any:
-    from ..lmeval import TASKS
+    from quantsink.pipeline.lmeval import TASKS
 
     return TASKS
 

@@ -14,9 +14,9 @@ from typing import Any, Callable, Optional
 import typer
 from rich.table import Table
 
-from ..config import RunConfig
-from ..errors import UsageError
-from ..sweep import common_fields
+from quantsink.config import RunConfig
+from quantsink.errors import UsageError
+from quantsink.sweep.grid import common_fields
 from .common import _cli_type, app, err, friendly, out, quiet
 
 
@@ -71,8 +71,10 @@ def sweep_command(
 ) -> None:
     """Run a grid of (model x corpus x scheme x mitigation); resumable, skips runs already recorded."""
     quiet()
-    from ..results import check_writable_dir
-    from ..sweep import Grid, invalid_runs, load_grid, plan, validate_names
+    from quantsink.records.store import check_writable_dir
+    from quantsink.sweep.grid import Grid, load_grid
+    from quantsink.pipeline.execute import invalid_runs, validate_names
+    from quantsink.sweep import local as sweeps
 
     grid, options = load_grid(grid_file) if grid_file else (Grid({}), {})
     cli_axes = {"models": models, "schemes": schemes, "mitigations": mitigations, "corpora": corpora}
@@ -85,7 +87,7 @@ def sweep_command(
     check_writable_dir(results, "--results")
     configs = grid.configs({**common, "results": results})
     validate_names(configs)
-    planned = plan(configs)
+    planned = sweeps.plan(configs)
     invalid = invalid_runs(planned)
     if dry_run:
         out.print(_plan_table(planned, results, invalid))
@@ -106,7 +108,7 @@ def _ray_options(executor: str | None, address: str | None, num_cpus: float | No
         raise UsageError(f"--executor {executor!r}: use local or ray")
     if executor == "local":
         return None
-    from ..ray_executor import RayOptions, import_ray
+    from quantsink.sweep.ray_cluster import RayOptions, import_ray
 
     import_ray()  # one line when Ray is missing, before anything runs
     given = {"address": address, "num_cpus": num_cpus, "num_gpus": num_gpus}
@@ -115,7 +117,7 @@ def _ray_options(executor: str | None, address: str | None, num_cpus: float | No
 
 
 def _plan_table(planned: list[Any], results: str, invalid: dict[int, str]) -> Table:
-    from ..sweep import Store
+    from quantsink.records.store import Store
 
     store = Store(Path(results))
     table = Table(title=f"{len(planned)} runs -> {results}")
@@ -203,7 +205,7 @@ def _time_line(summary: Any) -> str:
 
 
 def _run_sweep(planned: list[Any], results: str, jobs: int, ray: Any = None) -> None:
-    from .. import sweep as sweeps
+    from quantsink.sweep import local as sweeps
 
     store = sweeps.Store(Path(results))
     with warnings.catch_warnings():
@@ -245,7 +247,7 @@ def report_command(
                                           "<!-- leaderboard:start/end --> markers of this file."),
 ) -> None:
     """Leaderboard (md, csv, json, self-contained html with plots) from every record in --results."""
-    from ..report import update_readme, write_report
+    from quantsink.report.leaderboard import update_readme, write_report
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, ContextManager, Iterator
 
 from ..errors import UsageError
-from ..hooks import attach
+from quantsink.hooks.sites import attach
 from ..registry import Registry
 from ..spec import Spec, build, params_of, split_specs
 

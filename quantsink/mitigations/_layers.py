@@ -1,4 +1,4 @@
-"""Generic access to a model's KV cache arguments (sites and hooks live in :mod:`quantsink.hooks`)."""
+"""Generic access to a model's KV cache arguments (sites and hooks live in :mod:`quantsink.hooks.sites`)."""
 
 from __future__ import annotations
 

@@ -22,7 +22,7 @@ from typing import Any, Iterator, Literal
 import torch
 
 from . import Env, Mitigation, register
-from ..hooks import attach, hidden_of, layer_sites, with_hidden
+from quantsink.hooks.sites import attach, hidden_of, layer_sites, with_hidden
 
 
 def clip_norms(h: torch.Tensor, tau: float | None, bound: float | None,

@@ -31,7 +31,7 @@ from typing import Any, ClassVar, ContextManager, Iterator
 import torch
 
 from ..errors import QuantsinkError
-from ..hooks import FQN, Hook, attach
+from quantsink.hooks.sites import FQN, Hook, attach
 from ..schemes import default_filter
 from . import Env, Mitigation, register
 from ._layers import cache_kwarg

@@ -21,7 +21,7 @@ from typing import Any, ClassVar, Iterator
 
 import torch
 
-from ..hooks import Hook, attach
+from quantsink.hooks.sites import Hook, attach
 from . import Env, Mitigation, register
 from ._layers import cache_kwarg, output_cache
 

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from ..errors import QuantsinkError
-from ..hooks import FQN, Hook, attach, sites
+from quantsink.hooks.sites import FQN, Hook, attach, sites
 from . import Env, Mitigation, register
 
 TOLERANCE = 1e-2  # refuse when the float logits move by more than this share of the max |logit|

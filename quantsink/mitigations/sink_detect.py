@@ -26,7 +26,7 @@ from typing import Any, Iterator
 
 import torch
 
-from ..hooks import attach, hidden_of, layer_sites
+from quantsink.hooks.sites import attach, hidden_of, layer_sites
 
 MAX_LISTED = 32  # positions listed per window in the record
 

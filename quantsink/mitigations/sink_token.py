@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..corpus import Windows
+from quantsink.data.corpus import Windows
 from ..errors import UsageError
 from . import Env, Mitigation, register
 
@@ -55,7 +55,7 @@ class SinkToken(Mitigation):
 
     def wrap_for_lm_eval(self, model: Any, tokenizer: Any) -> Any:
         """lm-eval sees the sink token too: prepended inside the model's forward."""
-        from ..lmeval import prepend_token
+        from quantsink.pipeline.lmeval import prepend_token
 
         return prepend_token(model, resolve_token(tokenizer, self.token)[0])
 

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from ..errors import QuantsinkError
-from ..hooks import Hook, attach
+from quantsink.hooks.sites import Hook, attach
 from ..schemes import default_filter
 from . import Env, Mitigation, register
 

@@ -148,7 +148,7 @@ def replace_linears(model: Any, ctx: QuantContext, make: Callable[[Any], Any]) -
 def quantize(scheme: Scheme, model: Any, ctx: QuantContext) -> Any:
     """``scheme.apply`` then ``scheme.calibrate`` with the scheme's own hooks attached (no mitigations:
     a run goes through ``run.build_candidate``, which attaches them too)."""
-    from ..hooks import attach
+    from quantsink.hooks.sites import attach
 
     model = scheme.apply(model, ctx)
     with attach(model, ctx.hooks):

@@ -84,7 +84,7 @@ class Bnb4bit(Scheme):
     def apply(self, model: Any, ctx: QuantContext) -> Any:
         import bitsandbytes as bnb
 
-        from ..models import torch_dtype
+        from quantsink.data.models import torch_dtype
 
         def make(lin: Any) -> Any:
             new = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,

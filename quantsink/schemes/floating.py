@@ -24,7 +24,7 @@ class FloatScheme(Scheme):
         return {"weights": bits, "activations": bits, "kv": bits}
 
     def apply(self, model: Any, ctx: QuantContext) -> Any:
-        from ..models import torch_dtype
+        from quantsink.data.models import torch_dtype
 
         return model.to(torch_dtype(self.dtype))
 

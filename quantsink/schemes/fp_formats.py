@@ -1,4 +1,4 @@
-"""Float formats in simulated quantization: FP8 (E4M3), MXFP4 and NVFP4 (the arithmetic: ``quantsink.formats``).
+"""Float formats in simulated quantization: FP8 (E4M3), MXFP4 and NVFP4 (the arithmetic: ``quantsink.schemes.formats``).
 
 ``FloatFormats`` is ``Simulated`` with an element format per part (``w_fmt``, ``act_fmt``,
 ``kv_fmt``; ``int`` keeps the integer grid), so weights, activations and the KV cache act at the
@@ -25,7 +25,7 @@ from typing import Any, Callable, Literal
 import torch
 from torch import nn
 
-from .. import formats as F
+from quantsink.schemes import formats as F
 from ..errors import QuantsinkError
 from . import register
 from .simulated import ActQuantizer, KeepFp, Simulated, key_site_doc

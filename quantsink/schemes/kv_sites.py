@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import QuantsinkError
-from ..hooks import FQN, Hook
+from quantsink.hooks.sites import FQN, Hook
 
 
 class RopeFrame:

@@ -37,8 +37,8 @@ import torch
 from torch import nn
 
 from ..errors import QuantsinkError, UsageError
-from ..hooks import Hook
-from ..quant import fake_quant, keep_rows, qparams, quant_dequant
+from quantsink.hooks.sites import Hook
+from quantsink.schemes.quant import fake_quant, keep_rows, qparams, quant_dequant
 from . import QuantContext, Scheme, register
 from .kv_sites import key_norm_note, post_rope
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..attention import RELU, register
+from quantsink.hooks.attention import RELU, register
 from ..registry import Registry
 from .data import BigramBackcopy
 

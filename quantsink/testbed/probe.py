@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .. import hooks
+from quantsink.hooks import sites as hooks
 from .data import BigramBackcopy
 
 DORMANT = 0.89

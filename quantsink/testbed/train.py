@@ -186,7 +186,7 @@ class Run:
     def __init__(self, config: TrainConfig):
         import torch
 
-        from ..models import resolve_device
+        from quantsink.data.models import resolve_device
 
         self.config = config
         self.device = resolve_device(config.device)

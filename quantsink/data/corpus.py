@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import QuantsinkError
-from .registry import Registry
+from quantsink.errors import QuantsinkError
+from quantsink.registry import Registry
 
 SEPARATOR = "\n\n"  # between documents of one corpus
 

@@ -27,10 +27,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .errors import QuantsinkError
-from .paired import MIN_WINDOWS, paired_t, ppl_delta, verdict
-from .plan import SINK_FP, run_id_for, variant, variants
-from .results import RunRecord
+from quantsink.errors import QuantsinkError
+from quantsink.measure.paired import MIN_WINDOWS, paired_t, ppl_delta, verdict
+from quantsink.pipeline.plan import SINK_FP, run_id_for, variant, variants
+from quantsink.records.schema import RunRecord
 
 D_SINK = ("NLL per scored token with the scheme applied everywhere minus with the sink position "
           "(position 0) kept in full precision by sink-fp; nats/token")

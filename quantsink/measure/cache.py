@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from .evaluate import PassResult, Targets
-from .io import atomic_path, cache_root
+from quantsink.measure.passes import PassResult, Targets
+from quantsink.io import atomic_path, cache_root
 
 
 TARGETS = {f.name for f in fields(Targets)}

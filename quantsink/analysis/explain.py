@@ -33,7 +33,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
-from .errors import UsageError
+from quantsink.errors import UsageError
 
 SCALE_RATIO = 4.0  # absmax / absmax without extreme tokens at which the sink sets a site's scale
 BUCKETS = ((1, 4), (5, 32), (33, None))  # scored target positions (1-based from the sink at 0)
@@ -124,7 +124,7 @@ def _mean(values: Iterable[float]) -> float:
 def layer_view(full: list[float], per_layer: dict[int, list[float]], n_scored: list[int],
                whole: float) -> list[dict[str, Any]]:
     """``d_sink`` split by layer: per block, NLL/token(full) - NLL/token(sink kept at that block only)."""
-    from .paired import paired_t
+    from quantsink.measure.paired import paired_t
 
     rows = []
     for layer, nll in per_layer.items():
@@ -208,8 +208,8 @@ class ScopedKeep:
 
 def scope_quantizers(model: Any) -> Scope:
     """Put every activation / KV quantizer of a simulated candidate behind one ``Scope`` (layer by layer)."""
-    from .hooks import find_blocks
-    from .schemes.simulated import ActQuantizer, KVQuantizer
+    from quantsink.hooks.sites import find_blocks
+    from quantsink.schemes.simulated import ActQuantizer, KVQuantizer
 
     scope = Scope()
     for i, block in enumerate(find_blocks(model)):
@@ -223,7 +223,7 @@ def token_nll(model: Any, windows: Any, batch_tokens: int) -> tuple[list[float],
     """Per scored target token, in window order: (NLL, its position, its window)."""
     import torch
 
-    from .evaluate import batches, input_device
+    from quantsink.measure.passes import batches, input_device
 
     device, nll, pos, win = input_device(model), [], [], []
     with torch.inference_mode():
@@ -252,7 +252,7 @@ class Measurement:
     """The passes behind the position and layer views: reference, candidate, candidate with the sink kept."""
 
     def __init__(self, config: Any, session: Any = None, progress: Callable[[str], None] = lambda s: None):
-        from .run import Session, prepare
+        from quantsink.pipeline.run import Session, prepare
 
         self.progress = progress
         self.prep = prepare(config.replace(stats=True), session or Session())
@@ -262,7 +262,7 @@ class Measurement:
                              f"(e.g. w8a8, w8a8-dyn, kv4) or use --record-only")
 
     def reference(self) -> tuple[dict[str, Any] | None, list[float], list[int], list[int]]:
-        from .run import reference_pass
+        from quantsink.pipeline.run import reference_pass
 
         result, _ = reference_pass(self.prep, lambda stage, total: (lambda n: None))
         self.progress("reference (per token)")
@@ -270,8 +270,8 @@ class Measurement:
         return result.extra.get("stats"), nll, pos, win
 
     def candidate(self) -> tuple[Any, Scope, Any]:
-        from .run import quantized_copy
-        from .schemes import QuantContext
+        from quantsink.pipeline.run import quantized_copy
+        from quantsink.schemes import QuantContext
 
         ctx = QuantContext(calibration=self.prep.mitigations.calibration, keep_fp_positions=SINK)
         model, ctx = quantized_copy(self.prep, ctx)
@@ -279,7 +279,7 @@ class Measurement:
 
     def ranges(self, model: Any, scope: Scope, ctx: Any) -> dict[str, dict[Any, tuple[Any, Any]]]:
         """Static ranges with the sink in (``none``) and out (``all``) of every quantizer's calibration."""
-        from .schemes.simulated import ActQuantizer, quantizers
+        from quantsink.schemes.simulated import ActQuantizer, quantizers
 
         if not getattr(self.prep.scheme, "needs_calibration", lambda: False)():
             return {}
@@ -305,7 +305,7 @@ class Measurement:
 
 
 def n_layers(model: Any) -> int:
-    from .hooks import find_blocks
+    from quantsink.hooks.sites import find_blocks
 
     return len(find_blocks(model))
 
@@ -334,7 +334,7 @@ def measure(config: Any, layers: Iterable[int] | None = None, *, session: Any = 
 
 def measured_views(data: dict[str, Any]) -> dict[str, Any]:
     """Position and layer views (and the whole d_sink) from ``measure``'s per-token NLLs."""
-    from .paired import paired_t
+    from quantsink.measure.paired import paired_t
 
     n, win = data["n_windows"], data["windows"]
     sums = {k: window_sums(data[k], win, n) for k in ("ref", "full", "kept")}
@@ -374,8 +374,8 @@ def _run(config: Any, model: str, run_id: str | None) -> dict[str, Any]:
 
 def scheme_record(config: Any) -> Any:
     """The ``SchemeRecord`` a run of ``config`` would store (for the sites view without a record)."""
-    from .results import SchemeRecord
-    from .schemes import parse_scheme
+    from quantsink.records.schema import SchemeRecord
+    from quantsink.schemes import parse_scheme
 
     return SchemeRecord.of(parse_scheme(config.scheme).record(), {})
 

@@ -2,7 +2,7 @@
 
 The paper's three phenomena (Guo et al. 2024, "Active-Dormant Attention Heads";
 Sun et al. 2024, "Massive Activations"), per window, per layer and per head.
-Nothing here touches a model: ``quantsink.hooks`` gathers the tensors and calls
+Nothing here touches a model: ``quantsink.hooks.sites`` gathers the tensors and calls
 these functions.  Definitions (also written into every record under
 ``stats.protocol``):
 

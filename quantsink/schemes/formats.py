@@ -34,7 +34,7 @@ from typing import Literal
 
 import torch
 
-from .quant import Granularity, blocked  # one block view for integer and float formats
+from quantsink.schemes.quant import Granularity, blocked  # one block view for integer and float formats
 
 E4M3_MAX = 448.0
 E2M1_MAX = 6.0

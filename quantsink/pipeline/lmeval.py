@@ -13,7 +13,7 @@ candidate (mitigations attached) and on the reference, and stores per task under
 
 Local tasks (``python-docs``, ``python-code``) are lm-eval YAML files shipped in
 ``quantsink/tasks/`` (package data; ``tasks/`` at the repo root links to it).  Their
-data files are generated at run time from ``quantsink.corpus`` into
+data files are generated at run time from ``quantsink.data.corpus`` into
 ``$QUANTSINK_CACHE/lm_eval_tasks/<task>-v<version>-<corpus sha>-<yaml hash>/`` (deterministic,
 never from a hub).  Any other name is looked up among lm-eval's built-in tasks
 (wikitext, hellaswag, ...), which need the hub: offline they fail in one line.
@@ -40,11 +40,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from .config import EVALUATOR_VERSION, stable_hash
-from .corpus import TokenStream, Windows, encode, load_corpus, rolling_windows
-from .errors import QuantsinkError, UsageError
-from .io import atomic_write_text, cache_root
-from .registry import Registry
+from quantsink.config import EVALUATOR_VERSION, stable_hash
+from quantsink.data.corpus import TokenStream, Windows, encode, load_corpus, rolling_windows
+from quantsink.errors import QuantsinkError, UsageError
+from quantsink.io import atomic_write_text, cache_root
+from quantsink.registry import Registry
 
 PROTOCOL = ("lm-eval loglikelihood_rolling (HFLM): each document tokenized alone (tokenizer defaults), "
             "disjoint windows of max_length tokens, the prefix token (BOS, else EOS) before the first "
@@ -324,7 +324,7 @@ def quantsink_bpb(model: Any, tokenizer: Any, texts: Sequence[str], *, length: i
 
     ``nbytes``: the byte count lm-eval used (default: the bytes of ``texts``), so the two
     bits-per-byte figures share their denominator and differ only by the summed NLL."""
-    from .evaluate import run_pass
+    from quantsink.measure.passes import run_pass
 
     windows = document_windows(texts, tokenizer, length)
     if mitigations is not None:

@@ -19,21 +19,23 @@ from typing import Any, Callable
 
 import torch
 
-from . import cache
-from .attention import DECLARED
-from .config import EVALUATOR_VERSION, RunConfig, __version__, stable_hash
-from .corpus import Corpus, TokenStream, Windows, load_corpus, sliding_windows, tokenize
-from .errors import QuantsinkError
-from .evaluate import PassResult, ReferenceHead, run_pass
-from .hooks import StatsCollector, attention_implementation, stats_settings
-from .mitigations import MitigationStack, parse_mitigations
-from .models import LoadedModel, check_window, load_model, resolve_device
-from .plan import canonical, run_id_for
-from .registry import Registry
-from .results import (SCHEMA_VERSION, CorpusRecord, MitigationRecord, ModelRecord, PassRecord, ProtocolRecord,
-                      RunRecord, SchemeRecord, StatsRecord, check_writable_dir, write_record)
-from .stats import changes as stats_changes
-from .schemes import QuantContext, Scheme, parse_scheme
+from quantsink.measure import cache
+from quantsink.hooks.attention import DECLARED
+from quantsink.config import EVALUATOR_VERSION, RunConfig, __version__, stable_hash
+from quantsink.data.corpus import Corpus, TokenStream, Windows, load_corpus, sliding_windows, tokenize
+from quantsink.errors import QuantsinkError
+from quantsink.measure.passes import PassResult, ReferenceHead, run_pass
+from quantsink.measure.collector import StatsCollector, stats_settings
+from quantsink.hooks.probes import attention_implementation
+from quantsink.mitigations import MitigationStack, parse_mitigations
+from quantsink.data.models import LoadedModel, check_window, load_model, resolve_device
+from quantsink.pipeline.plan import canonical, run_id_for
+from quantsink.registry import Registry
+from quantsink.records.schema import (SCHEMA_VERSION, CorpusRecord, MitigationRecord, ModelRecord, PassRecord,
+    ProtocolRecord, RunRecord, SchemeRecord, StatsRecord)
+from quantsink.records.store import check_writable_dir, write_record
+from quantsink.measure.stats import changes as stats_changes
+from quantsink.schemes import QuantContext, Scheme, parse_scheme
 
 Progress = Callable[[str, int], Callable[[int], None]]
 
@@ -136,7 +138,7 @@ def fixed_windows(config: RunConfig, corpus: Corpus, tokenizer: Any) -> Windowin
 def lm_eval_windows(config: RunConfig, corpus: Corpus, tokenizer: Any) -> Windowing:
     """lm-eval's rolling windows (``corpus.rolling_windows``) over whole documents in corpus
     order, up to the first document that reaches ``--max-tokens``."""
-    from . import lmeval
+    from quantsink.pipeline import lmeval
 
     docs, tokens = [], 0
     for text in corpus.documents:
@@ -275,8 +277,8 @@ NOOP_KERNEL = {"sdpa": "eager", "eager": "sdpa"}  # attention kernel -> the floa
 def noise_floor_pass(prep: Prepared, model: Any, candidate: PassResult) -> dict[str, Any]:
     """The candidate's noise floor: the same pass again with the other attention kernel and one window
     per forward (float-level no-ops), and what that moves the NLL by (``paired.noise_floor``)."""
-    from .evaluate import run_pass
-    from .paired import noise_floor, ppl_delta
+    from quantsink.measure.passes import run_pass
+    from quantsink.measure.paired import noise_floor, ppl_delta
 
     before = model.config._attn_implementation
     other = NOOP_KERNEL.get(before, before if before in DECLARED.values() else "eager")  # ReLU has no twin
@@ -376,7 +378,7 @@ def run(config: RunConfig, *, session: Session | None = None, progress: Progress
 def evaluate(config: RunConfig, session: Session, progress: Progress = _no_progress) -> RunRecord:
     """One reference-vs-candidate comparison -> its record (nothing written)."""
     if config.lm_eval:
-        from . import lmeval
+        from quantsink.pipeline import lmeval
 
         lmeval.check(lmeval.task_names(config.lm_eval), parse_mitigations(config.mitigation))  # before any load
     prep = prepare(config, session)
@@ -398,7 +400,7 @@ def evaluate(config: RunConfig, session: Session, progress: Progress = _no_progr
         timing["noise_floor_s"] = time.perf_counter() - t0
     downstream = None
     if config.lm_eval:
-        from . import lmeval
+        from quantsink.pipeline import lmeval
 
         t0 = time.perf_counter()
         downstream = lmeval.evaluate_run(prep, model)

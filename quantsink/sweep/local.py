@@ -39,7 +39,6 @@ How a sweep stays correct when killed, restarted or run twice at once:
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 import uuid
@@ -48,241 +47,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from .config import RunConfig, check_types
-from .errors import QuantsinkError, UsageError
-from .plan import PlannedRun, check_run_id, plan
-from .locks import owner_alive, release, try_lock  # noqa: F401  (sweeps claim runs with them)
-from .results import RunRecord, Store, check_writable_dir, find_record
-from .spec import split_specs
 
-AXES = {"models": "model", "corpora": "corpus", "schemes": "scheme", "mitigations": "mitigation"}
-SWEEP_KEYS = ("results", "jobs", "subgrids", "executor", "address", "num_cpus", "num_gpus")
+from quantsink.pipeline.plan import PlannedRun, check_run_id, plan  # noqa: F401  (the CLI plans through this seam)
+from quantsink.records.locks import owner_alive, release, try_lock  # noqa: F401  (sweeps claim runs with them)
+from quantsink.pipeline.execute import default_run
+from quantsink.records.schema import RunRecord
+from quantsink.records.store import Store
+
 Emit = Callable[..., None]
 RunFn = Callable[..., RunRecord]
 
-
-# --------------------------------------------------------------------------- grid
-
-
-def common_fields() -> list[str]:
-    """RunConfig fields a grid may set for every run (all but the four axes)."""
-    return [f.name for f in dataclasses.fields(RunConfig) if f.name not in AXES.values()]
-
-
-def split_axis(axis: str, value: Any) -> tuple[str, ...]:
-    """One axis of a grid -> its entries.  A string is comma-separated (a spec's ``key=value``
-    parts stay with it); a YAML list gives one entry per item.  ``+`` composes mitigations."""
-    if isinstance(value, str):
-        items = ([str(spec) for spec in split_specs(value)] if axis in ("schemes", "mitigations")
-                 else [v.strip() for v in value.split(",")])
-    elif isinstance(value, list) and value and all(isinstance(v, (str, int, float)) for v in value):
-        items = [str(v).strip() for v in value]
-    else:
-        raise UsageError(f"grid key {axis!r}: give a list of names or a comma-separated string")
-    if axis == "mitigations":
-        items = [v.replace("+", ",") for v in items]
-    if not items or not all(items):
-        raise UsageError(f"grid key {axis!r} has an empty entry: name at least one, no empty ones")
-    return tuple(dict.fromkeys(items))
-
-
-@dataclass(frozen=True)
-class Grid:
-    """The axes, the options common to every run, and optional sub-grids."""
-
-    axes: dict[str, tuple[str, ...]]
-    common: dict[str, Any] = field(default_factory=dict)
-    subgrids: tuple[dict[str, tuple[str, ...]], ...] = ()
-
-    @classmethod
-    def from_mapping(cls, data: dict[str, Any], where: str = "grid") -> "Grid":
-        """Validate keys; axis values -> entries; the rest -> RunConfig overrides."""
-        if not isinstance(data, dict):
-            raise UsageError(f"{where}: expected a mapping of grid keys")
-        valid = list(AXES) + common_fields() + list(SWEEP_KEYS)
-        unknown = [k for k in data if k not in valid]
-        if unknown:
-            raise UsageError(f"{where}: unknown key {unknown[0]!r}; valid keys: {', '.join(valid)}")
-        axes = {a: split_axis(a, data[a]) for a in AXES if data.get(a) is not None}
-        common = {k: data[k] for k in common_fields() if data.get(k) is not None}
-        try:
-            check_types(common)
-        except UsageError as err:
-            raise UsageError(f"{where}: {err}") from None
-        subgrids = tuple(_subgrid(sub, f"{where}: subgrids[{i}]") for i, sub in enumerate(data.get("subgrids") or []))
-        return cls(axes, common, subgrids)
-
-    def blocks(self) -> list[dict[str, tuple[str, ...]]]:
-        """Each sub-grid completed by the top-level axes (or the top level alone)."""
-        blocks = [{**self.axes, **sub} for sub in self.subgrids] or [dict(self.axes)]
-        defaults = {"models": ("smollm2-135m",), "corpora": ("python-docs",), "mitigations": ("none",)}
-        for block in blocks:
-            for axis in AXES:
-                if axis not in block and axis not in defaults:
-                    raise UsageError(f"the grid names no {axis}: give --{axis} or a {axis!r} key")
-                block.setdefault(axis, defaults.get(axis, ()))
-        return blocks
-
-    def configs(self, overrides: dict[str, Any] | None = None) -> list[RunConfig]:
-        """Every run of the grid, runs of one (model, corpus) adjacent, duplicates dropped."""
-        common = {**self.common, **(overrides or {})}
-        seen: dict[RunConfig, None] = {}
-        for block in self.blocks():
-            for model in block["models"]:
-                for corpus in block["corpora"]:
-                    for scheme in block["schemes"]:
-                        for mitigation in block["mitigations"]:
-                            config = RunConfig(**common, model=model, corpus=corpus,
-                                               scheme=scheme, mitigation=mitigation)
-                            seen.setdefault(config, None)
-        groups = list(dict.fromkeys((c.model, c.corpus) for c in seen))
-        return sorted(seen, key=lambda c: groups.index((c.model, c.corpus)))  # stable: grid order within
-
-
-def _subgrid(data: Any, where: str) -> dict[str, tuple[str, ...]]:
-    if not isinstance(data, dict) or not data:
-        raise UsageError(f"{where}: expected a mapping of axes ({', '.join(AXES)})")
-    unknown = [k for k in data if k not in AXES]
-    if unknown:
-        raise UsageError(f"{where}: unknown key {unknown[0]!r}; a sub-grid sets only {', '.join(AXES)}")
-    return {a: split_axis(a, v) for a, v in data.items()}
-
-
-def load_grid(path: str | Path) -> tuple[Grid, dict[str, Any]]:
-    """A YAML grid file -> (grid, sweep options ``results``/``jobs`` found in it)."""
-    import yaml
-
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise QuantsinkError(f"grid file {str(path)!r} does not exist") from None
-    except yaml.YAMLError as err:
-        raise UsageError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
-    grid = Grid.from_mapping(data, str(path))
-    options = {k: data[k] for k in SWEEP_KEYS if k != "subgrids" and data.get(k) is not None}
-    check_options(options, str(path))
-    return grid, options
-
-
-def check_options(options: dict[str, Any], where: str) -> None:
-    """The sweep's own keys: ``results`` a path (string), ``jobs`` an integer >= 1."""
-    results, jobs = options.get("results", ""), options.get("jobs", 1)
-    if not isinstance(results, str):
-        raise UsageError(f"{where}: results {results!r}: expected a directory path")
-    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
-        raise UsageError(f"{where}: jobs {jobs!r}: expected an integer >= 1")
-    for key in ("executor", "address"):
-        if not isinstance(options.get(key, ""), str):
-            raise UsageError(f"{where}: {key} {options[key]!r}: expected a string")
-    for key in ("num_cpus", "num_gpus"):
-        value = options.get(key, 1)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-            raise UsageError(f"{where}: {key} {value!r}: expected a number >= 0")
-
-
-# --------------------------------------------------------------------------- plan
-
-
-def validate_names(configs: list[RunConfig]) -> None:
-    """Unknown scheme / mitigation / lm-eval task names and unavailable devices fail before anything
-    runs (exit 2; unknown models when the plan hashes them)."""
-    from . import lmeval
-    from .mitigations import parse_mitigations
-    from .models import resolve_device
-    from .schemes import parse_scheme
-
-    for text in dict.fromkeys(c.scheme for c in configs):
-        parse_scheme(text)
-    for text in dict.fromkeys(c.mitigation for c in configs):
-        parse_mitigations(text)
-    for text in dict.fromkeys(c.lm_eval for c in configs if c.lm_eval):
-        lmeval.check(lmeval.task_names(text), [])
-    for device in dict.fromkeys(c.device for c in configs):
-        resolve_device(device)
-
-
-def invalid_pair(config: RunConfig) -> str | None:
-    """Why this run's mitigations cannot apply to its scheme (or to --lm-eval); None when they can."""
-    from . import lmeval
-    from .mitigations import parse_mitigations
-    from .schemes import parse_scheme
-
-    scheme, mitigations = parse_scheme(config.scheme), parse_mitigations(config.mitigation)
-    try:
-        for mitigation in mitigations:
-            mitigation.check(scheme)
-        if config.lm_eval:
-            lmeval.check([], mitigations)
-    except QuantsinkError as err:
-        return str(err)
-    return None
-
-
-def invalid_runs(planned: list[PlannedRun]) -> dict[int, str]:
-    """Index -> why, for every planned run whose scheme and mitigations cannot go together."""
-    reasons = {p.index: invalid_pair(p.config) for p in planned}
-    return {index: why for index, why in reasons.items() if why is not None}
-
-
-# --------------------------------------------------------------------------- work
-
-
-def default_run(config: RunConfig, *, session: Any, progress: Any) -> RunRecord:
-    """The real run: ``quantsink.run.run`` with a per-worker Session (models loaded once); the
-    caller writes the record (under the run's lock)."""
-    from .run import run
-
-    return run(config, session=session, progress=progress, write=False)
-
-
-def run_plan(planned: list[PlannedRun], results: str | Path, *, session: Any, progress: Any,
-             write: bool = True, poll_s: float = 0.5) -> dict[str, RunRecord]:
-    """A plan executed in this process (``eval``), run by run: a stored record is reused unless the
-    run is ``fresh``; any other run takes its run lock (waiting while another process holds it),
-    runs, and is written before the lock is released.  A run's error propagates.  -> records by run_id."""
-    store = Store(Path(results))
-    return {p.run_id: _run_one(p, store, session, progress, write, poll_s) for p in planned}
-
-
-def run_config(config: RunConfig, *, session: Any = None, progress: Any = None,
-               write: bool = True, fresh: bool = True) -> tuple[RunRecord, Any]:
-    """What ``quantsink eval`` does: plan ``config`` (its variant runs included; ``fresh``: the run itself
-    re-run even when stored), run the plan, and compute its effects from the records.
-    -> (its record, its ``effects.Effects``)."""
-    from .effects import effects
-    from .run import Session
-
-    if write:
-        check_writable_dir(config.results, "--results")  # one line now, not an OSError after the hashing
-    planned = plan([config], fresh=fresh)
-    records = run_plan(planned, config.results, session=session or Session(), write=write,
-                       progress=progress or (lambda stage, total: lambda n: None))
-    record = records[next(p.run_id for p in planned if not p.variant)]
-    return record, effects(record, records.get)
-
-
-def _run_one(p: PlannedRun, store: Store, session: Any, progress: Any, write: bool, poll_s: float) -> RunRecord:
-    found = None if p.fresh else find_record(store.root, p.run_id)
-    if found is not None or not write:
-        return found or _checked_run(p, session, progress)
-    store.locks.mkdir(parents=True, exist_ok=True)
-    lock = store.locks / f"{p.run_id}.lock"
-    while not try_lock(lock):
-        time.sleep(poll_s)
-    try:
-        found = None if p.fresh else find_record(store.root, p.run_id)  # finished while we waited
-        record = found or _checked_run(p, session, progress)
-        store.write(record)
-        return record
-    finally:
-        release(lock)
-
-
-def _checked_run(p: PlannedRun, session: Any, progress: Any) -> RunRecord:
-    record = default_run(p.config, session=session, progress=progress)
-    check_run_id(record, p.run_id)
-    return record
 
 
 def _ordered(pending: list[PlannedRun], current: str | None, worker: int) -> list[PlannedRun]:
@@ -317,7 +91,7 @@ def work(todo: list[PlannedRun], results: str | Path, *, sweep: str, emit: Emit,
 
 def _new_session(run_fn: RunFn) -> Any:
     if run_fn is default_run:
-        from .run import Session
+        from quantsink.pipeline.run import Session
 
         return Session()
     return None
@@ -410,7 +184,7 @@ def _worker_main(todo: list[PlannedRun], results: str, sweep: str, run_fn: RunFn
         die_with_parent(parent)
     os.environ["OMP_NUM_THREADS"] = str(threads)
     if run_fn is default_run:  # share the cores between workers; keep library chatter off the bar
-        from .env import quiet_libraries
+        from quantsink.env import quiet_libraries
 
         quiet_libraries()
         import torch
@@ -488,7 +262,7 @@ STAGES = ("load_s", "tokenize_s", "reference_s", "quantize_s", "candidate_s", "n
 
 def stage_times(store: Store, run_ids: Iterable[str]) -> dict[str, float]:
     """``timing`` stages (seconds) summed over the stored records of ``run_ids``."""
-    from .results import find_record
+    from quantsink.records.store import find_record
 
     totals = dict.fromkeys(STAGES, 0.0)
     for run_id in run_ids:
@@ -541,7 +315,7 @@ def sweep(planned: list[PlannedRun], results: str | Path, *, jobs: int = 1, run_
     token = uuid.uuid4().hex
     t0 = time.perf_counter()
     if todo and ray is not None:
-        from .ray_executor import run_ray
+        from quantsink.sweep.ray_cluster import run_ray
 
         summary.workers = 0
         summary.crashed_workers = run_ray(todo, results, sweep=token, emit=collect, run_fn=run_fn, options=ray,

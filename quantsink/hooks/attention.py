@@ -79,7 +79,7 @@ def declared(config: dict[str, Any]) -> str | None:
     if name is None or name == "softmax":
         return None
     if name not in DECLARED:
-        from .errors import QuantsinkError
+        from quantsink.errors import QuantsinkError
 
         raise QuantsinkError(f"config.json names quantsink_attention={name!r}; this quantsink knows "
                              f"{', '.join(['softmax', *DECLARED])}: upgrade quantsink or fix the config")

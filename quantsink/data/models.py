@@ -21,9 +21,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import QuantsinkError, UsageError
-from .io import atomic_write_text, cache_root, umask
-from .registry import Registry
+from quantsink.errors import QuantsinkError, UsageError
+from quantsink.io import atomic_write_text, cache_root, umask
+from quantsink.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -330,7 +330,7 @@ def load_model(spec: str, *, device: str = "auto", dtype: str = "float32", trust
     and only when not ``offline`` (then it must be in the local hub cache)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .attention import implementation_for
+    from quantsink.hooks.attention import implementation_for
 
     where, info = _resolve(spec)
     device = resolve_device(device)

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .results import read_json
+from quantsink.records.store import read_json
 
 
 def _start_time(pid: int) -> str | None:

@@ -37,10 +37,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from .effects import Effects, effects
-from .matrix import MATRIX_CSV, Matrix, cell_text, matrices, matrix_rows, ranking
-from .errors import QuantsinkError
-from .results import RunRecord
+from quantsink.analysis.effects import Effects, effects
+from quantsink.report.matrix import MATRIX_CSV, Matrix, cell_text, matrices, matrix_rows, ranking
+from quantsink.errors import QuantsinkError
+from quantsink.records.schema import RunRecord
 
 KEY = ("model", "corpus", "protocol", "scheme", "mitigation")
 COLUMNS = {  # column -> (markdown header, digits); order = table order
@@ -687,8 +687,8 @@ README_START, README_END = "<!-- leaderboard:start -->", "<!-- leaderboard:end -
 
 def update_readme(path: str | Path, markdown: str) -> bool:
     """Replace the text between the leaderboard markers of a README (-> whether it changed)."""
-    from .errors import QuantsinkError
-    from .io import atomic_write_text
+    from quantsink.errors import QuantsinkError
+    from quantsink.io import atomic_write_text
 
     path = Path(path)
     text = path.read_text(encoding="utf-8")
@@ -712,7 +712,7 @@ class Written:
 
 def read_results(results: str | Path) -> tuple[list[RunRecord], list[str]]:
     """Every valid record; files skipped (invalid, newer schema) are returned and warned about."""
-    from .results import iter_records
+    from quantsink.records.store import iter_records
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -758,7 +758,7 @@ def record_links(results: str | Path, out: str | Path) -> dict[str, str]:
 
 def check_results(results: str | Path, records: list[Any], failures: list[Any], skipped: list[str]) -> None:
     """A missing or empty results directory is an error: the old leaderboard is kept, nothing is written."""
-    from .errors import QuantsinkError, UsageError
+    from quantsink.errors import QuantsinkError, UsageError
 
     if not Path(results).is_dir():
         raise UsageError(f"--results {results}: no such directory; nothing written")
@@ -770,9 +770,9 @@ def check_results(results: str | Path, records: list[Any], failures: list[Any], 
 
 def write_report(results: str | Path, out: str | Path) -> Written:
     """results/ -> leaderboard.{md,csv,json,html} and leaderboard_matrix.csv in ``out``."""
-    from .io import atomic_write_text
-    from .results import check_writable_dir
-    from .results import iter_failures
+    from quantsink.io import atomic_write_text
+    from quantsink.records.store import check_writable_dir
+    from quantsink.records.store import iter_failures
 
     check_writable_dir(out, "--out")
     records, skipped = read_results(results)

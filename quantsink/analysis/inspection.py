@@ -2,7 +2,7 @@
 and how they depend on the corpus.
 
 Runs only the first ``--stats-windows`` windows (eager attention, every probe of
-:mod:`quantsink.hooks` on), once for the reference, once for the candidate
+:mod:`quantsink.hooks.sites` on), once for the reference, once for the candidate
 (``--scheme``, with ``--mitigation`` applied exactly as ``eval`` applies it;
 ``--scheme fp32`` without mitigation inspects the reference alone) and once for
 the reference on ``--compare-corpus``.  The report's ``stats`` object has the
@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import stats as S
-from .config import RunConfig
-from .errors import UsageError
+from quantsink.measure import stats as S
+from quantsink.config import RunConfig
+from quantsink.errors import UsageError
 
 MAP_SIZE = 96  # top-left crop of the attention maps kept for the plot
 REFERENCE_ONLY = "fp32"
@@ -34,8 +34,8 @@ class Probed:
 
 
 def probe(model: Any, windows: Any, config: RunConfig, **pass_kwargs: Any) -> Probed:
-    from .evaluate import run_pass
-    from .hooks import StatsCollector
+    from quantsink.measure.passes import run_pass
+    from quantsink.measure.collector import StatsCollector
 
     with StatsCollector(model, stats_windows=len(windows), keep_maps=MAP_SIZE) as collector:
         result = run_pass(model, windows, batch_context=collector.batch_context, boundaries=collector.boundaries,
@@ -45,8 +45,8 @@ def probe(model: Any, windows: Any, config: RunConfig, **pass_kwargs: Any) -> Pr
 
 def probe_candidate(prep: Any, windows: Any, reference: Probed) -> tuple[Probed, dict[str, Any]]:
     """The candidate built as ``eval`` builds it, its mitigations' windows and hooks on."""
-    from .evaluate import ReferenceHead
-    from .run import build_candidate
+    from quantsink.measure.passes import ReferenceHead
+    from quantsink.pipeline.run import build_candidate
 
     model, notes = build_candidate(prep)
     windows = prep.mitigations.windows(windows)
@@ -58,7 +58,7 @@ def probe_candidate(prep: Any, windows: Any, reference: Probed) -> tuple[Probed,
 
 def inspect(config: RunConfig, compare_corpus: str | None = None, top: int = 10) -> tuple[dict[str, Any], dict[str, Any]]:
     """-> (JSON-ready report, attention maps by side)."""
-    from .run import Session, prepare
+    from quantsink.pipeline.run import Session, prepare
 
     session = Session()
     prep = prepare(config, session)
@@ -99,7 +99,7 @@ def _add_candidate(report: dict[str, Any], prep: Any, windows: Any, ref: Probed,
 
 def _add_compare(report: dict[str, Any], config: RunConfig, session: Any, ref: Probed, n: int,
                  top: int) -> dict[str, Any]:
-    from .run import prepare
+    from quantsink.pipeline.run import prepare
 
     other = prepare(config, session)
     probed = probe(other.loaded.model, other.windows.subset(slice(0, min(n, len(other.windows)))), config)
@@ -130,7 +130,7 @@ def _sides(report: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_plots(report: dict[str, Any], maps: dict[str, Any], directory: Path) -> list[Path]:
-    from . import plots
+    from quantsink.analysis import plots
 
     sides, ref = _sides(report), report["stats"]["reference"]
     name = f"{report['model']['name']} on {report['corpus']}"

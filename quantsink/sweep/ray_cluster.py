@@ -31,9 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import QuantsinkError, UsageError
-from .io import atomic_write_bytes
-from .plan import check_run_id
+from quantsink.errors import QuantsinkError, UsageError
+from quantsink.io import atomic_write_bytes
+from quantsink.pipeline.plan import check_run_id
 
 _SESSION: dict[str, Any] = {}  # per Ray worker process: one Session, models loaded once
 
@@ -73,7 +73,7 @@ def connect(options: RayOptions) -> Any:
 
 
 def _session() -> Any:
-    from .run import Session
+    from quantsink.pipeline.run import Session
 
     return _SESSION.setdefault("session", Session())
 
@@ -86,8 +86,8 @@ def _threads(num_cpus: float) -> None:
 
 def reference_bytes(config: Any, num_cpus: float) -> tuple[str, bytes]:
     """Task body: the group's reference pass -> (cache file name, its verified bytes)."""
-    from . import cache
-    from .run import prepare, reference_key, reference_pass
+    from quantsink.measure import cache
+    from quantsink.pipeline.run import prepare, reference_key, reference_pass
 
     _threads(num_cpus)
     prep = prepare(config, _session())
@@ -98,7 +98,7 @@ def reference_bytes(config: Any, num_cpus: float) -> tuple[str, bytes]:
 
 def install_reference(name: str, data: bytes) -> None:
     """Put the reference file where this node's runs look for it (atomic; verified on load)."""
-    from . import cache
+    from quantsink.measure import cache
 
     path = cache.reference_path(name.removesuffix(".safetensors"))
     if not path.is_file():
@@ -128,7 +128,7 @@ def run_ray(todo: list[Any], results: str | Path, *, sweep: str, emit: Callable[
             run_fn: Callable[..., Any], options: RayOptions, real: bool, poll_s: float = 0.5) -> list[int]:
     """Every planned run in ``todo`` on Ray; records written here (``real``: ``run_fn`` is the real run,
     which needs the group's reference pass shipped to its node).  -> [] (no local workers)."""
-    from .results import Store
+    from quantsink.records.store import Store
 
     ray = connect(options)
     store = Store(Path(results))
@@ -151,7 +151,7 @@ def _submit(waiting: list[Any], store: Any, sweep: str, emit: Callable[..., None
             references: dict[str, Any], pending: dict[Any, Submitted], run_fn: Any,
             options: RayOptions) -> list[Any]:
     """Claim and submit what can be claimed; -> runs still held by another sweep."""
-    from .locks import try_lock
+    from quantsink.records.locks import try_lock
 
     held = []
     for p in waiting:
@@ -189,7 +189,7 @@ def _collect(ray: Any, pending: dict[Any, Submitted], store: Any, sweep: str, em
 
 def _finish(ray: Any, obj: Any, sub: Submitted, store: Any, sweep: str, emit: Callable[..., None]) -> None:
     """A returned task -> its record (atomic) or failure file; the lock released after."""
-    from .locks import release
+    from quantsink.records.locks import release
 
     seconds = time.perf_counter() - sub.started
     try:

@@ -40,7 +40,7 @@ from typing import Any, Callable, ContextManager
 
 import torch
 
-from .corpus import Windows
+from quantsink.data.corpus import Windows
 
 BatchContext = Callable[[slice, Windows], ContextManager[Any]]
 
@@ -256,7 +256,7 @@ class _HeadInput:
         self.value: torch.Tensor | None = None
 
     def attached(self) -> ContextManager[Any]:
-        from .hooks import Hook, attach
+        from quantsink.hooks.sites import Hook, attach
 
         if not self.active:
             return nullcontext()

@@ -18,12 +18,12 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
-from .config import EVALUATOR_VERSION, RunConfig, __version__, stable_hash
-from .env import offline_from_env
-from .errors import QuantsinkError
-from .mitigations import canonical_mitigation, parse_mitigations
-from .schemes import parse_scheme
-from .spec import params_of
+from quantsink.config import EVALUATOR_VERSION, RunConfig, __version__, stable_hash
+from quantsink.env import offline_from_env
+from quantsink.errors import QuantsinkError
+from quantsink.mitigations import canonical_mitigation, parse_mitigations
+from quantsink.schemes import parse_scheme
+from quantsink.spec import params_of
 
 
 def canonical(config: RunConfig) -> RunConfig:
@@ -94,7 +94,7 @@ class Identities:
         self.corpora: dict[tuple[str, bool], str] = {}
 
     def corpus_sha(self, config: RunConfig) -> str:
-        from .corpus import load_corpus
+        from quantsink.data.corpus import load_corpus
 
         key = (config.corpus, config.offline)
         if key not in self.corpora:
@@ -102,7 +102,7 @@ class Identities:
         return self.corpora[key]
 
     def run_id(self, config: RunConfig) -> str:
-        from .models import model_sha256
+        from quantsink.data.models import model_sha256
 
         return run_id_for(config, model_sha256(config.model), self.corpus_sha(config))
 

@@ -21,10 +21,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .errors import UsageError
-from .effects import floor_of, paired_delta
-from .paired import MIN_WINDOWS
-from .results import RunRecord, find_record, iter_records, load_record
+from quantsink.errors import UsageError
+from quantsink.analysis.effects import floor_of, paired_delta
+from quantsink.measure.paired import MIN_WINDOWS
+from quantsink.records.schema import RunRecord
+from quantsink.records.store import find_record, iter_records, load_record
 
 READING = {"helps": "B is better than A", "hurts": "B is worse than A",
            "inconclusive": "no difference beyond the interval and noise floor",
@@ -54,8 +55,8 @@ def resolve(arg: str, results: str | Path, *, model: str | None = None, corpus: 
 
 
 def _canonical(arg: str) -> tuple[str, str]:
-    from .mitigations import canonical_mitigation
-    from .schemes import parse_scheme
+    from quantsink.mitigations import canonical_mitigation
+    from quantsink.schemes import parse_scheme
 
     scheme, _, mitigation = arg.partition("+")
     try:
@@ -139,7 +140,7 @@ def paired(a: RunRecord, b: RunRecord, min_windows: int = MIN_WINDOWS) -> dict[s
 
 def moved(a: RunRecord, b: RunRecord, top: int = TOP) -> dict[str, Any] | None:
     """The extreme-token statistics that moved most from A's candidate to B's (None without both)."""
-    from .stats import changes
+    from quantsink.measure.stats import changes
 
     sa, sb = (r.stats.candidate if r.stats else None for r in (a, b))
     if sa is None or sb is None:

@@ -1,0 +1,202 @@
+"""The results store: a directory of ``<run_id>.json`` records (:mod:`quantsink.records.schema`),
+``<run_id>.failed`` failure files (JSON, not records), and ``.locks/``.  Records are written atomically;
+readers skip (with a warning) files that are not valid records, so one bad file never loses the others."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import traceback
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from quantsink.errors import QuantsinkError, UsageError
+from quantsink.io import atomic_write_text
+from quantsink.records.schema import NewerSchema, RunRecord
+
+
+def check_writable_dir(path: str | Path, flag: str) -> None:
+    """``path`` is, or can be created as, a directory this process can write into (checked before the work)."""
+    path = Path(path).expanduser()
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        where = "is a file" if probe == path else f"is under {probe}, which is a file"
+        raise UsageError(f"{flag} {path} {where}; give a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise QuantsinkError(f"{flag} {path}: {probe} is not writable; give a directory you can write to")
+
+
+def record_path(results_dir: str | Path, run_id: str) -> Path:
+    return Path(results_dir) / f"{run_id}.json"
+
+
+def write_record(record: RunRecord, results_dir: str | Path) -> Path:
+    """Write ``record`` to ``<results_dir>/<run_id>.json`` atomically; a record there written by
+    a newer quantsink is kept (with a warning), never replaced by this older one."""
+    path = record_path(results_dir, record.run_id)
+    if _newer(path):
+        warnings.warn(f"{path} was written by a newer quantsink: kept, this run's record not written",
+                      stacklevel=2)
+        return path
+    atomic_write_text(path, json.dumps(record.to_dict(), indent=1) + "\n")
+    return path
+
+
+def _newer(path: Path) -> bool:
+    try:
+        load_record(path)
+    except NewerSchema:
+        return True
+    except QuantsinkError:
+        pass
+    return False
+
+
+def load_record(path: str | Path) -> RunRecord:
+    """Read and validate one record file (one-line ``QuantsinkError`` when it is not a valid record)."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise QuantsinkError(f"{path}: no such results file") from None
+    except IsADirectoryError:
+        raise QuantsinkError(f"{path}: a directory, not a results file; rename it") from None
+    except OSError as err:
+        raise QuantsinkError(f"{path}: cannot be read ({err.strerror or type(err).__name__})") from None
+    except (ValueError, UnicodeDecodeError) as err:
+        raise QuantsinkError(f"{path}: corrupt results file ({err.__class__.__name__}); delete it and re-run") from None
+    return RunRecord.from_dict(data, str(path))
+
+
+def iter_records(results_dir: str | Path) -> Iterator[RunRecord]:
+    """Every valid record under ``results_dir``; invalid files are skipped with a warning."""
+    root = Path(results_dir)
+    if not root.is_dir():
+        return
+    for path in sorted(root.rglob("*.json")):
+        try:
+            yield load_record(path)
+        except QuantsinkError as err:
+            warnings.warn(f"skipped {err}", stacklevel=2)
+
+
+def find_record(results_dir: str | Path, run_id: str) -> RunRecord | None:
+    path = record_path(results_dir, run_id)
+    if not path.is_file():
+        return None
+    try:
+        return load_record(path)
+    except QuantsinkError as err:
+        warnings.warn(f"ignored {err}", stacklevel=2)
+        return None
+
+
+# --------------------------------------------------------------------------- the store
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """A small JSON object (lock, failure file); None when absent, {} when unreadable."""
+    try:
+        data = json.loads(path.read_text())
+        return data if isinstance(data, dict) else {}
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}  # half-written by a process killed between create and write
+
+
+@dataclass(frozen=True)
+class Store:
+    """The results directory: records, failure files, locks."""
+
+    root: Path
+
+    @property
+    def locks(self) -> Path:
+        return self.root / ".locks"
+
+    def record(self, run_id: str) -> Path:
+        return self.root / f"{run_id}.json"
+
+    def failure(self, run_id: str) -> Path:
+        return self.root / f"{run_id}.failed"
+
+    def has_record(self, run_id: str) -> bool:
+        return self.record(run_id).is_file()
+
+    def status(self, run_id: str) -> str:
+        """``absent``, ``done`` (a valid record), ``newer`` (a record of a newer quantsink: kept,
+        never re-run) or ``invalid`` (a file that is no record: set aside, re-run)."""
+        path = self.record(run_id)
+        if not path.exists():
+            return "absent"
+        try:
+            load_record(path)
+            return "done"
+        except NewerSchema:
+            return "newer"
+        except QuantsinkError:
+            return "invalid"
+
+    def problem(self, run_id: str) -> str | None:
+        """Why ``<run_id>.json`` is not a valid record (None when it is)."""
+        try:
+            load_record(self.record(run_id))
+            return None
+        except QuantsinkError as err:
+            return str(err)
+
+    def has_valid_record(self, run_id: str) -> bool:
+        return self.status(run_id) in ("done", "newer")
+
+    def set_aside(self, run_id: str) -> Path:
+        """Rename an invalid ``<run_id>.json`` to the first free ``.json.invalid[.N]`` (never overwrites)."""
+        for n in range(10_000):
+            target = self.root / (f"{run_id}.json.invalid" + (f".{n}" if n else ""))
+            try:
+                os.link(self.record(run_id), target)  # fails if target exists: no overwrite race
+            except FileExistsError:
+                continue
+            self.record(run_id).unlink()
+            return target
+        raise QuantsinkError(f"{self.root}: too many {run_id}.json.invalid files; clean them up")
+
+    def failed_in(self, run_id: str, sweep: str) -> bool:
+        data = read_json(self.failure(run_id))
+        return bool(data) and data.get("sweep") == sweep
+
+    def write(self, record: RunRecord) -> Path:
+        """The record, atomically; any failure file of the run is removed after."""
+        path = write_record(record, self.root)
+        self.failure(record.run_id).unlink(missing_ok=True)
+        return path
+
+    def warm(self, group: str) -> bool:
+        return (self.locks / f"group-{group}.warm").exists()
+
+    def mark_warm(self, group: str) -> None:
+        (self.locks / f"group-{group}.warm").touch()
+
+    def write_failure(self, run: Any, error: BaseException, sweep: str, seconds: float) -> None:
+        failure = {
+            "kind": "quantsink-failure", "run_id": run.run_id, "sweep": sweep,
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": round(seconds, 2),
+            "config": run.config.to_record(), "error_type": type(error).__name__,
+            "error": str(error).splitlines()[0] if str(error) else type(error).__name__,
+            "traceback": "".join(traceback.format_exception(error))[-4000:],
+        }
+        atomic_write_text(self.failure(run.run_id), json.dumps(failure, indent=1) + "\n")
+
+
+def iter_failures(results_dir: str | Path) -> Iterable[dict[str, Any]]:
+    """Failure files of runs that have no record (a later success supersedes them)."""
+    root = Path(results_dir)
+    for path in sorted(root.glob("*.failed")) if root.is_dir() else []:
+        data = read_json(path)
+        if data and data.get("kind") == "quantsink-failure" and not (root / f"{path.stem}.json").exists():
+            yield data
