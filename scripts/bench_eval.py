@@ -5,7 +5,7 @@
 On smollm2-135m float32, the first documents of the corpus (whole documents, up to
 the one that reaches N tokens) are scored twice:
 
-1. quantsink: ``--protocol lm-eval`` windows (``corpus.rolling_windows``) and the
+1. quantsink: ``--protocol lm-eval`` windows (``windows.rolling_windows``) and the
    reference pass ``evaluate.run_pass(model, windows, keep_targets=True)``;
 2. lm-eval: ``lm_eval.simple_evaluate`` with ``HFLM(pretrained=<the same model object>,
    max_length=W, batch_size=<the same windows per forward>)`` on quantsink's local
@@ -88,7 +88,7 @@ def main() -> None:
     from quantsink.data.corpus import load_corpus
     from quantsink.measure.passes import run_pass
     from quantsink.data.models import load_model
-    from quantsink.pipeline.run import PROTOCOLS
+    from quantsink.data.windows import PROTOCOLS
 
     loaded = load_model("smollm2-135m", device="cpu", dtype="float32")
     model, tokenizer = loaded.model, loaded.tokenizer

@@ -41,7 +41,7 @@ import torch
 
 from quantsink.env import quiet_libraries
 from quantsink.config import RunConfig
-from quantsink.run import Session, evaluate
+from quantsink.pipeline.run import Session, compare_passes as evaluate
 
 quiet_libraries()
 windows, window = int(os.environ.get("WINDOWS", 16)), int(os.environ.get("WINDOW", 256))

@@ -220,25 +220,17 @@ def scope_quantizers(model: Any) -> Scope:
 
 
 def token_nll(model: Any, windows: Any, batch_tokens: int) -> tuple[list[float], list[int], list[int]]:
-    """Per scored target token, in window order: (NLL, its position, its window)."""
-    import torch
+    """Per scored target token, in window order: (NLL, its position, its window), from the common scorer
+    (``measure.passes.run_pass``): the same numbers ``eval`` sums per window."""
+    from quantsink.measure.passes import run_pass
 
-    from quantsink.measure.passes import batches, input_device
+    result = run_pass(model, windows, batch_tokens=batch_tokens)
+    return token_views(result, windows)
 
-    device, nll, pos, win = input_device(model), [], [], []
-    with torch.inference_mode():
-        for rows in batches(windows, batch_tokens):
-            part = windows.subset(rows)
-            logits = model(input_ids=part.input_ids.to(device), attention_mask=part.attention_mask.to(device),
-                           use_cache=False).logits.float()  # (B, T, V)
-            logq = logits.log_softmax(-1)[:, :-1]  # (B, T-1, V)
-            tok = -logq.gather(2, part.input_ids[:, 1:, None].to(device))[..., 0].cpu()  # (B, T-1)
-            mask = part.scored[:, 1:]  # (B, T-1)
-            where = mask.nonzero()  # (S, 2)
-            nll += tok[mask].double().tolist()
-            pos += (where[:, 1] + 1).tolist()
-            win += (where[:, 0] + rows.start).tolist()
-    return nll, pos, win
+
+def token_views(result: Any, windows: Any) -> tuple[list[float], list[int], list[int]]:
+    win, pos = result.token_positions(windows)
+    return result.token_nll.tolist(), pos.tolist(), win.tolist()
 
 
 def window_sums(values: list[float], windows: list[int], n: int) -> list[float]:
@@ -265,9 +257,11 @@ class Measurement:
         from quantsink.pipeline.run import reference_pass
 
         result, _ = reference_pass(self.prep, lambda stage, total: (lambda n: None))
-        self.progress("reference (per token)")
-        nll, pos, win = token_nll(self.prep.loaded.model, self.prep.windows, self.prep.config.batch_tokens)
-        return result.extra.get("stats"), nll, pos, win
+        if result.token_nll is None:  # a reference cached before per-token NLLs were kept
+            self.progress("reference (per token)")
+            nll, pos, win = token_nll(self.prep.loaded.model, self.prep.windows, self.prep.config.batch_tokens)
+            return result.extra.get("stats"), nll, pos, win
+        return (result.extra.get("stats"), *token_views(result, self.prep.windows))
 
     def candidate(self) -> tuple[Any, Scope, Any]:
         from quantsink.pipeline.run import quantized_copy

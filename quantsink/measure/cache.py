@@ -49,6 +49,8 @@ def save_pass(path: Path, result: PassResult) -> None:
     assert result.targets is not None
     kept = {name: value.contiguous() for name, value in vars(result.targets).items() if value is not None}
     tensors = {"nll": result.nll, "n_scored": result.n_scored, "nbytes": result.nbytes, **kept}
+    if result.token_nll is not None:
+        tensors["token_nll"] = result.token_nll
     meta = {"seconds": str(result.seconds), "extra": json.dumps(result.extra)}
     meta["digest"] = tensor_digest(tensors, meta)
     with atomic_path(path) as tmp:
@@ -70,7 +72,8 @@ def load_pass(path: Path, n_windows: int) -> PassResult | None:
             raise ValueError("digest mismatch" if stored else "no digest")
         targets = Targets(**{name: t for name, t in tensors.items() if name in TARGETS})
         result = PassResult(tensors["nll"], tensors["n_scored"], tensors["nbytes"], targets=targets,
-                            seconds=float(meta.get("seconds", 0)), extra=json.loads(meta.get("extra", "{}")))
+                            seconds=float(meta.get("seconds", 0)), extra=json.loads(meta.get("extra", "{}")),
+                            token_nll=tensors.get("token_nll"))
         consistent = (len(result.nll) == n_windows
                       and all(len(t) == int(result.n_scored.sum()) for t in vars(result.targets).values()
                               if t is not None)

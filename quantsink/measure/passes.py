@@ -2,7 +2,7 @@
 
 Protocol (stated again in every record under ``protocol``):
 
-* Windows come from ``corpus.sliding_windows``: ``window`` tokens, starts every
+* Windows come from ``windows.sliding_windows``: ``window`` tokens, starts every
   ``stride`` tokens, an optional prepended BOS that is never scored; a token is
   scored exactly once, from the window that first reaches it.
 * Per window: the summed negative log-likelihood (nats) of its scored tokens,
@@ -40,7 +40,7 @@ from typing import Any, Callable, ContextManager
 
 import torch
 
-from quantsink.data.corpus import Windows
+from quantsink.data.windows import Windows
 
 BatchContext = Callable[[slice, Windows], ContextManager[Any]]
 
@@ -73,6 +73,13 @@ class PassResult:
     targets: Targets | None = None
     seconds: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
+    token_nll: torch.Tensor | None = None  # (S,) float64 NLL of each scored position, window order
+    token_kl: torch.Tensor | None = None  # (S,) float64 KL of each scored position, window order
+
+    def token_positions(self, windows: Windows) -> tuple[torch.Tensor, torch.Tensor]:
+        """(window, position) of each scored token, in the order of ``token_nll`` (position of the target)."""
+        win, pos = windows.scored[:, 1:].nonzero(as_tuple=True)  # (S,) each
+        return win, pos + 1
 
     def summary(self) -> dict[str, Any]:
         total = float(self.n_scored.sum())
@@ -155,6 +162,7 @@ class _Accumulator:
         self.keep = keep  # the reference pass: keep what the candidate passes need (``Targets``)
         self.own = own  # the reference pass's head weight when plain float32: summarise for the KL
         self.cursor = 0  # scored positions consumed so far (window order)
+        self.tokens: dict[str, list[torch.Tensor]] = {"nll": [], "kl": []}  # per scored position, window order
         self.kept: dict[str, list[torch.Tensor]] = {"hidden": [], "neg_entropy": [],
                                                     "expected_embedding": [], "argmax": []}
 
@@ -183,7 +191,9 @@ class _Accumulator:
         """NLL (and KL, top-1 vs the reference) of ``logits`` (c, V), positions ``start..start+c``."""
         z = logits.float()
         norm, top = normaliser(z)
-        self.nll.index_add_(0, where, (norm.double() - z.gather(1, target[:, None])[:, 0].double()).cpu())
+        nll = (norm.double() - z.gather(1, target[:, None])[:, 0].double()).cpu()  # (c,)
+        self.tokens["nll"].append(nll)
+        self.nll.index_add_(0, where, nll)
         if self.own is not None:
             self._summarise(z, norm, top)
         if self.reference is None:
@@ -191,7 +201,8 @@ class _Accumulator:
         span = slice(start, start + len(target))
         ref_top, kl = self._summary_kl(norm, h, span) if h is not None else self._rebuilt_kl(z, norm, span)
         self.top1.index_add_(0, where, (ref_top.to(top.device) == top).long().cpu())
-        self.kl.index_add_(0, where, kl.double().cpu())
+        self.tokens["kl"].append(kl.double().cpu())
+        self.kl.index_add_(0, where, self.tokens["kl"][-1])
 
     def _summarise(self, z: torch.Tensor, norm: torch.Tensor, top: torch.Tensor) -> None:
         """The reference's side of the KL at these positions: sum p log p, E_p[W_v] (float64 sums), argmax."""
@@ -215,6 +226,10 @@ class _Accumulator:
         norm_p, ref_top = normaliser(zp)
         logp, logq = zp.sub_(norm_p[:, None]), z - norm[:, None]
         return ref_top, torch.nn.functional.kl_div(logq, logp, reduction="none", log_target=True).sum(1)
+
+    def token(self, name: str) -> torch.Tensor | None:
+        parts = self.tokens[name]
+        return torch.cat(parts) if parts else None
 
     def targets(self) -> Targets | None:
         kept = {name: torch.cat(parts) for name, parts in self.kept.items() if parts}
@@ -310,4 +325,4 @@ def run_pass(model: Any, windows: Windows, *, reference: Targets | None = None,
                 progress(rows.stop - rows.start)
     n_scored = windows.scored[:, 1:].sum(1)
     return PassResult(acc.nll, n_scored, windows.nbytes, acc.kl, acc.top1, acc.targets(),
-                      seconds=time.perf_counter() - start)
+                      seconds=time.perf_counter() - start, token_nll=acc.token("nll"), token_kl=acc.token("kl"))

@@ -19,6 +19,8 @@ evaluated.  Every hook goes through :func:`quantsink.hooks.attach`.
 
 from __future__ import annotations
 
+import functools
+
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, ContextManager, Iterator
@@ -81,7 +83,13 @@ MITIGATIONS.register("none", Mitigation(name="none"), help="no mitigation")
 
 
 def parse_mitigations(text: str) -> list[Mitigation]:
-    """``"none"`` -> []; ``"a,b:x=1"`` -> [a, b] (validated; each at most once)."""
+    """``"none"`` -> []; ``"a,b:x=1"`` -> [a, b] (validated; each at most once).  Each distinct string
+    is parsed once; the frozen mitigations are shared, the list is the caller's."""
+    return list(_parsed_mitigations(text))
+
+
+@functools.lru_cache(maxsize=512)
+def _parsed_mitigations(text: str) -> tuple[Mitigation, ...]:
     out = []
     for spec in split_specs(text or "none"):
         entry = MITIGATIONS.entry(spec.name)
@@ -91,7 +99,7 @@ def parse_mitigations(text: str) -> list[Mitigation]:
     names = [m.name for m in out]
     if len(set(names)) != len(names):
         raise UsageError(f"--mitigation {text!r}: a mitigation is given twice; give each once")
-    return out
+    return tuple(out)
 
 
 def canonical_mitigation(text: str) -> str:

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from quantsink.data.corpus import Windows
+from quantsink.data.windows import Windows
 from ..errors import UsageError
 from . import Env, Mitigation, register
 
@@ -55,8 +55,6 @@ class SinkToken(Mitigation):
 
     def wrap_for_lm_eval(self, model: Any, tokenizer: Any) -> Any:
         """lm-eval sees the sink token too: prepended inside the model's forward."""
-        from quantsink.pipeline.lmeval import prepend_token
-
         return prepend_token(model, resolve_token(tokenizer, self.token)[0])
 
     def transform_windows(self, windows: Windows, env: Env) -> Windows:
@@ -72,3 +70,33 @@ class SinkToken(Mitigation):
 
 register(SinkToken(name="sink-token"), "prepend a dedicated sink token (BOS, or token=...) to every window, "
          "never scored")
+
+
+def prepend_token(model: Any, token_id: int) -> Any:
+    """A model wrapper for lm-eval (what a prepended-sink mitigation's ``wrap_for_lm_eval`` can
+    return): ``token_id`` goes before every input row inside ``forward`` and its logits are
+    dropped, so lm-eval scores the model as the mitigation runs it.  (B, T) -> logits (B, T, V)"""
+    import torch
+
+    class PrependToken(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner, self.config = model, model.config
+
+        @property
+        def device(self) -> Any:
+            return self.inner.device
+
+        def tie_weights(self, *args: Any, **kwargs: Any) -> None:
+            pass  # HFLM calls it; the wrapped model is tied (or not) already
+
+        def forward(self, input_ids: torch.Tensor, **kwargs: Any) -> Any:
+            sink = torch.full_like(input_ids[:, :1], int(token_id))  # (B, 1)
+            out = self.inner(input_ids=torch.cat([sink, input_ids], 1), use_cache=False)  # (B, T+1, V)
+            out.logits = out.logits[:, 1:]  # (B, T, V)
+            return out
+
+    return PrependToken()
+
+
+# --------------------------------------------------------------------------- running

@@ -8,7 +8,7 @@ candidate (mitigations attached) and on the reference, and stores per task under
 * lm-eval's own metrics (``word_perplexity``, ``byte_perplexity``, ``bits_per_byte``
   for the local tasks), with the lm-eval version, the task version and ``max_length``;
 * ``quantsink_bits_per_byte``: quantsink's evaluator (``evaluate.run_pass``) on the
-  very documents lm-eval scored, with lm-eval's windows (``corpus.rolling_windows``),
+  very documents lm-eval scored, with lm-eval's windows (``windows.rolling_windows``),
   and ``bpb_rel_diff`` between the two (they agree to ~1e-8 relative in float32; docs/protocols.md).
 
 Local tasks (``python-docs``, ``python-code``) are lm-eval YAML files shipped in
@@ -21,7 +21,7 @@ never from a hub).  Any other name is looked up among lm-eval's built-in tasks
 Mitigations that change the model's input (``changes_input = True``, e.g. a
 prepended sink token) must offer ``wrap_for_lm_eval(model, tokenizer)``, a model
 whose ``forward(input_ids)`` applies the change inside and returns logits aligned
-with ``input_ids`` (``prepend_token`` is one for a prepended sink token); otherwise
+with ``input_ids`` (``mitigations.sink_token.prepend_token`` is one for a prepended sink token); otherwise
 ``--lm-eval`` refuses rather than report an unmitigated number (a test checks that every
 registered mitigation overriding ``transform_windows`` declares ``changes_input``).
 Mitigations' ``attach`` hooks stay attached while lm-eval runs.
@@ -41,16 +41,11 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from quantsink.config import EVALUATOR_VERSION, stable_hash
-from quantsink.data.corpus import TokenStream, Windows, encode, load_corpus, rolling_windows
+from quantsink.data.corpus import load_corpus
+from quantsink.data.windows import PROTOCOL, document_windows
 from quantsink.errors import QuantsinkError, UsageError
 from quantsink.io import atomic_write_text, cache_root
 from quantsink.registry import Registry
-
-PROTOCOL = ("lm-eval loglikelihood_rolling (HFLM): each document tokenized alone (tokenizer defaults), "
-            "disjoint windows of max_length tokens, the prefix token (BOS, else EOS) before the first "
-            "window only, every token scored once; word_perplexity = exp(-sum ll / whitespace words), "
-            "byte_perplexity = exp(-sum ll / UTF-8 bytes), bits_per_byte = -sum ll / ln 2 / UTF-8 bytes")
-
 
 @dataclass(frozen=True)
 class LocalTask:
@@ -201,36 +196,6 @@ def check(names: Sequence[str], mitigations: Sequence[Any]) -> None:
             check_known(names, task_manager(names))
 
 
-def prepend_token(model: Any, token_id: int) -> Any:
-    """A model wrapper for lm-eval (what a prepended-sink mitigation's ``wrap_for_lm_eval`` can
-    return): ``token_id`` goes before every input row inside ``forward`` and its logits are
-    dropped, so lm-eval scores the model as the mitigation runs it.  (B, T) -> logits (B, T, V)"""
-    import torch
-
-    class PrependToken(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.inner, self.config = model, model.config
-
-        @property
-        def device(self) -> Any:
-            return self.inner.device
-
-        def tie_weights(self, *args: Any, **kwargs: Any) -> None:
-            pass  # HFLM calls it; the wrapped model is tied (or not) already
-
-        def forward(self, input_ids: torch.Tensor, **kwargs: Any) -> Any:
-            sink = torch.full_like(input_ids[:, :1], int(token_id))  # (B, 1)
-            out = self.inner(input_ids=torch.cat([sink, input_ids], 1), use_cache=False)  # (B, T+1, V)
-            out.logits = out.logits[:, 1:]  # (B, T, V)
-            return out
-
-    return PrependToken()
-
-
-# --------------------------------------------------------------------------- running
-
-
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
     """lm-eval's and datasets' logs and progress bars off the user's terminal for the duration
@@ -247,28 +212,6 @@ def _quiet() -> Iterator[None]:
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
-
-
-def prefix_token(tokenizer: Any) -> int:
-    """HFLM.prefix_token_id: BOS when the tokenizer has one, else EOS."""
-    token = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    if token is None:
-        raise QuantsinkError("lm-eval's protocol needs a BOS or EOS token and this tokenizer has neither")
-    return int(token)
-
-
-def encode_documents(texts: Sequence[str], tokenizer: Any) -> list[TokenStream]:
-    """Each document tokenized as ``HFLM.tok_encode`` does: tokenizer default special
-    tokens, except none when the text already starts with the prefix token's string."""
-    prefix = tokenizer.decode(prefix_token(tokenizer))
-    return [encode(t, tokenizer, special_tokens=not t.startswith(prefix)) for t in texts]
-
-
-def document_windows(texts: Sequence[str], tokenizer: Any, length: int) -> Windows:
-    """lm-eval's rolling windows over ``texts`` (see ``corpus.rolling_windows``)."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else prefix_token(tokenizer)
-    return rolling_windows(encode_documents(texts, tokenizer), length=length, prefix=prefix_token(tokenizer),
-                           pad=pad)
 
 
 def rows_per_batch(batch_tokens: int, length: int) -> int:

@@ -22,7 +22,8 @@ import torch
 from quantsink.measure import cache
 from quantsink.hooks.attention import DECLARED
 from quantsink.config import EVALUATOR_VERSION, RunConfig, __version__, stable_hash
-from quantsink.data.corpus import Corpus, TokenStream, Windows, load_corpus, sliding_windows, tokenize
+from quantsink.data.corpus import Corpus, load_corpus
+from quantsink.data.windows import PROTOCOLS, Windows
 from quantsink.errors import QuantsinkError
 from quantsink.measure.passes import PassResult, ReferenceHead, run_pass
 from quantsink.measure.collector import StatsCollector, stats_settings
@@ -30,7 +31,6 @@ from quantsink.hooks.probes import attention_implementation
 from quantsink.mitigations import MitigationStack, parse_mitigations
 from quantsink.data.models import LoadedModel, check_window, load_model, resolve_device
 from quantsink.pipeline.plan import canonical, run_id_for
-from quantsink.registry import Registry
 from quantsink.records.schema import (SCHEMA_VERSION, CorpusRecord, MitigationRecord, ModelRecord, PassRecord,
     ProtocolRecord, RunRecord, SchemeRecord, StatsRecord)
 from quantsink.records.store import check_writable_dir, write_record
@@ -76,88 +76,6 @@ class Prepared:
     windows: Windows
     protocol: dict[str, Any]
     timing: dict[str, float]
-
-
-def bos_token(tokenizer: Any, policy: str) -> int | None:
-    """The token id to prepend to each window, or None (``auto``: the tokenizer's default)."""
-    bos = tokenizer.bos_token_id
-    if policy == "never":
-        return None
-    if policy == "always":
-        if bos is None:
-            raise QuantsinkError("--bos always: this tokenizer has no BOS token; use --bos never")
-        return bos
-    first = tokenizer("a", add_special_tokens=True)["input_ids"]
-    return bos if bos is not None and first and first[0] == bos else None
-
-
-@dataclass
-class Windowing:
-    """What a protocol makes of a corpus: evaluation windows, lazy calibration windows,
-    and the protocol's own record fields."""
-
-    windows: Windows
-    calibration: Callable[[], Windows]
-    protocol: dict[str, Any]
-
-
-PROTOCOLS: Registry[Callable[[RunConfig, Corpus, Any], Windowing]] = Registry("protocol")
-
-
-def _calibration(config: RunConfig, stream: TokenStream, prefix: int | None) -> Callable[[], Windows]:
-    """Calibration windows from ``stream`` (the tokens after the evaluation ones), built on demand."""
-    def calibration() -> Windows:
-        if len(stream) < config.window:
-            raise QuantsinkError("no tokens left for calibration after the evaluation tokens: "
-                                 "lower --max-tokens or use a longer corpus")
-        calib, _ = sliding_windows(stream, window=config.window, stride=config.window, prefix=prefix,
-                                   max_tokens=config.calib_windows * config.window)
-        return calib
-
-    return calibration
-
-
-@PROTOCOLS.register("windows", help="fixed windows over the joined corpus")
-def fixed_windows(config: RunConfig, corpus: Corpus, tokenizer: Any) -> Windowing:
-    """``--window`` tokens every ``--stride`` over the documents joined in order (``sliding_windows``)."""
-    prefix = bos_token(tokenizer, config.bos)
-    stride = config.effective_stride
-    stream = tokenize(corpus, tokenizer, limit=config.max_tokens + config.calib_windows * config.window)
-    windows, used = sliding_windows(stream, window=config.window, stride=stride, prefix=prefix,
-                                    max_tokens=config.max_tokens)
-    rest = TokenStream(stream.ids[used:], stream.nbytes[used:])
-    protocol = {
-        "window": config.window, "stride": stride, "bos": config.bos, "bos_token_id": prefix, "tokens": used,
-        "scoring": ("each token scored once, by the first window that reaches it; a window's "
-                    "first token is scored only when a BOS precedes it; BOS never scored"),
-    }
-    return Windowing(windows, _calibration(config, rest, prefix), protocol)
-
-
-@PROTOCOLS.register("lm-eval", help="lm-eval's loglikelihood_rolling windows, per document")
-def lm_eval_windows(config: RunConfig, corpus: Corpus, tokenizer: Any) -> Windowing:
-    """lm-eval's rolling windows (``corpus.rolling_windows``) over whole documents in corpus
-    order, up to the first document that reaches ``--max-tokens``."""
-    from quantsink.pipeline import lmeval
-
-    docs, tokens = [], 0
-    for text in corpus.documents:
-        if tokens >= config.max_tokens:
-            break
-        docs.append(text)
-        tokens += len(lmeval.encode_documents([text], tokenizer)[0])
-    windows = lmeval.document_windows(docs, tokenizer, config.window)
-    prefix = lmeval.prefix_token(tokenizer)
-    rest = corpus.documents[len(docs):]
-    stream = tokenize(Corpus.of(corpus.name, list(rest)), tokenizer,
-                      limit=config.calib_windows * config.window) if rest else TokenStream([], [])
-    protocol = {
-        "window": config.window, "stride": config.window, "bos": "lm-eval", "bos_token_id": prefix,
-        "tokens": tokens, "n_documents": len(docs),
-        "scoring": lmeval.PROTOCOL + "; the model sees window+1 tokens per row, the last only as a target; "
-                   "rows longest first, right-padded (attention_mask 0, never scored)",
-    }
-    return Windowing(windows, _calibration(config, stream, prefix), protocol)
 
 
 def prepare(config: RunConfig, session: Session) -> Prepared:
@@ -369,13 +287,13 @@ def run(config: RunConfig, *, session: Session | None = None, progress: Progress
     config = canonical(config)
     if write:
         check_writable_dir(config.results, "--results")  # before any load, not after the passes
-    record = evaluate(config, session, progress)
+    record = compare_passes(config, session, progress)
     if write:
         write_record(record, config.results)
     return record
 
 
-def evaluate(config: RunConfig, session: Session, progress: Progress = _no_progress) -> RunRecord:
+def compare_passes(config: RunConfig, session: Session, progress: Progress = _no_progress) -> RunRecord:
     """One reference-vs-candidate comparison -> its record (nothing written)."""
     if config.lm_eval:
         from quantsink.pipeline import lmeval

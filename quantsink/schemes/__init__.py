@@ -9,6 +9,8 @@ private copy of the reference model into the candidate with
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
@@ -127,7 +129,10 @@ def register(default: Scheme, help: str = "", aliases: tuple[str, ...] = ()) -> 
     return SCHEMES.register(default.name, default, help=help, aliases=aliases)
 
 
+@functools.lru_cache(maxsize=512)
 def parse_scheme(text: str) -> Scheme:
+    """A scheme spec string -> its frozen, validated config; parsed once per distinct string (the
+    same object travels with every stage of a run; errors are not cached and raise every time)."""
     spec = parse_spec(text)
     entry = SCHEMES.entry(spec.name)
     base = entry.obj

@@ -17,7 +17,7 @@ from quantsink.pipeline.execute import plan
 from quantsink.sweep.local import sweep  # noqa: E402
 from test_sweep_tiny import TEXT, tiny_model  # noqa: E402,F401 - the tiny Llama fixture, shared
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).parent.parent  # tests/: sweep_fakes.py lives there
 
 
 @pytest.fixture(scope="module")

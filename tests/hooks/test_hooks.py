@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from quantsink.hooks import sites as hooks
-from quantsink.data.corpus import Windows
+from quantsink.data.windows import Windows
 from quantsink.errors import QuantsinkError
 from quantsink.measure.passes import run_pass
 from quantsink.measure.collector import StatsCollector

@@ -21,7 +21,7 @@ from quantsink.sweep.grid import Grid, load_grid
 from quantsink.pipeline.execute import Store, plan, try_lock
 from quantsink.sweep.local import owner_alive, sweep
 
-TESTS = Path(__file__).parent
+TESTS = Path(__file__).parent.parent
 ROOT = TESTS.parent
 
 

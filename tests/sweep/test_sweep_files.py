@@ -31,7 +31,7 @@ from quantsink.pipeline.execute import plan
 from quantsink.sweep.local import sweep
 from synthetic_records import make_record
 
-TESTS = Path(__file__).parent
+TESTS = Path(__file__).parent.parent
 ROOT = TESTS.parent
 runner = CliRunner()
 

@@ -6,7 +6,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from quantsink.data.corpus import TokenStream, sliding_windows
+from quantsink.data.corpus import TokenStream
+from quantsink.data.windows import sliding_windows
 from quantsink.measure.passes import ReferenceHead, batches, run_pass
 
 

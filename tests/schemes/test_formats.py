@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from quantsink.schemes import formats as F
-from quantsink.data.corpus import Windows
+from quantsink.data.windows import Windows
 from quantsink.errors import UsageError
 from quantsink.hooks.sites import attach
 from quantsink.schemes import SCHEMES, QuantContext, parse_scheme

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from quantsink.data.corpus import Windows
+from quantsink.data.windows import Windows
 from quantsink.errors import UsageError
 from quantsink.hooks.sites import attach, attached_hooks
 from quantsink.schemes import SCHEMES, QuantContext, parse_scheme

@@ -20,7 +20,8 @@ import torch
 
 from quantsink.pipeline import lmeval
 from quantsink.config import RunConfig
-from quantsink.data.corpus import TokenStream, load_corpus, rolling_rows, rolling_windows
+from quantsink.data.corpus import TokenStream, load_corpus
+from quantsink.data.windows import rolling_rows, rolling_windows
 from quantsink.errors import QuantsinkError, UsageError
 from quantsink.measure.passes import run_pass
 from quantsink.mitigations import MITIGATIONS, Mitigation

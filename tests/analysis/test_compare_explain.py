@@ -133,6 +133,22 @@ def test_explain_measures_on_a_tiny_model(tiny_model_dir, tiny_text_file):
     assert data["full"] != data["kept"]  # keeping the sink changes the candidate
 
 
+def test_explain_scores_with_evals_scorer(tiny_model_dir, tiny_text_file, tmp_path):
+    """explain's per-token NLLs summed per window are eval's per-window NLLs for the same run
+    (reference and candidate): one scorer, not a second scoring loop."""
+    from quantsink import run
+    from quantsink.config import RunConfig
+
+    config = RunConfig(model=str(tiny_model_dir), corpus=f"file:{tiny_text_file}", scheme="w8a8:w_bits=none",
+                       window=32, max_tokens=256, calib_windows=2, stats_windows=2, offline=True,
+                       noise_floor=False, results=str(tmp_path))
+    record = run(config).to_dict()
+    data = E.measure(config, [])
+    for side, key in (("reference", "ref"), ("candidate", "full")):
+        sums = E.window_sums(data[key], data["windows"], data["n_windows"])
+        assert [round(x, 6) for x in sums] == pytest.approx(record[side]["nll_per_window"], abs=2e-6), side
+
+
 @pytest.mark.slow
 def test_explain_smollm2_w8a8(tmp_path):
     plot = tmp_path / "explain.png"

@@ -3,7 +3,8 @@ import json
 import pytest
 import torch
 
-from quantsink.data.corpus import Corpus, TokenStream, load_corpus, sliding_windows, tokenize
+from quantsink.data.corpus import Corpus, TokenStream, load_corpus, tokenize
+from quantsink.data.windows import sliding_windows
 from quantsink.errors import QuantsinkError, UsageError
 
 

@@ -15,7 +15,7 @@ from quantsink.cli import app
 from quantsink.report.leaderboard import COLUMNS, write_report
 from synthetic_records import make_record, write_grid
 
-ROOT = Path(__file__).parent.parent
+ROOT = Path(__file__).parent.parent.parent
 runner = CliRunner()
 
 

@@ -99,7 +99,7 @@ def test_static_ranges_are_observed_with_the_mitigations_attached(tiny_model_dir
 
 @pytest.mark.parametrize("scheme", ["fp32", "w8a8", "kv4"])
 def test_metrics_are_bitwise_the_same_with_and_without_stats(tiny_model_dir, tiny_text_file, session, scheme):
-    from quantsink.pipeline.run import evaluate
+    from quantsink.pipeline.run import compare_passes as evaluate
 
     records = {stats: evaluate(_config(tiny_model_dir, tiny_text_file, scheme=scheme, stats=stats,
                                        stats_windows=2, max_tokens=96), session).to_dict()

@@ -5,7 +5,8 @@ import copy
 import pytest
 import torch
 
-from quantsink.data.corpus import TokenStream, sliding_windows
+from quantsink.data.corpus import TokenStream
+from quantsink.data.windows import sliding_windows
 from quantsink.errors import QuantsinkError, UsageError
 from quantsink.mitigations import Env, MitigationStack, parse_mitigations
 from quantsink.schemes import QuantContext, parse_scheme

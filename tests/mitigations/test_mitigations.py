@@ -5,7 +5,8 @@ import copy
 import pytest
 import torch
 
-from quantsink.data.corpus import TokenStream, sliding_windows
+from quantsink.data.corpus import TokenStream
+from quantsink.data.windows import sliding_windows
 from quantsink.errors import UsageError
 from quantsink.mitigations import MITIGATIONS, Env, MitigationStack, canonical_mitigation, parse_mitigations
 from quantsink.hooks.sites import Hook, attach, attached_hooks, hidden_of, layer_sites
