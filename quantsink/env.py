@@ -323,7 +323,8 @@ if __name__ == "__main__":  # python -P quantsink/env.py check-lock|unlocked req
         with open(sys.argv[2], encoding="utf-8") as lock:
             locked = parse_lock(lock.read())
         have = {k: v for k, v in installed_versions().items() if k != "quantsink"}
-        print("\n".join(unlocked(locked, have, installed_requirements())))
+        for name in unlocked(locked, have, installed_requirements()):
+            print(name)
         sys.exit(0)
     if sys.argv[1:] == ["facts"]:
         print(json.dumps(facts(), indent=1))

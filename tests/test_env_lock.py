@@ -51,7 +51,9 @@ def test_the_lock_holds_no_cuda_package():
 @pytest.mark.parametrize("record", sorted((ROOT / "results" / "grid").glob("*.json")), ids=lambda p: p.stem)
 def test_every_committed_grid_record_was_computed_with_the_locked_versions(record):
     """Upgrading the lock means regenerating the committed grid (or re-checking it and saying so here)."""
-    recorded = json.loads(record.read_text(encoding="utf-8"))["env"]
+    data = json.loads(record.read_text(encoding="utf-8"))
+    recorded = data.get("env") or data["environment"]
+    recorded = {**recorded, **recorded.get("libraries", {})}  # facts() nest the versions under "libraries"
     pins = lock()
     for library in ("torch", "transformers", "bitsandbytes"):
         assert recorded[library] == pins[library], f"{record.name}: {library}"
@@ -94,7 +96,8 @@ def test_lock_differences_errors_on_locked_versions_and_warns_on_the_rest():
     installed = {"torch": "2.13.0+cu128", "numpy": "2.4.6", "scipy": "1.16.0", "nvidia-cublas": "13.0"}
     errors, warns = env.lock_differences(pins, installed)
     assert errors == ["scipy: locked 1.17.1, installed 1.16.0"]
-    assert warns == ["torch: locked 2.13.0+cpu, installed 2.13.0+cu128", "nvidia-cublas: installed 13.0, not in the lock"]
+    assert warns == ["torch: locked 2.13.0+cpu, installed 2.13.0+cu128",
+                     "nvidia-cublas: installed 13.0, not in the lock"]
     assert env.lock_differences(pins, {"torch": "2.13.0+cpu", "numpy": "2.4.6"})[0] == [
         "scipy: locked 1.17.1, installed nothing"]
 
