@@ -253,24 +253,50 @@ def _directory_sha(directory: Path) -> str:
     return digest.hexdigest()
 
 
-def _is_hub_id(spec: str) -> bool:
-    return "/" in spec and not spec.startswith((".", "/", "~")) and not Path(spec).expanduser().is_dir()
-
-
-def _resolve(spec: str) -> tuple[str, ModelInfo]:
-    """-> (what ``from_pretrained`` takes, partial info)."""
+def _resolve(spec: str, offline: bool = False) -> tuple[str, ModelInfo]:
+    """-> (what ``from_pretrained`` takes, partial info).  A hub id resolves to its local snapshot
+    (downloaded unless ``offline``), whose weights, config and tokenizer files make its identity."""
     if spec in MODELS:
         entry = MODELS.entry(spec)
         directory, info = _embedded(entry.name, entry.obj)
         return str(directory), info
     path = Path(spec).expanduser()
     if path.is_dir():
-        if not any(path.glob("*.safetensors")):
-            raise QuantsinkError(f"{spec}: no *.safetensors weights in that directory (quantsink never loads pickles)")
-        return str(path), ModelInfo(name=path.name, source=f"local:{path.resolve()}", sha256=_directory_sha(path))
+        return str(path), _directory_info(path, name=path.name, source=f"local:{path.resolve()}")
     if _hub_id(spec):
-        return spec, ModelInfo(name=spec, source=f"hub:{spec}", sha256="")
+        snapshot = hub_snapshot(spec, offline)
+        return str(snapshot), _directory_info(snapshot, name=spec, source=f"hub:{spec}@{snapshot.name}")
     raise UsageError(MODELS.unknown_message(spec) + " Or give a hub id (org/name) or a local directory.")
+
+
+def _directory_info(path: Path, *, name: str, source: str) -> ModelInfo:
+    if not any(path.glob("*.safetensors")):
+        raise QuantsinkError(f"{source}: no *.safetensors weights in that directory (quantsink never loads pickles)")
+    return ModelInfo(name=name, source=source, sha256=_directory_sha(path))
+
+
+# What a hub snapshot needs: identity files, the weights' index, generation config, remote code.
+HUB_FILES = (*IDENTITY_FILES, "*.json", "*.py")
+
+
+def hub_snapshot(spec: str, offline: bool) -> Path:
+    """The local snapshot of hub model ``spec`` at its resolved revision (safetensors only), in one line
+    on failure: no retries are printed, nothing is requested when ``offline``."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import logging as hub_logging
+
+    verbosity = hub_logging.get_verbosity()
+    hub_logging.set_verbosity_error()  # the hub's retry warnings; the error below says what failed
+    try:
+        return Path(snapshot_download(spec, allow_patterns=list(HUB_FILES), local_files_only=offline))
+    except Exception as err:  # noqa: BLE001 - connection, not-found, gated and cache errors mean the same here
+        if offline:
+            raise QuantsinkError(f"model {spec!r} is not in the local hub cache and offline mode is on "
+                                 f"(--offline or HF_HUB_OFFLINE=1): drop --offline / unset HF_HUB_OFFLINE "
+                                 f"to download it") from None
+        raise QuantsinkError(f"cannot load model {spec!r} from the hub: {_first_line(err)}") from None
+    finally:
+        hub_logging.set_verbosity(verbosity)
 
 
 def _hub_id(spec: str) -> bool:
@@ -301,19 +327,18 @@ def check_weights(directory: Path) -> None:
                                  f"re-download or re-save the model") from None
 
 
-def model_sha256(spec: str) -> str:
+def model_sha256(spec: str, offline: bool = False) -> str:
     """The sha256 a loaded model's record will carry, without loading or converting it.
 
     Embedded: the GGUF's digest (known, or hashed once and memoized); local
-    directory: the digest of its weights, config and tokenizer files; hub id: "" (as ``_resolve``).
+    directory or hub id: the digest of its weights, config and tokenizer files
+    (for a hub id, those of the snapshot its revision resolves to, as ``_resolve``).
     """
     check_model_spec(spec)
     if spec in MODELS:
         source = MODELS.get(spec)
         return source.sha256 or sha256_file(source.locate())
-    if Path(spec).expanduser().is_dir():
-        return _resolve(spec)[1].sha256
-    return ""
+    return _resolve(spec, offline)[1].sha256
 
 
 def resolve_device(device: str) -> str:
@@ -340,17 +365,17 @@ def torch_dtype(name: str) -> Any:
 
 def load_model(spec: str, *, device: str = "auto", dtype: str = "float32", trust_remote_code: bool = False,
                attn: str = "sdpa", offline: bool = False) -> LoadedModel:
-    """Load the reference model and tokenizer (safetensors only).  Only a hub id reaches the hub,
-    and only when not ``offline`` (then it must be in the local hub cache)."""
+    """Load the reference model and tokenizer (safetensors only).  Only a hub id reaches the hub (to
+    resolve and download its snapshot), and only when not ``offline`` (then it must be in the local hub
+    cache); the model then loads from that local snapshot."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from quantsink.hooks.attention import implementation_for, restore
 
-    where, info = _resolve(spec)
+    where, info = _resolve(spec, offline)
     device = resolve_device(device)
     attn = implementation_for(where, attn)  # e.g. a testbed model trained with ReLU attention
-    local = offline or not _is_hub_id(spec)
-    kwargs: dict[str, Any] = dict(dtype=torch_dtype(dtype), use_safetensors=True, local_files_only=local,
+    kwargs: dict[str, Any] = dict(dtype=torch_dtype(dtype), use_safetensors=True, local_files_only=True,
                                   trust_remote_code=trust_remote_code, attn_implementation=attn)
     if device == "cuda":
         kwargs["device_map"] = "auto"  # accelerate spreads a model too large for one GPU
@@ -358,12 +383,8 @@ def load_model(spec: str, *, device: str = "auto", dtype: str = "float32", trust
         check_weights(Path(where))
     try:
         model = restore(AutoModelForCausalLM.from_pretrained(where, **kwargs), where)  # learned sink logits, gates
-        tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code, local_files_only=local)
+        tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code, local_files_only=True)
     except OSError as err:
-        if offline and _is_hub_id(spec):
-            raise QuantsinkError(f"model {spec!r} is not in the local hub cache and offline mode is on "
-                                 f"(--offline or HF_HUB_OFFLINE=1): drop --offline / unset HF_HUB_OFFLINE "
-                                 f"to download it") from None
         raise QuantsinkError(f"cannot load model {spec!r}: {_first_line(err)}") from None
     except (ValueError, KeyError) as err:
         if "trust_remote_code" in str(err):

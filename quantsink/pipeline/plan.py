@@ -27,9 +27,17 @@ from quantsink.spec import params_of
 
 
 def canonical(config: RunConfig) -> RunConfig:
-    """``config`` with canonical scheme and mitigation specs and the effective offline mode."""
-    return config.replace(scheme=parse_scheme(config.scheme).spec(), mitigation=canonical_mitigation(config.mitigation),
+    """``config`` with canonical model alias, scheme and mitigation specs and the effective offline mode."""
+    return config.replace(model=canonical_model(config.model), scheme=parse_scheme(config.scheme).spec(),
+                          mitigation=canonical_mitigation(config.mitigation),
                           offline=config.offline or offline_from_env())
+
+
+def canonical_model(spec: str) -> str:
+    """A registered model's alias spelled one way (``smollm2`` -> ``smollm2-135m``); other specs as given."""
+    from quantsink.data.models import MODELS
+
+    return MODELS.entry(spec).name if spec in MODELS else spec
 
 
 def identity(config: RunConfig) -> dict[str, Any]:
@@ -92,6 +100,7 @@ class Identities:
 
     def __init__(self) -> None:
         self.corpora: dict[tuple[str, bool], str] = {}
+        self.models: dict[tuple[str, bool], str] = {}
 
     def corpus_sha(self, config: RunConfig) -> str:
         from quantsink.data.corpus import load_corpus
@@ -104,7 +113,10 @@ class Identities:
     def run_id(self, config: RunConfig) -> str:
         from quantsink.data.models import model_sha256
 
-        return run_id_for(config, model_sha256(config.model), self.corpus_sha(config))
+        key = (config.model, config.offline)
+        if key not in self.models:  # a hub id resolves its revision once per plan
+            self.models[key] = model_sha256(config.model, offline=config.offline)
+        return run_id_for(config, self.models[key], self.corpus_sha(config))
 
 
 @dataclass(frozen=True)

@@ -54,13 +54,22 @@ def hub_calls(monkeypatch):
     return calls
 
 
-def test_hub_id_goes_to_the_hub_unless_offline(hub_calls):
+def test_hub_id_goes_to_the_hub_unless_offline(monkeypatch):
+    import huggingface_hub
+
+    calls = []
+
+    def fake(repo_id, **kwargs):
+        calls.append((repo_id, kwargs.get("local_files_only")))
+        raise _Refused("We couldn't connect to 'https://huggingface.co'")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
     with pytest.raises(QuantsinkError, match="cannot load model 'org/name'"):
         load_model("org/name", device="cpu")
     with pytest.raises(QuantsinkError) as err:
         load_model("org/name", device="cpu", offline=True)
     assert "offline mode is on" in str(err.value) and "\n" not in str(err.value)
-    assert hub_calls == [("org/name", False), ("org/name", True)]
+    assert calls == [("org/name", False), ("org/name", True)]
 
 
 def test_local_directory_never_asks_the_hub(hub_calls, tiny_model_dir):
