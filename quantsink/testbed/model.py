@@ -7,23 +7,25 @@ keep their affine weight and bias, as the paper's ``nn.LayerNorm``), ``do_layer_
 ``activation_function="relu"``, ``ffn_dim=4d`` and ``tie_word_embeddings=False``.  OPT also
 applies a final LayerNorm before the head (the paper's model has one too).
 
-ReLU attention is :data:`quantsink.attention.RELU`, registered in transformers'
-``AttentionInterface``; the config records ``quantsink_attention`` so that
-``quantsink eval --model DIR`` (``load_model``) selects it again without remote code.
+Every ``--attention`` but softmax is a kernel of :data:`quantsink.hooks.attention.KERNELS` (relu,
+softmax1, sink-logit, gated, softpick), registered in transformers' ``AttentionInterface``; the config
+records ``quantsink_attention`` so that ``quantsink eval --model DIR`` (``load_model``) selects it again,
+and adds back the learned per-head sink logits or gate weights, without remote code.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from quantsink.hooks.attention import RELU, register
+from quantsink.hooks.attention import KERNELS, add_parameters, register
 from ..registry import Registry
 from .data import BigramBackcopy
 
 #: ``--attention`` -> attn_implementation used while training (softmax: SDPA; the probes switch to eager)
 ATTENTIONS: Registry[str] = Registry("attention")
 ATTENTIONS.register("softmax", "sdpa", help="softmax attention (the standard transformer)")
-ATTENTIONS.register("relu", RELU, help="relu(q.k/sqrt(d)) / i, the paper's sink-free attention")
+for _entry in KERNELS:
+    ATTENTIONS.register(_entry.name, _entry.obj.implementation, help=_entry.help, aliases=_entry.aliases)
 
 
 def build_config(task: BigramBackcopy, *, layers: int, d: int = 256, heads: int = 1,
@@ -47,14 +49,16 @@ def build_model(config: Any) -> Any:
     from transformers import OPTForCausalLM
 
     register()
-    model = OPTForCausalLM._from_config(config, attn_implementation=ATTENTIONS.get(config.quantsink_attention))
-    return paper_init(model)
+    name = config.quantsink_attention
+    model = OPTForCausalLM._from_config(config, attn_implementation=ATTENTIONS.get(name))
+    return paper_init(add_parameters(model, name) if name in KERNELS.names() else model)
 
 
 def paper_init(model: Any) -> Any:
     """PyTorch's default initialisation, as the paper's plain ``nn`` model has: embeddings (token and
     position) N(0, 1), Linear Kaiming-uniform, LayerNorm (1, 0).  OPT's own init (N(0, 0.02)
-    everywhere) starts the residual stream ~50x smaller and delays the sink."""
+    everywhere) starts the residual stream ~50x smaller and delays the sink.  A gate's ``gate_proj`` is a
+    Linear (Kaiming-uniform); sink logits keep their 0."""
     from torch import nn
 
     for module in model.modules():

@@ -73,3 +73,33 @@ def plot_history(history: list[dict[str, Any]], path: Path, title: str) -> Path:
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
+
+
+#: the testbed's practical-significance margin: a change of perplexity smaller than 0.5% is no effect
+PRACTICAL_MARGIN = 0.005
+
+
+def practical_verdict(ci_nats: Any, margin: float = PRACTICAL_MARGIN) -> str:
+    """A paired 95% interval of a change in NLL/token (``b - a``, lower is better) -> a verdict with a margin.
+
+    ``m = log(1 + margin)`` nats/token is a ``margin`` relative change of perplexity.  ``helps``: the
+    whole interval is below ``-m``; ``hurts``: above ``+m``; ``no practical effect``: inside ``[-m, m]``;
+    else ``inconclusive`` (the interval straddles a margin).
+    """
+    import math
+
+    low, high = float(ci_nats[0]), float(ci_nats[1])
+    m = math.log1p(margin)
+    rules = ((high < -m, "helps"), (low > m, "hurts"), (-m <= low and high <= m, "no practical effect"))
+    return next((name for hit, name in rules if hit), "inconclusive")
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    """Mean, sample standard deviation, min and max over seeds (NaNs dropped; sd 0 for one value)."""
+    import statistics
+
+    kept = [v for v in values if v == v]
+    if not kept:
+        return {"mean": float("nan"), "sd": float("nan"), "min": float("nan"), "max": float("nan"), "n": 0}
+    sd = statistics.stdev(kept) if len(kept) > 1 else 0.0
+    return {"mean": statistics.fmean(kept), "sd": sd, "min": min(kept), "max": max(kept), "n": len(kept)}

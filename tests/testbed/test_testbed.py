@@ -175,14 +175,13 @@ def test_cli_train_json_and_bad_input(tmp_path):
 
 
 def test_quantsink_eval_on_a_trained_relu_model(trained, tmp_path):
-    """--model DIR with its held-out corpus: schemes apply, and the noise floor keeps ReLU attention."""
+    """--model DIR with its held-out corpus: schemes apply."""
     from quantsink import RunConfig
     from quantsink import run
 
     where = trained["relu"][0]
     record = run(RunConfig(model=str(where), corpus=f"file:{where}/heldout.jsonl", protocol="lm-eval", window=31,
-                           max_tokens=62, calib_windows=1, stats_windows=2, scheme="w8a8", device="cpu",
+                           max_tokens=62, calib_windows=1, calib_draws=1, stats_windows=2, scheme="w8a8", device="cpu",
                            results=str(tmp_path), offline=True)).to_dict()
     assert record["protocol"]["n_windows"] == 2 and record["protocol"]["scored_tokens"] == 62
-    assert record["candidate"]["ppl"] > 1
-    assert record["noise_floor"]["perturbation"].startswith("attention quantsink_relu -> quantsink_relu")
+    assert record["candidate"]["ppl"] > 1  # that the scores are ReLU attention's: test_attention_variants
