@@ -122,7 +122,9 @@ class TrainConfig:
 
     out: str = field(default="", metadata=_opt("Output directory (HF model, history, plots, checkpoint)."))
     layers: int = field(default=1, metadata=_opt("Transformer layers (the paper: 1 or 3)."))
-    attention: str = field(default="softmax", metadata=_opt("softmax | relu (the paper's sink-free attention)."))
+    attention: str = field(default="softmax", metadata=_opt(
+        "softmax | relu (the paper's) | softmax1 | sink-logit (gpt-oss) | gated (arXiv 2505.06708) | softpick "
+        "(arXiv 2504.20966); see quantsink.hooks.attention."))
     optimizer: str = field(default="adam", metadata=_opt("adam (AdamW) | sgd, with the paper's settings."))
     steps: int | None = field(default=None, metadata=_opt("Training steps (default: the preset's)."))
     batch: int | None = field(default=None, metadata=_opt("Sequences per step (default: the preset's)."))
