@@ -17,8 +17,8 @@ from quantsink.measure import stats as S
 from quantsink.config import RunConfig, stable_hash
 from quantsink.errors import UsageError
 from quantsink.pipeline.plan import canonical, run_id_for
-from quantsink.records.schema import (SCHEMA_VERSION, CorpusRecord, MitigationRecord, ModelRecord, PassRecord,
-    ProtocolRecord, RunRecord, SchemeRecord, StatsRecord)
+from quantsink.records.schema import (SCHEMA_VERSION, CorpusRecord, EnvRecord, MitigationRecord, ModelRecord,
+    PassRecord, ProtocolRecord, RunRecord, SchemeRecord, StatsRecord)
 from quantsink.records.store import write_record
 
 LAYERS, HEADS, KV_HEADS, WINDOWS, WINDOW = 6, 4, 2, 8, 128
@@ -51,9 +51,10 @@ def _pass(rng: random.Random, ppl: float, noise: float, candidate: bool, kl: flo
                       nll_per_window=nll, scored_per_window=n, **extra)
 
 
-def _config(model: str, corpus: str, scheme: str, mitigation: str) -> RunConfig:
+def _config(model: str, corpus: str, scheme: str, mitigation: str,
+            settings: dict[str, Any] | None = None) -> RunConfig:
     config = RunConfig(model=model, corpus=corpus, scheme=scheme, mitigation=mitigation, window=WINDOW,
-                       max_tokens=WINDOW * WINDOWS, offline=True)
+                       max_tokens=WINDOW * WINDOWS, offline=True, **(settings or {}))
     try:
         return canonical(config)
     except UsageError:  # a name no registry knows (escaping tests): recorded as given
@@ -83,9 +84,11 @@ def make_record(model: str = "tiny-llama", corpus: str = "python-docs", scheme: 
                 mitigation: str = "none", ppl_ref: float = 10.0, ppl: float = 12.0, stats: bool = True,
                 woken: tuple[tuple[int, int], ...] = ((2, 1),), created_at: str = "2026-11-28T16:00:00+00:00",
                 seed: int = 0, noise: float = 0.0, kl: float = 0.05,
-                noise_floor: dict[str, Any] | None = None) -> RunRecord:
+                noise_floor: dict[str, Any] | None = None, settings: dict[str, Any] | None = None,
+                env: EnvRecord | None = None) -> RunRecord:
+    """``settings``: other RunConfig fields (e.g. ``calib_windows``), part of the run id."""
     rng = random.Random(seed)
-    config = _config(model, corpus, scheme, mitigation)
+    config = _config(model, corpus, scheme, mitigation, settings)
     model_sha, corpus_sha = stable_hash(model, length=64), stable_hash(corpus, length=64)
     try:
         run_id = run_id_for(config, model_sha, corpus_sha)
@@ -102,7 +105,7 @@ def make_record(model: str = "tiny-llama", corpus: str = "python-docs", scheme: 
         protocol=ProtocolRecord("windows", WINDOW, WINDOW, "auto", None, WINDOW * WINDOWS, "synthetic",
                                 WINDOWS, (WINDOW - 1) * WINDOWS, "float32", "synthetic", "1"),
         scheme=_scheme(config), mitigation=_mitigations(config), reference=_pass(rng, ppl_ref, 0.0, False),
-        candidate=_pass(rng, ppl, noise, True, kl), stats=side, noise_floor=noise_floor, timing={}, env={})
+        candidate=_pass(rng, ppl, noise, True, kl), stats=side, noise_floor=noise_floor, timing={}, env=env or EnvRecord())
 
 
 def grid_records() -> list[RunRecord]:

@@ -4,7 +4,10 @@ Pure functions over stored records (nothing is evaluated):
 
 * ``resolve`` finds a record from a run id, a path to a record file, or a spec
   string ``SCHEME[+MITIGATIONS]`` (e.g. ``w8a8``, ``w8a8+sink-fp``; canonicalised as
-  the planner does, ``--model`` / ``--corpus`` narrow it) in a results store;
+  the planner does, ``--model`` / ``--corpus`` narrow it) in a results store; a spec
+  that matches runs of more than one identity (``identity_key``: every field of the run
+  id but the code version, calibration windows and seed included) is refused in one line
+  that lists the candidates (among re-runs of one identity, the newest is taken);
 * ``check_pairable`` refuses, in one line, two runs that did not score the same
   windows (model, corpus, protocol and per-window scored tokens must agree);
 * ``compare`` gives B minus A: the paired t interval over windows of the mean NLL
@@ -14,13 +17,17 @@ Pure functions over stored records (nothing is evaluated):
   side by side, and the extreme-token statistics that moved most between the two
   candidates (``stats.changes`` of A's candidate side -> B's: heads woken or put to
   sleep, sink-score and drain shifts, residual-peak shifts).
+
+The comparison states the settings both runs share (``settings``), those in which they differ, and the
+environment facts in which they differ (``EnvRecord.differences``: CPU, threads, library versions).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
+from quantsink.config import stable_hash
 from quantsink.errors import UsageError
 from quantsink.analysis.effects import floor_of, paired_delta
 from quantsink.measure.paired import MIN_WINDOWS
@@ -75,12 +82,46 @@ def _by_spec(arg: str, records: list[RunRecord], results: str | Path, model: str
                          f"{_narrowed(model, corpus)}; run `quantsink eval` first or give a run id")
     newest = {}
     for r in sorted(found, key=lambda r: r.created_at):
-        newest[(r.model.name, r.corpus.name, _windows(r))] = r
+        newest[identity_key(r)] = r
     if len(newest) > 1:
-        where = "; ".join(f"{m} on {c} ({w})" for m, c, w in newest)
-        raise UsageError(f"{arg!r} matches runs on several models/corpora/windows ({where}); "
-                         f"narrow it with --model / --corpus or give a run id")
+        names = varying_settings(newest.values()) or ["model", "corpus"]
+        where = "; ".join(f"{r.run_id} ({r.model.name} on {r.corpus.name}, {_windows(r)}, "
+                          f"{settings_label(r, names)})" for r in newest.values())
+        raise UsageError(f"{arg!r} matches {len(newest)} runs of different settings: {where}; give a run id "
+                         f"(or narrow with --model / --corpus)")
     return next(iter(newest.values()))
+
+
+# --------------------------------------------------------------------------- identities and settings
+
+SHOWN = ("model", "corpus", "scheme", "mitigation")  # identity fields every view names on its own
+WINDOWED = ("window", "stride", "max_tokens", "bos", "protocol")  # in ``_windows``'s label
+
+
+def identity_key(record: RunRecord) -> str:
+    """Everything in the run id but the code version: the config's identity fields, model and corpus hashes."""
+    return stable_hash(record.config.identity(), record.model.sha256, record.corpus.sha256)
+
+
+def varying_settings(records: Iterable[RunRecord]) -> list[str]:
+    """The identity fields (beyond model, corpus, scheme, mitigation) whose values differ among ``records``."""
+    values: dict[str, set[str]] = {}
+    for record in records:
+        for name, value in record.config.identity().items():
+            values.setdefault(name, set()).add(repr(value))
+    return [name for name, seen in values.items() if len(seen) > 1 and name not in SHOWN]
+
+
+def settings_label(record: RunRecord, names: Iterable[str]) -> str:
+    """``calib_windows=4 seed=1``: the record's values of ``names``."""
+    identity = record.config.identity()
+    return " ".join(f"{name}={identity[name]}" for name in names)
+
+
+def settings(record: RunRecord) -> str:
+    """Every setting of the run id beyond model, corpus, scheme, mitigation and the windows."""
+    names = [n for n in record.config.identity() if n not in SHOWN + WINDOWED]
+    return settings_label(record, names)
 
 
 def _narrowed(model: str | None, corpus: str | None) -> str:
@@ -160,7 +201,11 @@ def evaluator_note(a: RunRecord, b: RunRecord) -> str | None:
 def compare(a: RunRecord, b: RunRecord, *, top: int = TOP) -> dict[str, Any]:
     """Everything ``quantsink compare`` shows (JSON-ready); refuses runs on different windows."""
     check_pairable(a, b)
-    return {"a": side(a), "b": side(b), "windows": _windows(a), "paired": paired(a, b, a.config.min_windows),
+    differ = varying_settings([a, b])
+    return {"a": side(a), "b": side(b), "windows": _windows(a), "settings": settings(a),
+            "settings_differ": {"a": settings_label(a, differ), "b": settings_label(b, differ)} if differ else None,
+            "env_differences": a.env.differences(b.env),
+            "paired": paired(a, b, a.config.min_windows),
             "per_window": per_window(a, b), "moved": moved(a, b, top), "evaluator_note": evaluator_note(a, b),
             "moved_note": "stats.changes from A's candidate statistics to B's (woken = dormant in A, active in B)"}
 

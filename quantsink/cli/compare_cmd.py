@@ -20,7 +20,8 @@ def _f(value: Any, digits: int = 4) -> str:
 
 def sides_table(result: dict[str, Any]) -> Table:
     a, b = result["a"], result["b"]
-    table = Table(title=f"{a['model']} on {a['corpus']}, {result['windows']}", title_justify="left")
+    table = Table(title=f"{a['model']} on {a['corpus']}, {result['windows']}\nsettings: {result['settings']}",
+                  title_justify="left")
     for column in ("", "A", "B"):
         table.add_column(column, justify="right" if column else "left")
     for key in ("run_id", "scheme", "mitigation", "ppl", "ppl_ref", "kl", "top1_agreement", "bits_per_byte",
@@ -39,7 +40,18 @@ def paired_lines(result: dict[str, Any]) -> list[str]:
              + ("" if p["noise_floor_measured"] else " (not measured: 0)")]
     deltas = [w["delta_nll_per_token"] for w in result["per_window"]]
     lines.append("  per-window ΔNLL/token: " + " ".join(_f(d, 3) for d in deltas))
-    return lines + ([f"note: {result['evaluator_note']}"] if result["evaluator_note"] else [])
+    return lines + ([f"note: {result['evaluator_note']}"] if result["evaluator_note"] else []) + notes(result)
+
+
+def notes(result: dict[str, Any]) -> list[str]:
+    """Settings and environment facts in which A and B differ."""
+    found = []
+    if result["settings_differ"]:
+        found.append(f"note: the runs' settings differ: A {result['settings_differ']['a']}, "
+                     f"B {result['settings_differ']['b']}")
+    if result["env_differences"]:
+        found.append("note: the runs' environments differ (A vs B): " + "; ".join(result["env_differences"]))
+    return found
 
 
 def moved_lines(moved: dict[str, Any] | None, top: int) -> list[str]:

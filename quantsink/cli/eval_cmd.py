@@ -123,11 +123,15 @@ def plan_table(planned: list[Any], results: str) -> Table:
 def eval_command(config: RunConfig,
                  json_out: bool = typer.Option(False, "--json", help="Print {record, effects} as JSON on stdout."),
                  no_write: bool = typer.Option(False, "--no-write", help="Do not write any record."),
-                 dry_run: bool = typer.Option(False, "--dry-run", help="Print the planned runs; run nothing.")) -> None:
+                 dry_run: bool = typer.Option(False, "--dry-run", help="Print the planned runs; run nothing."),
+                 fresh: bool = typer.Option(False, "--fresh", help="Re-run the requested run even when its record "
+                                            "is stored (and replace that record); its variant runs are reused.")
+                 ) -> None:
     """Quantize the model with a scheme and compare it with the float reference on the same windows.
 
     With a mitigation, the same scheme without it runs too (mitigation_effect); with a scheme that
-    quantizes tokens, also with sink-fp (d_sink); recorded runs are reused.  --dry-run lists them."""
+    quantizes tokens, also with sink-fp (d_sink).  A run whose record (same run id) is stored is reused,
+    not re-run, unless --fresh.  --dry-run lists them."""
     from ..errors import UsageError
     from quantsink.pipeline.plan import plan
     from quantsink.pipeline.execute import invalid_pair, run_config
@@ -137,17 +141,29 @@ def eval_command(config: RunConfig,
     if why:
         raise UsageError(why)
     if dry_run:
-        out.print(plan_table(plan([config], fresh=True), config.results))
+        out.print(plan_table(plan([config], fresh=fresh), config.results))
         return
+    reused: list[str] = []
     with RichProgress(enabled=not json_out and err.is_terminal) as progress:
-        record, found = run_config(config, progress=progress, write=not no_write)
-    _show(record, found, json_out, None if no_write else config.results)
+        record, found = run_config(config, progress=progress, write=not no_write, fresh=fresh,
+                                   on_reuse=lambda p, stored: reused.append(reused_line(p, stored)))
+    _show(record, found, json_out, None if no_write else config.results, reused)
 
 
-def _show(record: Any, found: Any, json_out: bool, results: str | None) -> None:
+def reused_line(planned: Any, stored: Any) -> str:
+    """``reused the stored record <id> (...)``: the requested run's line says how to re-run it."""
+    c = planned.config
+    what = f"{'variant ' if planned.variant else ''}{c.scheme} + {c.mitigation}, written {stored.created_at}"
+    return f"reused the stored record {planned.run_id} ({what})" + ("" if planned.variant else "; --fresh re-runs it")
+
+
+def _show(record: Any, found: Any, json_out: bool, results: str | None, reused: list[str]) -> None:
     if json_out:
-        sys.stdout.write(json.dumps({"record": record.to_dict(), "effects": found.to_dict()}, indent=1) + "\n")
+        data = {"record": record.to_dict(), "effects": found.to_dict(), "reused": reused}
+        sys.stdout.write(json.dumps(data, indent=1) + "\n")
         return
+    for line in reused:
+        out.print(line, highlight=False, soft_wrap=True)
     out.print(result_table(record, found))
     cached = " (reference from cache)" if record.reference.cached else ""
     out.print(f"candidate pass {record.timing['candidate_s']:.1f} s, "

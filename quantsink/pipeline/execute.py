@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from quantsink.config import RunConfig
 from quantsink.errors import QuantsinkError
@@ -65,34 +65,41 @@ def default_run(config: RunConfig, *, session: Any, progress: Any) -> RunRecord:
     return run(config, session=session, progress=progress, write=False)
 
 
+Reused = Callable[[PlannedRun, RunRecord], None]  # told of each planned run whose stored record is reused
+
+
 def run_plan(planned: list[PlannedRun], results: str | Path, *, session: Any, progress: Any,
-             write: bool = True, poll_s: float = 0.5) -> dict[str, RunRecord]:
-    """A plan executed in this process (``eval``), run by run: a stored record is reused unless the
-    run is ``fresh``; any other run takes its run lock (waiting while another process holds it),
-    runs, and is written before the lock is released.  A run's error propagates.  -> records by run_id."""
+             write: bool = True, poll_s: float = 0.5, on_reuse: Reused | None = None) -> dict[str, RunRecord]:
+    """A plan executed in this process (``eval``), run by run: a stored record is reused (``on_reuse`` is
+    told) unless the run is ``fresh``; any other run takes its run lock (waiting while another process
+    holds it), runs, and is written before the lock is released.  A run's error propagates.
+    -> records by run_id."""
     store = Store(Path(results))
-    return {p.run_id: _run_one(p, store, session, progress, write, poll_s) for p in planned}
+    told = on_reuse or (lambda p, record: None)
+    return {p.run_id: _run_one(p, store, session, progress, write, poll_s, told) for p in planned}
 
 
 def run_config(config: RunConfig, *, session: Any = None, progress: Any = None,
-               write: bool = True, fresh: bool = True) -> tuple[RunRecord, Any]:
-    """What ``quantsink eval`` does: plan ``config`` (its variant runs included; ``fresh``: the run itself
-    re-run even when stored), run the plan, and compute its effects from the records.
-    -> (its record, its ``effects.Effects``)."""
+               write: bool = True, fresh: bool = False, on_reuse: Reused | None = None) -> tuple[RunRecord, Any]:
+    """What ``quantsink eval`` does: plan ``config`` (its variant runs included), run the plan, and compute
+    its effects from the records.  A stored record with the run's id is reused (its numbers are what that
+    id promises); ``fresh`` re-runs the run itself (not its variants) and replaces its record.
+    ``on_reuse`` is told of each reused record.  -> (its record, its ``effects.Effects``)."""
     from quantsink.analysis.effects import effects
     from quantsink.pipeline.run import Session
 
     if write:
         check_writable_dir(config.results, "--results")  # one line now, not an OSError after the hashing
     planned = plan([config], fresh=fresh)
-    records = run_plan(planned, config.results, session=session or Session(), write=write,
+    records = run_plan(planned, config.results, session=session or Session(), write=write, on_reuse=on_reuse,
                        progress=progress or (lambda stage, total: lambda n: None))
     record = records[next(p.run_id for p in planned if not p.variant)]
     return record, effects(record, records.get)
 
 
-def _run_one(p: PlannedRun, store: Store, session: Any, progress: Any, write: bool, poll_s: float) -> RunRecord:
-    found = None if p.fresh else find_record(store.root, p.run_id)
+def _run_one(p: PlannedRun, store: Store, session: Any, progress: Any, write: bool, poll_s: float,
+             on_reuse: Reused) -> RunRecord:
+    found = _stored(p, store, on_reuse)
     if found is not None or not write:
         return found or _checked_run(p, session, progress)
     store.locks.mkdir(parents=True, exist_ok=True)
@@ -100,12 +107,19 @@ def _run_one(p: PlannedRun, store: Store, session: Any, progress: Any, write: bo
     while not try_lock(lock):
         time.sleep(poll_s)
     try:
-        found = None if p.fresh else find_record(store.root, p.run_id)  # finished while we waited
-        record = found or _checked_run(p, session, progress)
+        record = _stored(p, store, on_reuse) or _checked_run(p, session, progress)  # it may have finished meanwhile
         store.write(record)
         return record
     finally:
         release(lock)
+
+
+def _stored(p: PlannedRun, store: Store, on_reuse: Reused) -> RunRecord | None:
+    """The stored record of a run that is not ``fresh`` (``on_reuse`` is told), else None."""
+    found = None if p.fresh else find_record(store.root, p.run_id)
+    if found is not None:
+        on_reuse(p, found)
+    return found
 
 
 def _checked_run(p: PlannedRun, session: Any, progress: Any) -> RunRecord:

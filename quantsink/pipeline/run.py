@@ -10,6 +10,7 @@ corpus, protocol).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime as dt
 import math
 import platform
@@ -31,8 +32,8 @@ from quantsink.hooks.probes import attention_implementation
 from quantsink.mitigations import MitigationStack, parse_mitigations
 from quantsink.data.models import LoadedModel, check_window, load_model, resolve_device
 from quantsink.pipeline.plan import canonical, run_id_for
-from quantsink.records.schema import (SCHEMA_VERSION, CorpusRecord, MitigationRecord, ModelRecord, PassRecord,
-    ProtocolRecord, RunRecord, SchemeRecord, StatsRecord)
+from quantsink.records.schema import (SCHEMA_VERSION, CorpusRecord, EnvRecord, MitigationRecord, ModelRecord,
+    PassRecord, ProtocolRecord, RunRecord, SchemeRecord, StatsRecord)
 from quantsink.records.store import check_writable_dir, write_record
 from quantsink.measure.stats import changes as stats_changes
 from quantsink.schemes import QuantContext, Scheme, parse_scheme
@@ -212,19 +213,17 @@ def noise_floor_pass(prep: Prepared, model: Any, candidate: PassResult) -> dict[
                           "the mean NLL/token that float-level noise alone produces on these windows"}
 
 
-def environment(device: Any) -> dict[str, Any]:
-    import importlib.metadata as md
+def environment(device: Any) -> EnvRecord:
+    """``env.facts()`` (CPU model and flags, threads, torch's build, every scoring-path library's version)
+    with the device and the OS."""
+    from quantsink.env import facts
 
-    def version(pkg: str) -> str | None:
-        try:
-            return md.version(pkg)
-        except md.PackageNotFoundError:
-            return None
-
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "transformers": version("transformers"), "bitsandbytes": version("bitsandbytes"),
-            "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-            "device": str(device), "cuda": torch.version.cuda, "os": platform.platform()}
+    known = {f.name for f in dataclasses.fields(EnvRecord)}
+    found = facts()
+    unknown = sorted(set(found) - known)
+    if unknown:
+        raise QuantsinkError(f"env.facts() gave {unknown[0]!r}, which the record has no field for (a bug)")
+    return EnvRecord(**found, device=str(device), os=platform.platform())
 
 
 def run_id(prep: Prepared) -> str:

@@ -129,6 +129,50 @@ class StatsRecord:
                 raise ValueError("a stats side needs 'layers' (a list) and 'heads' (an object)")
 
 
+ENV_NOT_COMPARED = ("os",)  # recorded, but a kernel's patch level is no fact about the numbers
+
+
+@dataclass(frozen=True)
+class EnvRecord:
+    """The machine and the libraries behind a run's numbers: ``quantsink.env.facts()`` (CPU model, the
+    instruction sets its kernels pick from, torch's threads and build, the version of every library on the
+    scoring path, the variables that change threads or kernels) plus the device and the OS.
+
+    Every field has a default, so a record written before a fact was kept still loads: schema 2 kept only
+    ``cpu`` (the machine type, e.g. ``x86_64``), ``cuda`` and three versions at the top level (``torch``,
+    ``transformers``, ``bitsandbytes``); newer records keep the versions under ``libraries``.
+    """
+
+    python: str | None = None
+    os: str | None = None
+    device: str | None = None
+    machine: str | None = None
+    cpu_model: str | None = None
+    cpu_flags: list[str] | None = None
+    threads: int | None = None
+    torch_build: str | None = None
+    torch_cpu_capability: str | None = None
+    libraries: dict[str, Any] = field(default_factory=dict)  # name -> version, None when not installed
+    variables: dict[str, Any] = field(default_factory=dict)  # OMP_NUM_THREADS and the like, where set
+    cpu: str | None = None  # schema 2: platform.processor() or the machine type
+    cuda: str | None = None  # schema 2
+    torch: str | None = None  # schema 2
+    transformers: str | None = None  # schema 2
+    bitsandbytes: str | None = None  # schema 2
+
+    def facts(self) -> dict[str, Any]:
+        """The facts this record kept (fields it never filled left out, the OS too), as
+        ``quantsink.env.differences`` compares them."""
+        return {k: v for k, v in dataclasses.asdict(self).items()
+                if v is not None and v != {} and k not in ENV_NOT_COMPARED}
+
+    def differences(self, other: "EnvRecord") -> list[str]:
+        """Where two records' environments disagree, one line per fact (``quantsink.env.differences``)."""
+        from quantsink.env import differences
+
+        return differences(self.facts(), other.facts())
+
+
 @dataclass(frozen=True)
 class RunRecord:
     """One run: identity, what was evaluated and how, both passes, statistics, timing, environment."""
@@ -148,7 +192,7 @@ class RunRecord:
     stats: StatsRecord | None
     noise_floor: dict[str, Any] | None  # unmitigated runs: the candidate's float-level noise (``run.noise_floor_pass``)
     timing: dict[str, float]
-    env: dict[str, Any]
+    env: EnvRecord
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object (NaN/inf as null)."""

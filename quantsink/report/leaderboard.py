@@ -1,9 +1,13 @@
 """Leaderboard: every record in a results directory -> md, csv, json and one self-contained html.
 
 Reads ``RunRecord``s only (``results.iter_records``: validated against the
-schema).  One row per (model, corpus, protocol, scheme, mitigation); when several
-records share a row (re-runs under another code version), the newest wins and
-the others are counted as superseded.  Every derived number is computed here
+schema).  One row per full identity (``identity_key``: every field of the run id
+but the code version: model, corpus, windows, calibration windows and draws,
+dtype, protocol, seed, ...); settings are never mixed.  When several records share a
+row (re-runs under another code version), the newest wins and the others are
+counted as superseded.  ``settings`` names the identity fields in which the
+records differ (beyond model, corpus, scheme, mitigation), so two settings of one
+cell are two rows that say which is which.  Every derived number is computed here
 from the records, never stored twice:
 
 * ``ppl_ratio`` = candidate ppl / reference ppl; ``delta_bpb`` = candidate - reference bits per byte.
@@ -16,8 +20,11 @@ from the records, never stored twice:
 * ``bits``: weight / activation / KV-cache bits, e.g. ``W8A8KV32`` (float parts at the
   run's dtype); ``w_bits``: nominal weight bits (the plot's axis).
 * ``effect`` / ``effect_ci``/ ``verdict``: ``effects.mitigation_effect`` against the stored
-  unmitigated variant run (mitigated minus unmitigated perplexity, paired t 95% interval over
-  windows); a ``not-applicable`` run (the mitigation changed nothing) shows no effect.
+  unmitigated variant run with the same settings (its run id is ``baseline``; mitigated minus
+  unmitigated perplexity, paired t 95% interval over windows); a ``not-applicable`` run (the
+  mitigation changed nothing) shows no effect.
+* ``env``: where the row's environment (``RunRecord.env``: CPU, threads, library versions) differs
+  from its baseline's, the facts that differ; the report notes every environment its records hold.
 * ``d_sink`` / ``d_sink_ci``: ``effects.d_sink`` from the stored ``none`` and ``sink-fp`` variant
   runs (sink damage in nats per token); empty when a variant run is not in the results.
 
@@ -37,14 +44,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from quantsink.analysis.compare import identity_key, settings_label, varying_settings
 from quantsink.analysis.effects import Effects, effects
 from quantsink.report.matrix import MATRIX_CSV, Matrix, cell_text, matrices, matrix_rows, ranking
 from quantsink.errors import QuantsinkError
 from quantsink.records.schema import RunRecord
 
-KEY = ("model", "corpus", "protocol", "scheme", "mitigation")
 COLUMNS = {  # column -> (markdown header, digits); order = table order
-    "model": ("model", None), "corpus": ("corpus", None), "scheme": ("scheme", None),
+    "model": ("model", None), "corpus": ("corpus", None), "settings": ("settings", None), "scheme": ("scheme", None),
     "mitigation": ("mitigation", None), "bits": ("bits", None), "w_bits": ("weight bits", 3), "ppl_ref": ("ppl ref", 4), "ppl": ("ppl", 4),
     "ppl_ratio": ("ppl ×ref", 4), "kl": ("KL", 3), "top1": ("top-1", 3), "bpb": ("bits/byte", 4),
     "delta_bpb": ("Δ bits/byte", 3), "d_sink": ("d_sink", 3), "d_sink_ci": ("d_sink CI", 3),
@@ -53,10 +60,11 @@ COLUMNS = {  # column -> (markdown header, digits); order = table order
     "drain_before": ("drain before", 3), "drain_after": ("drain after", 3),
     "heads_woken": ("heads woken", None), "peak_before": ("peak before", 4), "peak_after": ("peak after", 4),
     "simulated": ("simulated", None), "backend": ("backend", None), "protocol": ("protocol", None),
-    "run_id": ("run_id", None), "created_at": ("created", None),
+    "run_id": ("run_id", None), "baseline": ("baseline run", None), "env": ("environment vs baseline", None),
+    "created_at": ("created", None),
 }
-MARKDOWN = ("model", "corpus", "scheme", "mitigation", "bits", "ppl", "ppl_ratio", "kl", "top1", "bpb",
-            "d_sink", "verdict", "effect", "effect_ci", "sink_before", "sink_after", "heads_woken",
+MARKDOWN = ("model", "corpus", "settings", "scheme", "mitigation", "bits", "ppl", "ppl_ratio", "kl", "top1", "bpb",
+            "d_sink", "verdict", "effect", "effect_ci", "baseline", "sink_before", "sink_after", "heads_woken",
             "peak_before", "peak_after", "simulated", "backend")
 VERDICT_COLORS = {"helps": "#2e7d32", "hurts": "#c62828", "inconclusive": "#757575",
                   "insufficient-data": "#9e9e9e", "not-applicable": "#bdbdbd"}
@@ -130,8 +138,10 @@ def protocol_label(record: RunRecord) -> str:
     return f"{p.n_windows}x{p.window} tok, stride {p.stride}, BOS {p.bos}, {p.dtype}"
 
 
-def row(record: RunRecord, effects: Effects | None = None) -> dict[str, Any]:
-    """One leaderboard row (deltas computed here) from one record and its effects."""
+def row(record: RunRecord, effects: Effects | None = None, settings: Iterable[str] = (),
+        baseline: RunRecord | None = None) -> dict[str, Any]:
+    """One leaderboard row (deltas computed here) from one record, its effects, the names of the settings
+    that tell rows apart (``varying_settings``) and the unmitigated run its effect is paired with."""
     ref, cand, scheme = record.reference, record.candidate, record.scheme
     effect, d_sink = (effects.mitigation_effect, effects.d_sink) if effects else (None, None)
     woken = woken_heads(record)
@@ -139,7 +149,8 @@ def row(record: RunRecord, effects: Effects | None = None) -> dict[str, Any]:
     no_effect = effect is None or verdict == "not-applicable"  # shown as such, not as 0 [0, 0]
     bpb_ref, bpb = _num(ref.bits_per_byte), _num(cand.bits_per_byte)
     return {
-        "model": record.model.name, "corpus": record.corpus.name, "scheme": scheme.spec,
+        "model": record.model.name, "corpus": record.corpus.name, "settings": settings_label(record, settings),
+        "scheme": scheme.spec,
         "mitigation": record.config.mitigation, "bits": bits_label(record), "w_bits": _num(scheme.bits),
         "ppl_ref": _num(ref.ppl), "ppl": _num(cand.ppl), "ppl_ratio": _ratio(cand.ppl, ref.ppl),
         "kl": _num(cand.kl), "top1": _num(cand.top1_agreement), "bpb": bpb,
@@ -155,8 +166,17 @@ def row(record: RunRecord, effects: Effects | None = None) -> dict[str, Any]:
         "peak_before": _max(peak_profile(_side(record, "reference"))),
         "peak_after": _max(peak_profile(_side(record, "candidate"))),
         "simulated": scheme.simulated, "backend": " ".join(x for x in (scheme.backend, scheme.backend_version) if x),
-        "protocol": protocol_label(record), "run_id": record.run_id, "created_at": record.created_at,
+        "protocol": protocol_label(record), "run_id": record.run_id,
+        "baseline": (effect or {}).get("baseline", {}).get("run_id"), "env": _env_note(record, baseline),
+        "created_at": record.created_at,
     }
+
+
+def _env_note(record: RunRecord, baseline: RunRecord | None) -> str | None:
+    """The environment facts in which ``record`` and its baseline differ (None: the same, or no baseline)."""
+    if baseline is None or baseline is record:
+        return None
+    return "; ".join(baseline.env.differences(record.env)) or None
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -178,18 +198,21 @@ def record_effects(records: list[RunRecord]) -> dict[str, Effects]:
 
 
 def leaderboard(records: list[RunRecord]) -> tuple[Any, list[RunRecord], int]:
-    """-> (DataFrame, the records behind its rows, number of superseded records)."""
+    """-> (DataFrame, the records behind its rows, number of superseded records).  One row per
+    ``identity_key``; a row's effect is paired with the unmitigated run of the same settings."""
     import pandas as pd
 
-    found = record_effects(records)
-    newest: dict[tuple[Any, ...], tuple[dict[str, Any], RunRecord]] = {}
+    found, by_id, settings = record_effects(records), {r.run_id: r for r in records}, varying_settings(records)
+    newest: dict[str, tuple[dict[str, Any], RunRecord]] = {}
     for record in records:
-        r = row(record, found[record.run_id])
-        key = tuple(r[k] for k in KEY)
+        base = (found[record.run_id].mitigation_effect or {}).get("baseline") or {}
+        r = row(record, found[record.run_id], settings, by_id.get(base.get("run_id", "")))
+        key = identity_key(record)
         if key not in newest or r["created_at"] >= newest[key][0]["created_at"]:
             newest[key] = (r, record)
     kept = sorted(newest.values(), key=lambda rr: (rr[0]["model"], rr[0]["corpus"], rr[0]["protocol"],
-                                                   rr[0]["mitigation"] != "none", rr[0]["scheme"], rr[0]["mitigation"]))
+                                                   rr[0]["settings"], rr[0]["mitigation"] != "none",
+                                                   rr[0]["scheme"], rr[0]["mitigation"]))
     frame = pd.DataFrame([r for r, _ in kept], columns=list(COLUMNS))
     return frame, [rec for _, rec in kept], len(records) - len(kept)
 
@@ -214,9 +237,22 @@ def md_escape(text: str) -> str:
     return html.escape(text, quote=False).replace("|", "&#124;").replace("\n", " ")
 
 
-def to_markdown(frame: Any, failures: list[dict[str, Any]]) -> str:
+def environment_notes(records: list[RunRecord]) -> list[str]:
+    """One line per environment other than the most common one among ``records``: how many records were
+    computed in it and which facts differ (CPU, threads, library versions); [] when they share one."""
+    groups: dict[str, list[RunRecord]] = {}
+    for record in records:
+        groups.setdefault(json.dumps(record.env.facts(), sort_keys=True, default=str), []).append(record)
+    ordered = sorted(groups.values(), key=len, reverse=True)
+    main = ordered[0] if ordered else []
+    return [f"{len(group)} of {len(records)} records were computed in another environment than the other "
+            f"{len(main)}: " + "; ".join(main[0].env.differences(group[0].env)) for group in ordered[1:]]
+
+
+def to_markdown(frame: Any, failures: list[dict[str, Any]], notes: Iterable[str] = ()) -> str:
     protocols = sorted(set(frame["protocol"])) if len(frame) else []
     lines = [f"Protocol: {md_escape('; '.join(protocols))}" if protocols else "No records.", ""]
+    lines += [f"Environment: {md_escape(note)}" for note in notes] + ([""] if notes else [])
     rows = frame.to_dict(orient="records") if len(frame) else []
     lines += matrix_markdown(matrices(rows)) + ranking_markdown(ranking(rows))
     headers = [COLUMNS[c][0] for c in MARKDOWN]
@@ -264,13 +300,14 @@ def _failure_label(failure: dict[str, Any]) -> str:
     return " · ".join(str(c.get(k, "?")) for k in ("model", "corpus", "scheme", "mitigation"))
 
 
-def to_json(frame: Any, failures: list[dict[str, Any]], skipped: list[str], superseded: int) -> str:
+def to_json(frame: Any, failures: list[dict[str, Any]], skipped: list[str], superseded: int,
+            notes: Iterable[str] = ()) -> str:
     rows = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in r.items()}
             for r in frame.astype(object).where(frame.notna(), None).to_dict(orient="records")]
     data = {"columns": {c: COLUMNS[c][0] for c in COLUMNS}, "rows": rows,
             "failed": [{k: f.get(k) for k in ("run_id", "config", "error_type", "error", "created_at")}
                        for f in failures],
-            "skipped_files": skipped, "superseded_records": superseded,
+            "skipped_files": skipped, "superseded_records": superseded, "environments": list(notes),
             "matrix": matrix_rows(matrices(rows)), "ranking": ranking(rows)}
     return json.dumps(data, indent=1, default=str) + "\n"
 
@@ -464,6 +501,8 @@ def plots(frame: Any, records: list[RunRecord]) -> dict[str, bytes | None]:
     import matplotlib
 
     matplotlib.use("Agg")
+    corpus = [f"{c} · {s}" if s else c for c, s in zip(frame["corpus"], frame["settings"])]  # never mix settings
+    frame = frame.assign(corpus=corpus)
     text = {c: frame[c].map(lambda v: str(v).replace("$", r"\$")) for c in ("model", "corpus", "scheme", "mitigation")}
     frame = frame.assign(**text)  # a '$' in a name is shown, not read as mathtext
     with matplotlib.rc_context({"font.size": 8}):
@@ -621,7 +660,8 @@ def full_table_html(frame: Any, links: dict[str, str]) -> str:
 
 
 def to_html(frame: Any, images: dict[str, bytes | None], failures: list[dict[str, Any]],
-            skipped: list[str], superseded: int, links: dict[str, str] | None = None) -> str:
+            skipped: list[str], superseded: int, links: dict[str, str] | None = None,
+            notes: Iterable[str] = ()) -> str:
     rows = frame.to_dict(orient="records") if len(frame) else []
     ms, rank = matrices(rows), ranking(rows)
     protocols = "; ".join(sorted(set(frame["protocol"]))) if len(frame) else "no records"
@@ -648,7 +688,7 @@ def to_html(frame: Any, images: dict[str, bytes | None], failures: list[dict[str
         "residual-state peak ratio over layers; d_sink = NLL/token with the sink quantized minus kept in full "
         "precision.</p>",
         full_table_html(frame, links or {}),
-        _failures_html(failures), _notes_html(skipped, superseded), "<h2>Plots</h2>",
+        _failures_html(failures), _notes_html(skipped, superseded, notes), "<h2>Plots</h2>",
     ]
     for title, png in images.items():
         if png is None:
@@ -672,8 +712,8 @@ def _failures_html(failures: list[dict[str, Any]]) -> str:
             f"<th>error</th></tr></thead><tbody>{rows}</tbody></table>")
 
 
-def _notes_html(skipped: list[str], superseded: int) -> str:
-    notes = [f"skipped: {s}" for s in skipped]
+def _notes_html(skipped: list[str], superseded: int, environments: Iterable[str] = ()) -> str:
+    notes = [f"environment: {e}" for e in environments] + [f"skipped: {s}" for s in skipped]
     if superseded:
         notes.append(f"{superseded} older record(s) superseded by newer runs of the same row")
     return "".join(f'<p class="note">{html.escape(n)}</p>' for n in notes)
@@ -779,14 +819,15 @@ def write_report(results: str | Path, out: str | Path) -> Written:
     failures = list(iter_failures(results))
     check_results(results, records, failures, skipped)
     frame, kept, superseded = leaderboard(records)
+    notes = environment_notes(kept)
     out = Path(out)
     files = {
-        "leaderboard.md": to_markdown(frame, failures),
+        "leaderboard.md": to_markdown(frame, failures, notes),
         "leaderboard.csv": to_csv(frame),
         "leaderboard_matrix.csv": to_matrix_csv(frame),
-        "leaderboard.json": to_json(frame, failures, skipped, superseded),
+        "leaderboard.json": to_json(frame, failures, skipped, superseded, notes),
         "leaderboard.html": to_html(frame, plots(frame, kept), failures, skipped, superseded,
-                                    record_links(results, out)),
+                                    record_links(results, out), notes),
     }
     written = Written(n_records=len(records), n_rows=len(frame), n_failures=len(failures), n_skipped=len(skipped))
     for name, text in files.items():

@@ -2,15 +2,18 @@
 
 Pure functions over leaderboard rows (``report.row`` dicts), nothing recomputed:
 
-* ``matrices``: per (model, corpus, protocol), a scheme x mitigation matrix (schemes with at least
+* ``matrices``: per (model, corpus, protocol, settings), a scheme x mitigation matrix (schemes with at least
   one mitigated run) whose cells are
   the mitigation's effect (``effects.mitigation_effect``: Δppl, mitigated minus the
   unmitigated scheme, paired t 95% interval over windows) and its verdict; the best
   mitigation of a scheme is the one with the lowest Δppl among those whose verdict is
   ``helps`` (none is marked when no mitigation helps).
-* ``ranking``: the unmitigated schemes of each (model, corpus, protocol) by perplexity ratio
+* ``ranking``: the unmitigated schemes of each (model, corpus, protocol, settings) by perplexity ratio
   to the reference (lower is better), with their bits (``W8A8KV32``), simulated or real
   kernels, and the best mitigation.
+
+``settings`` (the leaderboard's: the identity fields in which its records differ, e.g. ``calib_windows=4``)
+is part of every group, so a cell and its scheme's baseline always come from runs with the same settings.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 VERDICT_ORDER = ("helps", "inconclusive", "hurts", "insufficient-data", "not-applicable")
-MATRIX_CSV = ("model", "corpus", "protocol", "scheme", "mitigation", "delta_ppl", "ci_low", "ci_high", "verdict",
+MATRIX_CSV = ("model", "corpus", "protocol", "settings", "scheme", "mitigation", "delta_ppl", "ci_low", "ci_high", "verdict",
               "best", "run_id")
 
 
@@ -35,11 +38,12 @@ class Cell:
 
 @dataclass
 class Matrix:
-    """One (model, corpus, protocol): scheme rows, mitigation columns, cells by (scheme, mitigation)."""
+    """One (model, corpus, protocol, settings): scheme rows, mitigation columns, cells by (scheme, mitigation)."""
 
     model: str
     corpus: str
     protocol: str
+    settings: str = ""
     schemes: list[str] = field(default_factory=list)
     mitigations: list[str] = field(default_factory=list)
     cells: dict[tuple[str, str], Cell] = field(default_factory=dict)
@@ -47,17 +51,17 @@ class Matrix:
 
     @property
     def title(self) -> str:
-        return f"{self.model} · {self.corpus}"
+        return " · ".join(x for x in (self.model, self.corpus, self.settings) if x)
 
     def best(self, scheme: str) -> str | None:
         return next((m for m in self.mitigations if self.cells.get((scheme, m)) and self.cells[(scheme, m)].best),
                     None)
 
 
-def _group(rows: Iterable[dict[str, Any]]) -> dict[tuple[str, str, str], list[dict[str, Any]]]:
-    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+def _group(rows: Iterable[dict[str, Any]]) -> dict[tuple[str, str, str, str], list[dict[str, Any]]]:
+    groups: dict[tuple[str, str, str, str], list[dict[str, Any]]] = {}
     for r in rows:
-        groups.setdefault((r["model"], r["corpus"], r["protocol"]), []).append(r)
+        groups.setdefault((r["model"], r["corpus"], r["protocol"], r.get("settings") or ""), []).append(r)
     return groups
 
 
@@ -66,7 +70,7 @@ def _finite(value: Any) -> float | None:
         else None
 
 
-def matrix(key: tuple[str, str, str], rows: list[dict[str, Any]]) -> Matrix:
+def matrix(key: tuple[str, ...], rows: list[dict[str, Any]]) -> Matrix:
     out = Matrix(*key)
     for r in rows:
         if r["mitigation"] == "none":
@@ -90,13 +94,13 @@ def _mark_best(m: Matrix, scheme: str) -> None:
 
 
 def matrices(rows: Iterable[dict[str, Any]]) -> list[Matrix]:
-    """Every (model, corpus, protocol) that has at least one mitigated run with a verdict."""
+    """Every (model, corpus, protocol, settings) that has at least one mitigated run with a verdict."""
     found = [matrix(key, part) for key, part in _group(rows).items()]
     return [m for m in found if m.cells]
 
 
 def ranking(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Unmitigated schemes by ppl ratio within each (model, corpus, protocol), with the best mitigation."""
+    """Unmitigated schemes by ppl ratio within each (model, corpus, protocol, settings), with the best mitigation."""
     out = []
     for key, part in _group(rows).items():
         m = matrix(key, part)
@@ -104,7 +108,8 @@ def ranking(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
         for rank, r in enumerate(base, 1):
             best = m.best(r["scheme"])
             cell = m.cells.get((r["scheme"], best)) if best else None
-            out.append({"model": r["model"], "corpus": r["corpus"], "protocol": r["protocol"], "rank": rank,
+            out.append({"model": r["model"], "corpus": r["corpus"], "protocol": r["protocol"],
+                        "settings": m.settings, "rank": rank,
                         "scheme": r["scheme"], "bits": r["bits"], "kernels": "simulated" if r["simulated"] else "real",
                         "ppl": r["ppl"], "ppl_ratio": r["ppl_ratio"], "kl": r["kl"], "best_mitigation": best,
                         "best_delta_ppl": cell.delta_ppl if cell else None, "run_id": r["run_id"]})
@@ -113,7 +118,7 @@ def ranking(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def matrix_rows(ms: list[Matrix]) -> list[dict[str, Any]]:
     """The matrices in long form (one row per cell): the CSV and JSON carry these."""
-    return [{"model": m.model, "corpus": m.corpus, "protocol": m.protocol, "scheme": s, "mitigation": mit,
+    return [{"model": m.model, "corpus": m.corpus, "protocol": m.protocol, "settings": m.settings, "scheme": s, "mitigation": mit,
              "delta_ppl": c.delta_ppl, "ci_low": c.ci[0] if c.ci else None, "ci_high": c.ci[1] if c.ci else None,
              "verdict": c.verdict, "best": c.best, "run_id": c.run_id}
             for m in ms for s in m.schemes for mit in m.mitigations if (c := m.cells.get((s, mit)))]

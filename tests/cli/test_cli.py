@@ -53,7 +53,7 @@ def test_eval_end_to_end_on_tiny_model(tiny_model_dir, tiny_text_file, tmp_path)
     assert 0 < record["candidate"]["kl"] < 0.1 and 0.8 < record["candidate"]["top1_agreement"] <= 1  # bf16: close
     assert (tmp_path / f"{record['run_id']}.json").is_file()
     assert record["reference"]["cached"] is False
-    table = runner.invoke(app, args, terminal_width=200)
+    table = runner.invoke(app, args + ["--fresh"], terminal_width=200)  # re-run: the reference from its cache
     assert table.exit_code == 0 and "perplexity" in table.output and "reference from cache" in table.output
 
 
@@ -99,9 +99,29 @@ def test_eval_with_a_mitigation_runs_and_reuses_its_variants(tiny_model_dir, tin
     assert d_sink["sink_fp_run_id"] != out["record"]["run_id"] and out["effects"]["missing"] == []
     assert len(list(tmp_path.glob("*.json"))) == 3  # smooth, and its none and sink-fp variants, each a record
     again = runner.invoke(app, args + ["--dry-run"], terminal_width=200)
-    assert again.output.count("reused") == 3 and again.output.count("re-run") == 1  # 1 in the caption
+    assert again.output.count("reused") == 4 and "re-run" not in again.output  # 1 in the caption
+    fresh = runner.invoke(app, args + ["--dry-run", "--fresh"], terminal_width=200)
+    assert fresh.output.count("reused") == 3 and fresh.output.count("re-run") == 1
     table = runner.invoke(app, args, terminal_width=200)
     assert table.exit_code == 0 and "verdict" in table.output and "d_sink" in table.output
+    assert table.output.count("reused the stored record") == 3 and "--fresh re-runs it" in table.output
+
+
+def test_eval_reuses_a_stored_record_with_the_same_run_id_unless_fresh(tiny_model_dir, tiny_text_file, tmp_path):
+    args = ["eval", "--model", str(tiny_model_dir), "--corpus", f"file:{tiny_text_file}", "--scheme", "bf16",
+            "--window", "64", "--max-tokens", "256", "--protocol", "windows", "--no-stats", "--results",
+            str(tmp_path), "--json"]
+    first = json.loads(runner.invoke(app, args).output)
+    path = tmp_path / f"{first['record']['run_id']}.json"
+    stored = path.read_bytes()
+    again = runner.invoke(app, args)
+    assert again.exit_code == 0, again.output
+    reused = json.loads(again.output)
+    assert reused["record"] == first["record"] and path.read_bytes() == stored  # same run id, same numbers
+    assert first["reused"] == [] and reused["reused"][0].startswith(f"reused the stored record {path.stem}")
+    fresh = json.loads(runner.invoke(app, args + ["--fresh"]).output)
+    assert fresh["reused"] == [] and fresh["record"]["run_id"] == path.stem
+    assert fresh["record"]["candidate"] == first["record"]["candidate"]  # re-run: bit-identical here
 
 
 def test_eval_offline_refuses_a_hub_id_in_one_line(tmp_path):

@@ -48,7 +48,7 @@ def test_record_round_trip_and_contents(records):
     assert back["scheme"]["params"]["threshold"] == 6.0 and back["scheme"]["simulated"] is False
     assert back["protocol"]["bos_token_id"] is None  # smollm2 adds no BOS
     assert back["protocol"]["scored_tokens"] == 4 * 255
-    assert back["env"]["bitsandbytes"] and back["env"]["torch"]
+    assert back["env"]["libraries"]["bitsandbytes"] and back["env"]["libraries"]["torch"] and back["env"]["cpu_model"]
     assert len({r["run_id"] for r in records.values()}) == 3
 
 
