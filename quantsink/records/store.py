@@ -1,10 +1,20 @@
 """The results store: a directory of ``<run_id>.json`` records (:mod:`quantsink.records.schema`),
 ``<run_id>.failed`` failure files (JSON, not records), and ``.locks/``.  Records are written atomically;
-readers skip (with a warning) files that are not valid records, so one bad file never loses the others."""
+readers skip (with a warning) files that are not valid records, so one bad file never loses the others.
+
+A record is known by its contents, never by its file name: each file carries ``content_sha256``, the
+sha256 of the record's canonical JSON (sorted keys), checked on every read, so an edited number is
+refused, not reported as measured; every field the statistics use is validated (per-window lists of
+one length, finite NLLs, numeric noise floor, an ISO ``created_at``); a lookup by run id takes a file
+only when the record in it is that run's; the store is read one directory level deep unless asked.
+"""
 
 from __future__ import annotations
 
+import datetime as dt
+import hashlib
 import json
+import math
 import os
 import time
 import traceback
@@ -43,8 +53,17 @@ def write_record(record: RunRecord, results_dir: str | Path) -> Path:
         warnings.warn(f"{path} was written by a newer quantsink: kept, this run's record not written",
                       stacklevel=2)
         return path
-    atomic_write_text(path, json.dumps(record.to_dict(), indent=1) + "\n")
+    data = record.to_dict()
+    atomic_write_text(path, json.dumps({**data, DIGEST: content_sha256(data)}, indent=1) + "\n")
     return path
+
+
+DIGEST = "content_sha256"  # the file's key for the record's own digest (not a record field)
+
+
+def content_sha256(data: dict[str, Any]) -> str:
+    """sha256 of a record's JSON object, canonical: sorted keys, no whitespace."""
+    return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def _newer(path: Path) -> bool:
@@ -63,26 +82,82 @@ def load_record(path: str | Path) -> RunRecord:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise QuantsinkError(f"{path}: no such results file") from None
+        raise UsageError(f"{path}: no such results file") from None
     except IsADirectoryError:
-        raise QuantsinkError(f"{path}: a directory, not a results file; rename it") from None
+        raise UsageError(f"{path}: a directory, not a results file; rename it") from None
     except OSError as err:
         raise QuantsinkError(f"{path}: cannot be read ({err.strerror or type(err).__name__})") from None
     except (ValueError, UnicodeDecodeError) as err:
         raise QuantsinkError(f"{path}: corrupt results file ({err.__class__.__name__}); delete it and re-run") from None
-    return RunRecord.from_dict(data, str(path))
+    stored = data.pop(DIGEST, None) if isinstance(data, dict) else None
+    record = RunRecord.from_dict(data, str(path))
+    if stored != content_sha256(data):
+        why = "was edited after it was written" if stored else "has no content digest"
+        raise QuantsinkError(f"{path}: the record {why} ({DIGEST}); not trusted, re-run it")
+    check_contents(record, str(path))
+    return record
 
 
-def iter_records(results_dir: str | Path) -> Iterator[RunRecord]:
-    """Every valid record under ``results_dir``; invalid files are skipped with a warning."""
+def check_contents(record: RunRecord, where: str) -> None:
+    """Every field the statistics use is usable (one-line ``QuantsinkError`` naming the first that is not)."""
+    for problem in (_timestamp_problem(record.created_at), _windows_problem(record), _floor_problem(record.noise_floor)):
+        if problem:
+            raise QuantsinkError(f"{where}: {problem}; not a valid record")
+
+
+def _timestamp_problem(created_at: str) -> str | None:
+    try:
+        dt.datetime.fromisoformat(created_at)
+        return None
+    except ValueError:
+        return f"created_at {created_at[:40]!r} is not an ISO timestamp"
+
+
+def _windows_problem(record: RunRecord) -> str | None:
+    ref, cand = record.reference, record.candidate
+    lists = {"reference.nll_per_window": ref.nll_per_window, "reference.scored_per_window": ref.scored_per_window,
+             "candidate.nll_per_window": cand.nll_per_window, "candidate.scored_per_window": cand.scored_per_window,
+             "candidate.kl_per_window": cand.kl_per_window,
+             "candidate.top1_per_window": getattr(cand, "top1_per_window", None)}
+    lengths = {name: len(values) for name, values in lists.items() if values is not None}
+    if len(set(lengths.values())) != 1 or not lengths["reference.nll_per_window"]:
+        return "per-window lists of unequal or zero length (" + ", ".join(f"{k} {v}" for k, v in lengths.items()) + ")"
+    for name in ("reference.nll_per_window", "candidate.nll_per_window"):
+        if not all(isinstance(x, float) and math.isfinite(x) for x in lists[name]):
+            return f"{name} holds a null or non-finite NLL"
+    return None
+
+
+def _floor_problem(floor: dict[str, Any] | None) -> str | None:
+    bad = [k for k, v in (floor or {}).items() if k in FLOOR_NUMBERS and v is not None
+           and (isinstance(v, bool) or not isinstance(v, (int, float)))]
+    return f"noise_floor.{bad[0]} is not a number" if bad else None
+
+
+FLOOR_NUMBERS = ("ppl", "nats_per_token", "kl_margin")  # the noise floor's numbers the statistics read
+
+
+def iter_records(results_dir: str | Path, *, recursive: bool = False) -> Iterator[RunRecord]:
+    """Every valid record in ``results_dir`` (and its sub-folders when ``recursive``); invalid files are
+    skipped with a one-line warning.  A record counts by its contents, whatever its file's name."""
     root = Path(results_dir)
     if not root.is_dir():
         return
-    for path in sorted(root.rglob("*.json")):
+    for path in sorted(root.rglob("*.json") if recursive else root.glob("*.json")):
         try:
             yield load_record(path)
         except QuantsinkError as err:
             warnings.warn(f"skipped {err}", stacklevel=2)
+
+
+def load_stored(path: Path) -> RunRecord:
+    """``<run_id>.json`` of the store: a valid record *of that run* (a record saved under another run's
+    name is no record of this one)."""
+    record = load_record(path)
+    if record.run_id != path.stem:
+        raise QuantsinkError(f"{path}: holds run {record.run_id}, not {path.stem} (a record is known by its "
+                             f"contents); move it to {record.run_id}.json")
+    return record
 
 
 def find_record(results_dir: str | Path, run_id: str) -> RunRecord | None:
@@ -90,7 +165,7 @@ def find_record(results_dir: str | Path, run_id: str) -> RunRecord | None:
     if not path.is_file():
         return None
     try:
-        return load_record(path)
+        return load_stored(path)
     except QuantsinkError as err:
         warnings.warn(f"ignored {err}", stacklevel=2)
         return None
@@ -136,7 +211,7 @@ class Store:
         if not path.exists():
             return "absent"
         try:
-            load_record(path)
+            load_stored(path)
             return "done"
         except NewerSchema:
             return "newer"
@@ -146,7 +221,7 @@ class Store:
     def problem(self, run_id: str) -> str | None:
         """Why ``<run_id>.json`` is not a valid record (None when it is)."""
         try:
-            load_record(self.record(run_id))
+            load_stored(self.record(run_id))
             return None
         except QuantsinkError as err:
             return str(err)
