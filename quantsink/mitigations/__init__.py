@@ -56,6 +56,9 @@ class Mitigation:
     def check(self, scheme: Any) -> None:
         """Raise ``UsageError`` (one line, saying why) when this cannot apply to ``scheme``."""
 
+    def check_window(self, width: int) -> None:
+        """Raise ``UsageError`` (one line) when a parameter reaches beyond windows of ``width`` positions."""
+
     def transform_windows(self, windows: Any, env: Env) -> Any:
         return windows
 
@@ -76,6 +79,16 @@ class Mitigation:
 
     def record(self) -> dict[str, Any]:
         return {"name": self.name, "spec": self.spec(), "kind": self.kind, "params": params_of(self)}
+
+
+def require_linear_scheme(mitigation: str, scheme: Any) -> None:
+    """``mitigation`` changes Linear weights or inputs: refuse a scheme that quantizes neither (e.g. KV only),
+    where it would change nothing the scheme quantizes."""
+    widths = scheme.bit_widths
+    if widths["weights"] is None and widths["activations"] is None:
+        raise UsageError(f"{mitigation} reshapes Linear weights and inputs, but scheme {scheme.name!r} quantizes "
+                         f"neither (only the KV cache): it would change nothing quantized; use a weight or "
+                         f"activation scheme (e.g. w8a8, w4a16)")
 
 
 MITIGATIONS: Registry[Mitigation] = Registry("mitigation")

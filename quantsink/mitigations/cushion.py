@@ -36,6 +36,7 @@ from ..schemes import default_filter
 from . import Env, Mitigation, register
 from ._layers import cache_kwarg
 from .intact_kv import keep_prefix, prefix_length, reference_prefix
+from .sink_fp import require_token_scheme
 from .sink_token import prepend
 
 
@@ -106,6 +107,9 @@ class Cushion(Mitigation):
     def __post_init__(self) -> None:
         if min(self.length, self.candidates, self.windows) < 1 or self.tokens < 2:
             raise ValueError("length, candidates and windows must be >= 1 and tokens >= 2")
+
+    def check(self, scheme: Any) -> None:
+        require_token_scheme("cushion", scheme)
 
     def prefix(self, env: Env) -> list[int]:
         """The searched prefix, searched once per run (calibration windows seen without this prefix)."""

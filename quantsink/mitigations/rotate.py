@@ -42,7 +42,7 @@ from torch import nn
 
 from ..errors import QuantsinkError
 from quantsink.hooks.sites import FQN, Hook, attach, sites
-from . import Env, Mitigation, register
+from . import Env, Mitigation, register, require_linear_scheme
 
 TOLERANCE = 1e-2  # refuse when the float logits move by more than this share of the max |logit|
 
@@ -245,6 +245,9 @@ class Rotate(Mitigation):
     online: Literal["down", "none"] = "down"
     seed: int = 0
     gain: Literal["fold", "keep"] = "fold"
+
+    def check(self, scheme: Any) -> None:
+        require_linear_scheme("rotate", scheme)
 
     @torch.no_grad()
     def prepare(self, model: Any, env: Env) -> Any:

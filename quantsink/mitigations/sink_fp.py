@@ -53,6 +53,11 @@ class SinkFP(Mitigation):
     def check(self, scheme: Any) -> None:
         require_token_scheme("sink-fp", scheme)
 
+    def check_window(self, width: int) -> None:
+        if isinstance(self.k, int) and self.k >= width:
+            raise UsageError(f"sink-fp:k={self.k} keeps every position of a {width}-token window in full "
+                             f"precision: nothing would be quantized; use k below {width}")
+
     def quant_context(self, ctx: Any, env: Env) -> Any:
         if self.k == "detect":
             return self.detect(ctx, env)

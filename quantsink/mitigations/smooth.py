@@ -23,7 +23,7 @@ import torch
 from ..errors import QuantsinkError
 from quantsink.hooks.sites import Hook, attach
 from ..schemes import default_filter
-from . import Env, Mitigation, register
+from . import Env, Mitigation, register, require_linear_scheme
 
 
 class ScaledOutput(torch.nn.Module):
@@ -113,6 +113,9 @@ class Smooth(Mitigation):
     def __post_init__(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError("alpha must be in [0, 1]")
+
+    def check(self, scheme: Any) -> None:
+        require_linear_scheme("smooth", scheme)
 
     @torch.no_grad()
     def prepare(self, model: Any, env: Env) -> Any:

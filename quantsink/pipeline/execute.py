@@ -44,6 +44,7 @@ def invalid_pair(config: RunConfig) -> str | None:
     try:
         for mitigation in mitigations:
             mitigation.check(scheme)
+            mitigation.check_window(config.window)
         if config.lm_eval:
             lmeval.check([], mitigations)
     except QuantsinkError as err:

@@ -84,6 +84,7 @@ def prepare(config: RunConfig, session: Session) -> Prepared:
     mitigations = parse_mitigations(config.mitigation)
     for mitigation in mitigations:
         mitigation.check(scheme)  # refuse what cannot apply, with a one-line reason
+        mitigation.check_window(config.window)
     protocol_of = PROTOCOLS.get(config.protocol)
     resolve_device(config.device)  # no CUDA here: one line now, not after the corpus
     timing: dict[str, float] = {}

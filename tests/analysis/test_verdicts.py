@@ -17,7 +17,6 @@ def _config(tiny_model_dir, tiny_text_file, tmp_path, **changes):
 
 
 @pytest.mark.parametrize("scheme,mitigation,expected", [
-    ("kv4", "smooth", {"inconclusive", "not-applicable"}),  # smooth is a float no-op when only the KV cache is quantized
     ("w8a8-dyn", "clip-residual:max=1e30", {"not-applicable"}),  # clips nothing: bit-identical
 ])
 def test_a_no_op_mitigation_is_never_helps_or_hurts(tiny_model_dir, tiny_text_file, tmp_path, scheme, mitigation,
