@@ -100,11 +100,18 @@ def quant_rows(rows: list[dict], groups: dict[str, list[dict]]) -> dict:
         t["damage_verdict"].append(practical_verdict(_nats_ci(r["ref_nll"], r["nll"], r["scored"])))
         t["dormant_ref"].append(sum(f >= 0.5 for row in r["dormant_ref"] for f in row if f is not None))
         t["woken"].append(len(r["woken"] or []))
+        t["share_ref"].append(_mean_share(r["dormant_ref"]))
+        t["share_cand"].append(_mean_share(r["dormant_cand"]))
         if other:
             t["sinkfp"].append(other["ppl"] / other["ref_ppl"] - 1)
             t["sinkfp_verdict"].append(practical_verdict(_nats_ci(r["nll"], other["nll"], r["scored"])))
             t["harness_verdict"].append(other["verdict"])
     return table
+
+
+def _mean_share(table: list) -> float:
+    values = [f for row in table for f in row if f is not None]
+    return sum(values) / len(values) if values else float("nan")
 
 
 def counts(verdicts: list[str]) -> str:
@@ -118,12 +125,14 @@ def pct(values: list[float]) -> str:
 
 def quant_table(table: dict) -> str:
     lines = ["| variant | scheme | ppl change vs float (mean [min, max] over seeds) | damage verdicts | "
-             "with sink-fp | sink-fp verdicts (margin) | harness's sink-fp verdicts | dormant heads (float) | woken |",
-             "|" + "---|" * 9]
+             "with sink-fp | sink-fp verdicts (margin) | harness's sink-fp verdicts | dormant query share, float -> "
+             "quantized | dormant heads (float) | woken |",
+             "|" + "---|" * 10]
     for (variant, scheme), t in table.items():
         lines.append(f"| {variant} | {scheme} | {pct(t['damage'])} | {counts(t['damage_verdict'])} | "
                      f"{pct(t['sinkfp']) if t['sinkfp'] else '-'} | {counts(t['sinkfp_verdict'])} | "
-                     f"{counts(t['harness_verdict'])} | {sum(t['dormant_ref'])} | {sum(t['woken'])} |")
+                     f"{counts(t['harness_verdict'])} | {spread(t['share_ref'])['mean']:.3f} -> "
+                     f"{spread(t['share_cand'])['mean']:.3f} | {sum(t['dormant_ref'])} | {sum(t['woken'])} |")
     return "\n".join(lines)
 
 
