@@ -12,15 +12,16 @@ through ``datasets`` (needs the hub).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
-from quantsink.errors import QuantsinkError
+from quantsink.errors import QuantsinkError, UsageError
 from quantsink.registry import Registry
 
 SEPARATOR = "\n\n"  # between documents of one corpus
@@ -54,6 +55,103 @@ class Corpus:
     @property
     def n_chars(self) -> int:
         return sum(len(d) for d in self.documents) + len(SEPARATOR) * (len(self.documents) - 1)
+
+    @property
+    def n_documents(self) -> int:
+        return len(self.documents)
+
+    def readers(self) -> Iterator["Reader"]:
+        """Each document as a ``Reader`` (its first n characters), in order."""
+        return (functools.partial(_head, d) for d in self.documents)
+
+
+Reader = Callable[[int | None], str]  # n -> a document's first n characters (None: all of it)
+
+
+def _head(text: str, n: int | None) -> str:
+    return text if n is None else text[:n]
+
+
+@dataclass(frozen=True)
+class FileCorpus:
+    """A ``file:PATH`` corpus read lazily: hashed in a stream when opened, and read (and tokenized)
+    only as far as a run needs (``readers``); ``documents`` reads it all, for protocols that use all."""
+
+    name: str
+    path: Path
+    sha256: str
+    n_documents: int
+
+    @classmethod
+    def open(cls, name: str, path: Path) -> "FileCorpus":
+        _check_file(path)
+        digest, count = _hash_documents(_jsonl_documents(path)) if path.suffix == ".jsonl" else _hash_text(path)
+        if not count:
+            Corpus.of(name, [])  # the one "corpus is empty" error
+        return cls(name, path, digest, count)
+
+    @functools.cached_property
+    def documents(self) -> tuple[str, ...]:
+        if self.path.suffix == ".jsonl":
+            return tuple(_jsonl_documents(self.path))
+        return (_file_head(self.path, None),)
+
+    @property
+    def n_chars(self) -> int:
+        return sum(len(d) for d in self.documents) + len(SEPARATOR) * (self.n_documents - 1)
+
+    def readers(self) -> Iterator[Reader]:
+        if self.path.suffix == ".jsonl":
+            return (functools.partial(_head, text) for text in _jsonl_documents(self.path))
+        return iter([functools.partial(_file_head, self.path)])
+
+
+def _check_file(path: Path) -> None:
+    """A regular, readable file (a FIFO would block, a symlink loop is no file); one line otherwise."""
+    if path.is_symlink() and not path.exists():
+        raise UsageError(f"corpus file {str(path)!r} is a broken symlink or a symlink loop: give file:PATH "
+                         f"to a .txt or .jsonl file")
+    if path.exists() and not path.is_dir() and not path.is_file():
+        raise UsageError(f"corpus file {str(path)!r} is not a regular file (a FIFO, socket or device): give "
+                         f"file:PATH to a .txt or .jsonl file")
+    if path.is_dir() or not path.is_file():
+        _read_file(path)  # its one-line error for a directory or a missing file
+
+
+BLOCK = 1 << 20  # characters hashed at a time
+
+
+def _hash_text(path: Path) -> tuple[str, int]:
+    """sha256 of a .txt file's text (a BOM dropped), read in blocks; and 1 document, or 0 when blank."""
+    digest, blank = hashlib.sha256(), True
+    with path.open(encoding="utf-8-sig", errors="strict") as handle:
+        for block in iter(lambda: handle.read(BLOCK), ""):
+            digest.update(block.encode("utf-8"))
+            blank = blank and not block.strip()
+    return digest.hexdigest(), 0 if blank else 1
+
+
+def _hash_documents(documents: Iterator[str]) -> tuple[str, int]:
+    """sha256 of the documents joined by ``SEPARATOR`` (as ``Corpus.of``), and how many there are."""
+    digest, count = hashlib.sha256(), 0
+    for text in documents:
+        digest.update(((SEPARATOR if count else "") + text).encode("utf-8"))
+        count += 1
+    return digest.hexdigest(), count
+
+
+def _file_head(path: Path, n: int | None) -> str:
+    with path.open(encoding="utf-8-sig", errors="strict") as handle:
+        return handle.read(-1 if n is None else n)
+
+
+def _jsonl_documents(path: Path) -> Iterator[str]:
+    with path.open(encoding="utf-8-sig", errors="strict") as handle:
+        for lineno, line in enumerate(handle, 1):
+            if line.strip():
+                text = _jsonl_text(line, f"{path}:{lineno}")
+                if text.strip():
+                    yield text
 
 
 CORPORA: Registry[Callable[[str, bool], Corpus]] = Registry("corpus")  # (name, offline) -> Corpus
@@ -126,7 +224,7 @@ def load_corpus(spec: str, *, offline: bool = False) -> Corpus:
     if spec.startswith("file:"):
         path = Path(spec[len("file:"):]).expanduser()
         try:
-            return Corpus.of(spec, _read_file(path))
+            return FileCorpus.open(spec, path)
         except UnicodeDecodeError:
             raise QuantsinkError(f"corpus file {str(path)!r} is not UTF-8 text") from None
     entry = CORPORA.entry(spec)
@@ -166,16 +264,42 @@ def encode(text: str, tokenizer: Any, *, special_tokens: bool = False) -> TokenS
 
 
 def tokenize(corpus: Corpus, tokenizer: Any, limit: int | None = None) -> TokenStream:
-    """Tokenize documents in order (joined by ``SEPARATOR``), stopping after ``limit`` tokens."""
+    """Tokenize documents in order (joined by ``SEPARATOR``), stopping after ``limit`` tokens: documents
+    are read, and tokenized, only as far as the ``limit`` needs (``encode_prefix``)."""
     ids: list[int] = []
     nbytes: list[int] = []
-    last = len(corpus.documents) - 1
-    for i, doc in enumerate(corpus.documents):
-        part = encode(doc if i == last else doc + SEPARATOR, tokenizer)
+    readers = corpus.readers()
+    current = next(readers, None)
+    while current is not None:
+        following = next(readers, None)
+        need = None if limit is None else limit - len(ids)
+        part = encode_prefix(current, tokenizer, need, SEPARATOR if following is not None else "")
         ids.extend(part.ids)
         nbytes.extend(part.nbytes)
         if limit is not None and len(ids) >= limit:
             return TokenStream(ids[:limit], nbytes[:limit])
+        current = following
     return TokenStream(ids, nbytes)
+
+
+CHARS_PER_TOKEN = 8  # a first read of 8 characters per token needed; four times more while short
+MARGIN_BYTES = 4096  # tokens starting this close to a cut are dropped: they could merge across it
+
+
+def encode_prefix(read: Reader, tokenizer: Any, need: int | None, suffix: str = "") -> TokenStream:
+    """The first ``need`` tokens of a document (all of it, ``suffix`` appended, when ``need`` is None or
+    the document is shorter than what is read).  A prefix is encoded and its tokens within
+    ``MARGIN_BYTES`` of the cut dropped, so the tokens kept are those of the whole document."""
+    chars = None if need is None else max(4096, CHARS_PER_TOKEN * need)
+    while True:
+        text = read(chars)
+        if chars is None or len(text) < chars:
+            return encode(text + suffix, tokenizer)
+        part = encode(text, tokenizer)
+        cutoff = len(text.encode("utf-8")) - MARGIN_BYTES
+        kept = sum(1 for start in itertools.accumulate([0, *part.nbytes[:-1]]) if start < cutoff)
+        if kept >= need:
+            return TokenStream(part.ids[:need], part.nbytes[:need])
+        chars *= 4
 
 

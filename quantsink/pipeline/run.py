@@ -260,7 +260,7 @@ def make_record(prep: Prepared, passes: Passes) -> RunRecord:
         schema_version=SCHEMA_VERSION, run_id=run_id(prep),
         created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), quantsink_version=__version__,
         config=prep.config, model=ModelRecord(**prep.loaded.info.to_record()),
-        corpus=CorpusRecord(prep.corpus.name, prep.corpus.sha256, len(prep.corpus.documents), prep.protocol["tokens"]),
+        corpus=CorpusRecord(prep.corpus.name, prep.corpus.sha256, prep.corpus.n_documents, prep.protocol["tokens"]),
         protocol=ProtocolRecord(**prep.protocol), scheme=SchemeRecord.of(prep.scheme.record(), passes.notes),
         mitigation=tuple(MitigationRecord(**m) for m in prep.mitigations.record()),
         reference=reference_record(passes), candidate=candidate_record(passes),
