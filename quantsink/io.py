@@ -66,3 +66,20 @@ def atomic_write_text(path: Path, text: str) -> None:
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
+
+
+def check_writable_file(path: Path, flag: str) -> None:
+    """``path`` can be written as a file: not a folder, under a folder this process can write into (or
+    create).  Checked before the work, so an output that cannot be written costs nothing."""
+    from quantsink.errors import QuantsinkError, UsageError
+
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise UsageError(f"{flag} {path} is a folder; give a file name")
+    probe = path.parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UsageError(f"{flag} {path}: {probe} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise QuantsinkError(f"{flag} {path}: {probe} is not writable; give a path you can write to")

@@ -304,11 +304,20 @@ def n_layers(model: Any) -> int:
     return len(find_blocks(model))
 
 
+def check_layers(layers: Iterable[int] | None, count: int) -> None:
+    """Refuse, in one line, block indices the model does not have (None: every block)."""
+    bad = sorted(set(layers or ()) - set(range(count)))
+    if bad:
+        raise UsageError(f"--layers: the model has {count} blocks (0-{count - 1}); {bad[0]} is not one of them"
+                         + (f" (nor {len(bad) - 1} more)" if len(bad) > 1 else ""))
+
+
 def measure(config: Any, layers: Iterable[int] | None = None, *, session: Any = None,
             progress: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
     """Run the passes: reference, candidate, candidate with the sink kept everywhere, and (``layers``,
     default every block) the candidate with the sink kept in one block at a time."""
     m = Measurement(config, session, progress)
+    check_layers(layers, n_layers(m.prep.loaded.model))  # before any pass
     stats, ref, pos, win = m.reference()
     model, scope, ctx = m.candidate()
     ranges = m.ranges(model, scope, ctx)
@@ -387,6 +396,9 @@ def plot(view: dict[str, Any]) -> bytes:
     import matplotlib.pyplot as plt
 
     panels = [p for p in (_plot_sites, _plot_layers, _plot_positions) if p(None, view)]
+    if not panels:
+        raise UsageError("--plot: nothing to plot (the record holds no site ranges, no per-layer d_sink and no "
+                         "positions); run explain without --record-only, or on a run recorded with stats")
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.0), squeeze=False, layout="constrained")
     for ax, panel in zip(axes[0], panels):
         panel(ax, view)

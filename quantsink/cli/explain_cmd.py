@@ -81,12 +81,20 @@ def _layers(text: str) -> list[int] | None:
     try:
         return sorted({i for part in text.split(",") for i in _span(part)})
     except ValueError:
-        raise UsageError(f"--layers {text!r}: give all, none, or indices like 0,3,5-9") from None
+        raise UsageError(f"--layers {text!r}: give all, none, or indices like 0,3,5-9 (ranges low-high, "
+                         f"each index from 0 to the model's last block)") from None
 
 
 def _span(part: str) -> range:
+    """``5`` or ``5-9`` (inclusive); a reversed or negative range is refused, never read as none."""
     lo, _, hi = part.strip().partition("-")
-    return range(int(lo), int(hi or lo) + 1)
+    first, last = int(lo), int(hi or lo)
+    if first > last or first < 0 or last > MAX_LAYER:
+        raise ValueError(part)
+    return range(first, last + 1)
+
+
+MAX_LAYER = 10_000  # no model has more blocks; a larger index is a typo, refused before any set is built
 
 
 def _from_record(run: str, results: str) -> Any:
@@ -115,11 +123,13 @@ def explain_command(
     per position the NLL increase; d_sink split by layer; a short summary."""
     from quantsink.analysis import explain as E
     from ..errors import UsageError
-    from ..io import atomic_write_bytes
+    from ..io import atomic_write_bytes, check_writable_file
 
     quiet()
-    record = _from_record(run, config.results) if run else None
     chosen = _layers(layers)
+    if plot is not None:
+        check_writable_file(plot, "--plot")  # before the passes
+    record = _from_record(run, config.results) if run else None
     if record_only:
         if record is None:
             raise UsageError("--record-only needs a stored RUN")
