@@ -31,6 +31,12 @@ def _opt(help: str, identity: bool = True, **extra: Any) -> Any:
 class RunConfig:
     model: str = field(default="smollm2-135m", metadata=_opt(
         "Model: a registered alias (smollm2-135m, gemma3-270m), a hub id or a local directory."))
+    engine: Literal["transformers", "llama.cpp"] = field(default="transformers", metadata=_opt(
+        "Inference engine that scores the windows: transformers (simulated schemes) or llama.cpp (its own "
+        "schemes for real: q4_k_m, kv-q4_0, ...; the reference is the engine's float run of the same weights)."))
+    reference: str = field(default="", metadata=_opt(
+        "With --engine llama.cpp: the base GGUF a shipped --model file.gguf is scored against (default: the "
+        "model's own float reference)."))
     scheme: str = field(default="int8", metadata=_opt(
         "Quantization scheme spec, name[:key=value,...]; see `quantsink list schemes`."))
     mitigation: str = field(default="none", metadata=_opt(
@@ -85,6 +91,8 @@ class RunConfig:
             (self.stride is None or 1 <= self.stride <= self.window, "--stride must be in 1..window"),
             (self.max_tokens >= self.window, "--max-tokens must be at least --window"),
             (self.calib_windows >= 1, "--calib-windows must be at least 1"),
+            (not self.reference or self.engine != "transformers",
+             "--reference applies to --engine llama.cpp (a shipped GGUF scored against its base)"),
             (self.stats_windows >= 0, "--stats-windows must be >= 0"),
             (self.batch_tokens >= 1, "--batch-tokens must be >= 1"),
             (self.min_windows >= 2, "--min-windows must be at least 2"),

@@ -81,7 +81,7 @@ def _coerce(value: str, hint: Any, where: str) -> Any:
                 errors.append(str(err))
         raise UsageError(errors[-1] if errors else f"{where}: cannot read {value!r}")
     if hint is bool:
-        table = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+        table = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
         if value.lower() not in table:
             raise UsageError(f"{where}: {value!r} is not a boolean (true/false)")
         return table[value.lower()]

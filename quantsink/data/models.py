@@ -18,6 +18,7 @@ import shutil
 import tempfile
 import time
 import warnings
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -263,6 +264,9 @@ def _resolve(spec: str, offline: bool = False) -> tuple[str, ModelInfo]:
     path = Path(spec).expanduser()
     if path.is_dir():
         return str(path), _directory_info(path, name=path.name, source=f"local:{path.resolve()}")
+    if _gguf_file(path):  # a GGUF is not a pickle: de-quantized and cached like the embedded models
+        directory, info = _embedded(path.stem, gguf_file_source(path))
+        return str(directory), info
     if _hub_id(spec):
         snapshot = hub_snapshot(spec, offline)
         return str(snapshot), _directory_info(snapshot, name=spec, source=f"hub:{spec}@{snapshot.name}")
@@ -303,9 +307,30 @@ def _hub_id(spec: str) -> bool:
     return "/" in spec and not spec.startswith((".", "/", "~"))
 
 
+def _gguf_file(path: Path) -> bool:
+    return path.suffix.lower() == ".gguf" and path.is_file()
+
+
+def gguf_file_source(path: Path) -> GGUFSource:
+    """A local ``.gguf`` file as a model source (its quantization type read from the file)."""
+    from gguf import GGUFReader
+
+    types = Counter(t.tensor_type.name for t in GGUFReader(str(path)).tensors if len(t.shape) > 1)
+    return GGUFSource(lambda: path, types.most_common(1)[0][0] if types else "F32")
+
+
+def gguf_path(spec: str) -> Path | None:
+    """The GGUF file a model spec comes from (an embedded or installed alias, a ``.gguf`` path), else None."""
+    if spec in MODELS:
+        return MODELS.get(spec).locate()
+    path = Path(spec).expanduser()
+    return path if _gguf_file(path) else None
+
+
 def check_model_spec(spec: str) -> None:
-    """A registered alias, an existing directory or a hub id (org/name); else a usage error (exit 2)."""
-    if spec not in MODELS and not Path(spec).expanduser().is_dir() and not _hub_id(spec):
+    """A registered alias, an existing directory, a .gguf file or a hub id (org/name); else a usage error."""
+    path = Path(spec).expanduser()
+    if spec not in MODELS and not path.is_dir() and not _gguf_file(path) and not _hub_id(spec):
         raise UsageError(MODELS.unknown_message(spec) + " Or give a hub id (org/name) or a local directory.")
 
 

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..errors import QuantsinkError
+from ..errors import QuantsinkError, UsageError
 if TYPE_CHECKING:
     import torch
 
@@ -55,10 +55,10 @@ def require_gguf(path: str | Path) -> Path:
     """``path`` as a Path if it is an existing GGUF file (checked by its magic), else a one-line QuantsinkError."""
     path = Path(path)
     if not path.is_file():
-        raise QuantsinkError(f"GGUF file not found: {path}")
+        raise UsageError(f"GGUF file not found: {path}")
     with path.open("rb") as f:
         if f.read(4) != b"GGUF":
-            raise QuantsinkError(f"not a GGUF file (no GGUF magic): {path}")
+            raise UsageError(f"not a GGUF file (no GGUF magic): {path}")
     return path
 
 
@@ -99,6 +99,7 @@ class EngineSettings:
     rotate: bool = True
     flash_attn: bool = True
     threads: int = 2
+    ubatch: int = 0  # tokens per micro-batch (0: the whole window in one)
 
     def __post_init__(self) -> None:
         if self.kv_type not in KV_CACHE_TYPES:
@@ -147,6 +148,8 @@ def _context_params(n_tokens: int, settings: EngineSettings, cb_eval: object | N
     llama_cpp = quiet_backend()
     params = llama_cpp.llama_context_default_params()
     params.n_ctx = params.n_batch = params.n_ubatch = n_tokens  # one window = one micro-batch
+    if settings.ubatch:
+        params.n_ubatch = min(settings.ubatch, n_tokens)
     params.n_seq_max, params.no_perf = 1, True
     params.n_threads = params.n_threads_batch = settings.threads
     params.type_k = params.type_v = settings.ggml_type
@@ -210,13 +213,14 @@ def decode_window(ctx: object, window: Sequence[int], vocab: int) -> np.ndarray:
 
 
 def iter_window_logits(gguf_path: str | Path, windows: Sequence[Sequence[int]], *, kv_type: str = "f16",
-                       rotate: bool = True, flash_attn: bool = True, threads: int = 2) -> Iterator[torch.Tensor]:
+                       rotate: bool = True, flash_attn: bool = True, threads: int = 2,
+                       ubatch: int = 0) -> Iterator[torch.Tensor]:
     """One ``(T, vocab)`` float32 logits tensor per window, in order (the protocol in the module docstring).
 
     One model load and one context for all windows; the KV cache is cleared before each. Settings and the
     path are checked here, before the first window is asked for.
     """
-    settings = EngineSettings(kv_type, rotate, flash_attn, threads)
+    settings = EngineSettings(kv_type, rotate, flash_attn, threads, ubatch)
     return _generate_logits(require_gguf(gguf_path), windows, settings)
 
 

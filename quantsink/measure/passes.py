@@ -60,6 +60,11 @@ class Targets:
         """Whether the KL can skip rebuilding the reference logits (a plain float32 head)."""
         return self.expected_embedding is not None
 
+    def rows(self, span: slice) -> "Targets":
+        """The targets of scored positions ``span`` (window order): a run of whole windows' positions."""
+        pick = lambda t: None if t is None else t[span]  # noqa: E731
+        return Targets(self.hidden[span], pick(self.neg_entropy), pick(self.expected_embedding), pick(self.argmax))
+
 
 @dataclass
 class PassResult:
@@ -154,10 +159,11 @@ class _Accumulator:
     of whole-batch scoring, as each step only picks rows (row-wise ops, sums added in order)."""
 
     def __init__(self, n: int, reference: Targets | None, head: ReferenceHead | None, keep: bool,
-                 own: torch.Tensor | None):
+                 own: torch.Tensor | None, paired: bool = False):
         self.nll = torch.zeros(n, dtype=torch.float64)
-        self.kl = torch.zeros(n, dtype=torch.float64) if reference is not None else None
-        self.top1 = torch.zeros(n, dtype=torch.long) if reference is not None else None
+        compared = reference is not None or paired  # paired: the reference's logits come with each batch
+        self.kl = torch.zeros(n, dtype=torch.float64) if compared else None
+        self.top1 = torch.zeros(n, dtype=torch.long) if compared else None
         self.reference, self.head = reference, head
         self.keep = keep  # the reference pass: keep what the candidate passes need (``Targets``)
         self.own = own  # the reference pass's head weight when plain float32: summarise for the KL
@@ -166,7 +172,9 @@ class _Accumulator:
         self.kept: dict[str, list[torch.Tensor]] = {"hidden": [], "neg_entropy": [],
                                                     "expected_embedding": [], "argmax": []}
 
-    def add(self, first: int, logits: torch.Tensor, windows: Windows, hidden: torch.Tensor | None) -> None:
+    def add(self, first: int, logits: torch.Tensor, windows: Windows, hidden: torch.Tensor | None,
+            reference_logits: torch.Tensor | None = None) -> None:
+        """``reference_logits`` (S, V): the reference's logits at this batch's scored positions, in order."""
         mask = windows.scored[:, 1:].to(logits.device)  # (B, T-1) targets scored
         b, t = mask.nonzero(as_tuple=True)  # (S,) each, window order
         where = b.cpu() + first  # window index of each scored position
@@ -183,34 +191,45 @@ class _Accumulator:
         for lo in range(0, len(rows), step):
             part = slice(lo, lo + step)
             self._score(pick_rows(flat, rows[part]), target[part], where[part], self.cursor + lo,
-                        h[part] if h is not None else None)
+                        h[part] if h is not None else None,
+                        None if reference_logits is None else reference_logits[part])
         self.cursor += len(rows)
 
     def _score(self, logits: torch.Tensor, target: torch.Tensor, where: torch.Tensor, start: int,
-               h: torch.Tensor | None) -> None:
+               h: torch.Tensor | None, given: torch.Tensor | None = None) -> None:
         """NLL (and KL, top-1 vs the reference) of ``logits`` (c, V), positions ``start..start+c``."""
         z = logits.float()
-        norm, top = normaliser(z)
+        norm, top = normaliser(z) if self.own is None else self._summarise(z)
         nll = (norm.double() - z.gather(1, target[:, None])[:, 0].double()).cpu()  # (c,)
         self.tokens["nll"].append(nll)
         self.nll.index_add_(0, where, nll)
-        if self.own is not None:
-            self._summarise(z, norm, top)
-        if self.reference is None:
+        if self.reference is None and given is None:
             return
         span = slice(start, start + len(target))
-        ref_top, kl = self._summary_kl(norm, h, span) if h is not None else self._rebuilt_kl(z, norm, span)
+        if given is not None:
+            ref_top, kl = self._given_kl(z, norm, given)
+        else:
+            ref_top, kl = self._summary_kl(norm, h, span) if h is not None else self._rebuilt_kl(z, norm, span)
         self.top1.index_add_(0, where, (ref_top.to(top.device) == top).long().cpu())
         self.tokens["kl"].append(kl.double().cpu())
         self.kl.index_add_(0, where, self.tokens["kl"][-1])
 
-    def _summarise(self, z: torch.Tensor, norm: torch.Tensor, top: torch.Tensor) -> None:
-        """The reference's side of the KL at these positions: sum p log p, E_p[W_v] (float64 sums), argmax."""
-        logp = z.double() - norm.double()[:, None]
-        p = logp.exp()
-        self.kept["neg_entropy"].append((p * logp).nan_to_num_(0.0).sum(1).cpu())
-        self.kept["expected_embedding"].append(expected_rows(p.float(), self.own).float().cpu())
+    def _summarise(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reference's side of the KL at these positions, from the normaliser's own terms (one
+        ``exp``, no float64 (c, V) tensor): with ``d = z - max z``, ``u = exp d`` and ``s = sum u``,
+        ``sum p log p = (sum_v u_v d_v) / s - log s`` and ``E_p[W_v] = (u @ W) / s`` (float32 products
+        over blocks of ``EXPECTED_BLOCK`` rows, the blocks summed in float64), and the argmax.
+        -> (log-normaliser, argmax), the same values as ``normaliser(z)``."""
+        top_value, top = z.max(1)
+        shifted = z - top_value[:, None]  # d (c, V)
+        unnormalised = shifted.exp()  # u (c, V)
+        total = unnormalised.sum(1)  # s, the normaliser's cascaded float32 sum
+        scale = total.double()
+        neg_entropy = row_dots(unnormalised, shifted) / scale - scale.log()
+        self.kept["neg_entropy"].append(neg_entropy.cpu())
+        self.kept["expected_embedding"].append((expected_rows(unnormalised, self.own) / scale[:, None]).float().cpu())
         self.kept["argmax"].append(top.cpu())
+        return top_value + total.log_(), top
 
     def _summary_kl(self, norm: torch.Tensor, h: torch.Tensor, span: slice) -> tuple[torch.Tensor, torch.Tensor]:
         """(reference argmax, KL) from the reference summary: sum p log p - e . h' + L' (float64)."""
@@ -222,7 +241,11 @@ class _Accumulator:
 
     def _rebuilt_kl(self, z: torch.Tensor, norm: torch.Tensor, span: slice) -> tuple[torch.Tensor, torch.Tensor]:
         """(reference argmax, KL) with the reference logits rebuilt from its head inputs (any head)."""
-        zp = self.head.logits(self.reference.hidden[span]).to(z.device)  # (c, V) float32
+        return self._given_kl(z, norm, self.head.logits(self.reference.hidden[span]))
+
+    def _given_kl(self, z: torch.Tensor, norm: torch.Tensor, given: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(reference argmax, KL) from the reference's float32 logits ``given`` (c, V) at the same positions."""
+        zp = given.to(device=z.device, dtype=torch.float32, copy=True)
         norm_p, ref_top = normaliser(zp)
         logp, logq = zp.sub_(norm_p[:, None]), z - norm[:, None]
         return ref_top, torch.nn.functional.kl_div(logq, logp, reduction="none", log_target=True).sum(1)
@@ -245,6 +268,15 @@ def normaliser(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 EXPECTED_BLOCK = 4096  # vocabulary rows per float32 GEMM in expected_rows; the blocks add in float64
+
+
+def row_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``sum_v a_v b_v`` per row of (c, V) float32 ``a``, ``b`` as float64: float32 products summed over
+    blocks of ``EXPECTED_BLOCK`` columns, the block sums added in float64.  Overwrites ``b``."""
+    out = torch.zeros(a.shape[0], dtype=torch.float64, device=a.device)
+    for lo in range(0, a.shape[1], EXPECTED_BLOCK):
+        out += b[:, lo:lo + EXPECTED_BLOCK].mul_(a[:, lo:lo + EXPECTED_BLOCK]).sum(1).double()
+    return out
 
 
 def expected_rows(p: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -326,3 +358,60 @@ def run_pass(model: Any, windows: Windows, *, reference: Targets | None = None,
     n_scored = windows.scored[:, 1:].sum(1)
     return PassResult(acc.nll, n_scored, windows.nbytes, acc.kl, acc.top1, acc.targets(),
                       seconds=time.perf_counter() - start, token_nll=acc.token("nll"), token_kl=acc.token("kl"))
+
+
+class LogitScorer:
+    """The evaluator for logits computed elsewhere (another engine, ``quantsink.engines``): the same accumulator
+    as ``run_pass``, fed one window at a time.
+
+    Protocol: ``add(i, logits, reference=...)`` takes window ``i``'s logits ``(T_i, V)`` for its first ``T_i``
+    ids (``window_ids``), row ``t`` predicting token ``t+1``; NLL over the scored targets as in ``run_pass``.
+    ``reference`` is either ``Targets`` with its ``ReferenceHead`` (KL against a transformers reference pass,
+    its logits rebuilt) or, per window, the reference engine's own logits ``(T'_i, V)`` over *its* windows
+    ``reference_windows`` (paired by scored position, so a candidate with a prepended sink token pairs with
+    the reference's plain window): exact KL(reference || candidate) over the full vocabulary and top-1.
+    """
+
+    def __init__(self, windows: Windows, *, targets: Targets | None = None, head: ReferenceHead | None = None,
+                 reference_windows: Windows | None = None):
+        self.windows, self.reference_windows = windows, reference_windows
+        self.acc = _Accumulator(len(windows), targets, head, False, None, paired=reference_windows is not None)
+        self.start = time.perf_counter()
+
+    def add(self, i: int, logits: torch.Tensor, reference: torch.Tensor | None = None) -> None:
+        part = self.windows.subset(slice(i, i + 1))
+        given = None
+        if reference is not None:
+            ref = self.reference_windows.subset(slice(i, i + 1))
+            mask = ref.scored[0, 1:len(reference) + 1]  # targets 1.. scored (padding never is)
+            given = reference[:len(mask)][mask]  # (S_i, V): row t predicts target t+1
+        self.acc.add(i, _padded(logits, part.input_ids.shape[1])[None], part, None, given)
+
+    def result(self) -> PassResult:
+        windows = self.windows
+        return PassResult(self.acc.nll, windows.scored[:, 1:].sum(1), windows.nbytes, self.acc.kl, self.acc.top1,
+                          seconds=time.perf_counter() - self.start, token_nll=self.acc.token("nll"),
+                          token_kl=self.acc.token("kl"))
+
+
+def window_ids(windows: Windows) -> list[list[int]]:
+    """Each window's token ids without its right padding: what another engine decodes (no BOS added there)."""
+    return [row[:int(n)].tolist() for row, n in zip(windows.input_ids, windows.attention_mask.sum(1))]
+
+
+def _padded(logits: torch.Tensor, width: int) -> torch.Tensor:
+    """``logits`` (T, V) with zero rows up to ``width`` (padding positions are never scored)."""
+    if logits.shape[0] >= width:
+        return logits[:width]
+    return torch.cat([logits, logits.new_zeros(width - logits.shape[0], logits.shape[1])])
+
+
+def score_logits(logits: Any, windows: Windows, *, reference: Any = None,
+                 reference_windows: Windows | None = None) -> PassResult:
+    """Score one logits tensor per window (an iterable, see ``LogitScorer``), against the reference engine's
+    logits per window when ``reference`` is given (an iterable in the same order)."""
+    scorer = LogitScorer(windows, reference_windows=(reference_windows or windows) if reference is not None else None)
+    refs = iter(reference) if reference is not None else None
+    for i, z in enumerate(logits):
+        scorer.add(i, z, next(refs) if refs is not None else None)
+    return scorer.result()

@@ -44,8 +44,12 @@ def identity(config: RunConfig) -> dict[str, Any]:
     """The fields that determine the numbers, scheme and mitigations with every parameter filled in."""
     scheme = parse_scheme(config.scheme)
     mitigations = [{"name": m.name, "params": params_of(m)} for m in parse_mitigations(config.mitigation)]
-    return {**config.identity(), "scheme": {"name": scheme.name, "params": params_of(scheme)},
-            "mitigation": mitigations}
+    fields = {k: v for k, v in config.identity().items() if (k, v) not in ENGINE_DEFAULTS}
+    return {**fields, "scheme": {"name": scheme.name, "params": params_of(scheme)}, "mitigation": mitigations}
+
+
+# a transformers run's identity is what it was before engines: its run id does not change
+ENGINE_DEFAULTS = {("engine", "transformers"), ("reference", "")}
 
 
 def run_id_for(config: RunConfig, model_sha: str, corpus_sha: str) -> str:
@@ -62,8 +66,8 @@ def variants(config: RunConfig) -> tuple[str, ...]:
     """Mitigations of the variant runs this run's effects pair with: ``none`` for its
     ``mitigation_effect``; ``none`` and ``sink-fp`` for ``d_sink`` (schemes that quantize tokens)."""
     needs = ["none"] if config.mitigation != "none" else []
-    if parse_scheme(config.scheme).quantizes_tokens:
-        needs += ["none", SINK_FP]
+    if parse_scheme(config.scheme).quantizes_tokens and config.engine == "transformers":
+        needs += ["none", SINK_FP]  # sink-fp runs on the twin only (--engine transformers)
     return tuple(m for m in dict.fromkeys(needs) if m != config.mitigation)
 
 

@@ -295,6 +295,10 @@ def run(config: RunConfig, *, session: Session | None = None, progress: Progress
 
 def compare_passes(config: RunConfig, session: Session, progress: Progress = _no_progress) -> RunRecord:
     """One reference-vs-candidate comparison -> its record (nothing written)."""
+    if config.engine != "transformers":  # another engine scores the same windows (pipeline/engine.py)
+        from quantsink.pipeline.engine import run_on_engine
+
+        return run_on_engine(config, session, progress)
     if config.lm_eval:
         from quantsink.pipeline import lmeval
 

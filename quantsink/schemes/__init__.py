@@ -161,4 +161,4 @@ def quantize(scheme: Scheme, model: Any, ctx: QuantContext) -> Any:
     return model
 
 
-from . import bnb, floating, fp_formats, simulated  # noqa: E402,F401  (register the presets)
+from . import bnb, floating, fp_formats, gguf, simulated  # noqa: E402,F401  (register the presets)
