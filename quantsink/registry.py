@@ -27,8 +27,9 @@ class Entry(Generic[T]):
 class Registry(Generic[T]):
     """Names (and aliases) -> objects, with helpful errors."""
 
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, plural: str = ""):
         self.kind = kind
+        self.plural = plural or kind + "s"  # corpus -> corpora
         self._entries: dict[str, Entry[T]] = {}
         self._aliases: dict[str, str] = {}
 
@@ -74,4 +75,4 @@ class Registry(Generic[T]):
         close = difflib.get_close_matches(name.lower(), valid, n=1, cutoff=0.5)
         hint = f" Did you mean {close[0]!r}?" if close else ""
         return (f"unknown {self.kind} {name!r}.{hint} "
-                f"Valid {self.kind}s: {', '.join(self.names())}.")
+                f"Valid {self.plural}: {', '.join(self.names())}.")

@@ -141,6 +141,9 @@ def eval_command(config: RunConfig,
     if why:
         raise UsageError(why)
     if dry_run:
+        from quantsink.pipeline.preflight import preflight
+
+        preflight(config)  # everything a real run would refuse on its input
         out.print(plan_table(plan([config], fresh=fresh), config.results))
         return
     reused: list[str] = []

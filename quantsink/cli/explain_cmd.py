@@ -11,7 +11,7 @@ import typer
 from rich.table import Table
 
 from ..config import RunConfig
-from .common import app, err, friendly, out, quiet, with_config_options
+from .common import PREPARE_FIELDS, app, config_options, err, friendly, out, quiet
 
 
 def _f(value: Any, digits: int = 4) -> str:
@@ -107,7 +107,7 @@ def _from_record(run: str, results: str) -> Any:
 
 @app.command("explain")
 @friendly
-@with_config_options
+@config_options(*PREPARE_FIELDS, "results")
 def explain_command(
     config: RunConfig,
     run: Optional[str] = typer.Argument(None, help="A stored run (run id, record file, or SCHEME[+MITIGATIONS]); "

@@ -11,7 +11,7 @@ import typer
 from rich.table import Table
 
 from ..config import RunConfig
-from .common import app, err, friendly, out, quiet, with_config_options
+from .common import PREPARE_FIELDS, app, config_options, err, friendly, out, quiet
 
 
 # --------------------------------------------------------------------------- rendering
@@ -84,7 +84,7 @@ def compare_table(report: dict[str, Any]) -> Table:
 
 @app.command("inspect")
 @friendly
-@with_config_options
+@config_options(*PREPARE_FIELDS, "stats_windows", "dormant_attention", "dormant_queries")
 def inspect_command(config: RunConfig,
                     compare_corpus: Optional[str] = typer.Option(
                         None, "--compare-corpus", help="Second corpus: list the heads whose sink score or "

@@ -15,18 +15,31 @@ def _registry_table(kind: str) -> Table:
 
     registry: Registry[Any] = LISTABLE[kind]()
     table = Table(title=f"{kind}")
-    table.add_column("name")
-    table.add_column("aliases")
-    kinds = kind == "mitigations"  # post-hoc / needs-training
-    if kinds:
-        table.add_column("kind")
-    table.add_column("description")
-    table.add_column("full config")
+    for column in ("name", "aliases", "description", "full config"):
+        table.add_column(column)
     for entry in registry:
         params = entry.obj.record().get("params", {}) if hasattr(entry.obj, "record") else {}
-        config = ", ".join(f"{k}={v}" for k, v in params.items())
-        table.add_row(entry.name, ", ".join(entry.aliases), *([entry.obj.kind] if kinds else []), entry.help, config)
+        config = ", ".join(f"{k}={v}" for k, v in applicable(params).items())
+        table.add_row(entry.name, ", ".join(entry.aliases), entry.help, config)
     return table
+
+
+#: a scheme parameter's prefix -> the parameter that switches its part on (None: that part is not quantized)
+GATES = {"w_": "w_bits", "act_": "act_bits", "kv_": "kv_bits", "k_": "kv_bits", "v_": "kv_bits"}
+
+
+def applicable(params: dict[str, Any]) -> dict[str, Any]:
+    """The parameters that apply: none of an unquantized part (``kv_*`` when ``kv_bits`` is None), no unset
+    value, no group size unless the granularity is per group."""
+    def gate(key: str) -> Any:
+        return next((params.get(g, True) for prefix, g in GATES.items() if key.startswith(prefix)), True)
+
+    kept = {k: v for k, v in params.items() if v is not None and gate(k) is not None}
+    if "block" not in kept:
+        kept.pop("mx_scale", None)
+    if kept.get("w_gran") != "group":
+        kept.pop("w_group", None)
+    return kept
 
 
 def _schemes() -> Any:

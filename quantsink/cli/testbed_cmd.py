@@ -17,7 +17,7 @@ from typing import Any, Callable, Optional
 
 import typer
 
-from .common import app, err, friendly, quiet
+from .common import err, friendly, quiet
 
 testbed_app = typer.Typer(no_args_is_help=True, add_completion=False,
                           help="The paper's Bigram-Backcopy testbed: train small models and watch the sink, "
@@ -87,5 +87,3 @@ def train_command(config: Any,
               f"{final['value_norm_sink']:.2f} vs {final['value_norm_others']:.2f}, residual norm <s> "
               f"{final['residual_norm_sink']:.1f} vs {final['residual_norm_others']:.1f}; model in {config.out}")
 
-
-app.add_typer(testbed_app, name="testbed")

@@ -48,7 +48,7 @@ class Corpus:
     def of(cls, name: str, documents: list[str]) -> "Corpus":
         docs = tuple(d for d in documents if d.strip())
         if not docs:
-            raise QuantsinkError(f"corpus {name!r} is empty: give it at least one non-blank document")
+            raise UsageError(f"corpus {name!r} is empty: give it at least one non-blank document")
         digest = hashlib.sha256(SEPARATOR.join(docs).encode("utf-8")).hexdigest()
         return cls(name, docs, digest)
 
@@ -154,7 +154,7 @@ def _jsonl_documents(path: Path) -> Iterator[str]:
                     yield text
 
 
-CORPORA: Registry[Callable[[str, bool], Corpus]] = Registry("corpus")  # (name, offline) -> Corpus
+CORPORA: Registry[Callable[[str, bool], Corpus]] = Registry("corpus", "corpora")  # (name, offline) -> Corpus
 
 
 @CORPORA.register("python-docs", help="English prose: CPython's bundled documentation topics (offline)",
@@ -183,7 +183,7 @@ def _wikitext2(name: str, offline: bool) -> Corpus:
     except Exception as err:  # noqa: BLE001 - any hub failure means the same to the user
         where = "offline mode is on (--offline or HF_HUB_OFFLINE=1) and it is not cached" if offline else \
             f"the Hugging Face hub is unreachable ({type(err).__name__})"
-        raise QuantsinkError(f"corpus 'wikitext2' needs the Hugging Face hub and {where}; use an offline "
+        raise UsageError(f"corpus 'wikitext2' needs the Hugging Face hub and {where}; use an offline "
                              f"corpus: python-docs, python-code or file:PATH") from None
     return Corpus.of(name, ["".join(rows["text"])])
 
@@ -192,9 +192,9 @@ def _read_file(path: Path) -> list[str]:
     """A .txt file is one document; a .jsonl file one document per line's ``text`` string.
     A UTF-8 byte-order mark at the start is not text and is dropped."""
     if path.is_dir():
-        raise QuantsinkError(f"corpus file {str(path)!r} is a directory: give file:PATH to a .txt or .jsonl file")
+        raise UsageError(f"corpus file {str(path)!r} is a directory: give file:PATH to a .txt or .jsonl file")
     if not path.is_file():
-        raise QuantsinkError(f"corpus file {str(path)!r} does not exist: give file:PATH to a .txt or .jsonl file")
+        raise UsageError(f"corpus file {str(path)!r} does not exist: give file:PATH to a .txt or .jsonl file")
     text = path.read_text(encoding="utf-8-sig", errors="strict")
     if path.suffix != ".jsonl":
         return [text]
@@ -207,10 +207,10 @@ def _jsonl_text(line: str, where: str) -> str:
     try:
         text = json.loads(line)["text"]
     except (json.JSONDecodeError, KeyError, TypeError):
-        raise QuantsinkError(f"{where}: not a JSON object with a 'text' field; "
+        raise UsageError(f"{where}: not a JSON object with a 'text' field; "
                              f"fix the line or pass a .txt file") from None
     if not isinstance(text, str):
-        raise QuantsinkError(f"{where}: 'text' is {JSON_KINDS.get(type(text), 'not text')}, not a string; "
+        raise UsageError(f"{where}: 'text' is {JSON_KINDS.get(type(text), 'not text')}, not a string; "
                              f"fix the line or pass a .txt file")
     return text
 
@@ -226,7 +226,7 @@ def load_corpus(spec: str, *, offline: bool = False) -> Corpus:
         try:
             return FileCorpus.open(spec, path)
         except UnicodeDecodeError:
-            raise QuantsinkError(f"corpus file {str(path)!r} is not UTF-8 text") from None
+            raise UsageError(f"corpus file {str(path)!r} is not UTF-8 text") from None
     entry = CORPORA.entry(spec)
     return entry.obj(entry.name, offline)
 

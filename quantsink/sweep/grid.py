@@ -109,7 +109,7 @@ def load_grid(path: str | Path) -> tuple[Grid, dict[str, Any]]:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise QuantsinkError(f"grid file {str(path)!r} does not exist") from None
+        raise UsageError(f"grid file {str(path)!r} does not exist") from None
     except yaml.YAMLError as err:
         raise UsageError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
     grid = Grid.from_mapping(data, str(path))

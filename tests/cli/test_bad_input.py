@@ -71,7 +71,7 @@ def test_corrupt_safetensors_is_one_line(model_copy, damage):
     with weights.open("r+b") as handle:
         handle.truncate(5000) if damage == "truncate" else handle.write(b"\xff" * 16)
     result = runner.invoke(app, ["eval", "--model", str(model_copy), "--no-write"])
-    one_line_error(result, 1, "model.safetensors: not a readable safetensors file")
+    one_line_error(result, 2, "model.safetensors: not a readable safetensors file")
 
 
 def test_unknown_architecture_is_one_line(model_copy):
@@ -203,7 +203,7 @@ def test_device_is_checked_before_any_load(monkeypatch, tmp_path):
         RunConfig(device="tpu")
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     result = runner.invoke(app, ["sweep", "--schemes", "int8", "--device", "cuda", "--results", str(tmp_path)])
-    one_line_error(result, 1, "no CUDA device is available here")
+    one_line_error(result, 2, "no CUDA device is available here")
     no_load(monkeypatch)
     monkeypatch.setattr(run_mod.Session, "corpus", lambda *a: pytest.fail("the corpus was loaded first"))
     with pytest.raises(QuantsinkError, match="no CUDA device is available here"):

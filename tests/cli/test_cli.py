@@ -23,7 +23,7 @@ def test_eval_help_lists_every_run_config_option():
     (["eval", "--scheme", "int8:threshold"], 2, "malformed spec"),
     (["eval", "--corpus", "pythn-docs"], 2, "unknown corpus"),
     (["eval", "--model", "no-such-model"], 2, "unknown model"),
-    (["eval", "--corpus", "file:/nonexistent.txt"], 1, "does not exist"),
+    (["eval", "--corpus", "file:/nonexistent.txt"], 2, "does not exist"),
     (["eval", "--bos", "sometimes"], 2, "use one of auto, always, never"),
     (["eval", "--window", "1"], 2, "--window must be at least 2"),
     (["list", "shemes"], 2, "Did you mean 'schemes'"),
@@ -126,7 +126,7 @@ def test_eval_reuses_a_stored_record_with_the_same_run_id_unless_fresh(tiny_mode
 
 def test_eval_offline_refuses_a_hub_id_in_one_line(tmp_path):
     result = runner.invoke(app, ["eval", "--model", "no-org/no-such-model", "--offline", "--results", str(tmp_path)])
-    assert result.exit_code == 1 and "offline mode is on" in result.output
+    assert result.exit_code == 2 and "offline mode is on" in result.output
     assert len(result.output.strip().splitlines()) == 1 and not list(tmp_path.glob("*.json"))
 
 

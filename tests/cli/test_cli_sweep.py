@@ -95,9 +95,9 @@ def test_bad_sweep_input_is_a_one_line_usage_error(tmp_path, captured, args, mes
     assert message in result.output and "Traceback" not in result.output
 
 
-def test_missing_grid_file_exits_1(tmp_path):
+def test_missing_grid_file_exits_2(tmp_path):
     result = runner.invoke(app, ["sweep", str(tmp_path / "nope.yaml")])
-    assert result.exit_code == 1 and "does not exist" in result.output
+    assert result.exit_code == 2 and "does not exist" in result.output
 
 
 def test_report_command_writes_files_and_warns_about_skipped(tmp_path):
