@@ -62,6 +62,34 @@ def offline_from_env() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in TRUE
 
 
+OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+
+def go_offline() -> None:
+    """From here on no request reaches the hub: the variables huggingface_hub, datasets and transformers
+    read when imported (huggingface_hub fetches a registry at start-up unless ``HF_HUB_OFFLINE`` is set
+    by then), and, where one is already imported, the constants it read them into."""
+    for name in OFFLINE_VARIABLES:
+        os.environ[name] = "1"
+    hub = sys.modules.get("huggingface_hub.constants")
+    if hub is not None:
+        hub.HF_HUB_OFFLINE = True
+    datasets = sys.modules.get("datasets.config")
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        if datasets is not None and hasattr(datasets, name):
+            setattr(datasets, name, True)
+
+
+def offline_requested(argv: Iterable[str]) -> bool:
+    """``--offline`` among a command line's arguments (before ``--``)."""
+    for arg in argv:
+        if arg == "--":
+            return False
+        if arg == "--offline":
+            return True
+    return False
+
+
 # --------------------------------------------------------------------------- environment facts
 
 def canonical(name: str) -> str:

@@ -5,6 +5,8 @@ Nothing outside this package imports it (``tests/test_architecture.py``).
 
 from __future__ import annotations
 
+import sys
+
 from . import (compare_cmd, eval_cmd, explain_cmd, inspect_cmd, list_cmd, models_cmd, reproduce_cmd,  # noqa: F401
                sweep_cmd, testbed_cmd)  # (register the commands)
 from .common import app
@@ -13,6 +15,10 @@ __all__ = ["app", "main"]
 
 
 def main() -> None:
+    from ..env import go_offline, offline_requested
+
+    if offline_requested(sys.argv[1:]):  # before any library that could reach the hub is imported
+        go_offline()
     app()
 
 

@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 from quantsink.data.install import INSTALLABLE
 from quantsink.data.install import locate as locate_installable
+from quantsink.env import go_offline
 from quantsink.errors import QuantsinkError, UsageError
 from quantsink.io import atomic_write_text, cache_root, umask
 from quantsink.registry import Registry
@@ -286,6 +287,8 @@ HUB_FILES = (*IDENTITY_FILES, "*.json", "*.py")
 def hub_snapshot(spec: str, offline: bool) -> Path:
     """The local snapshot of hub model ``spec`` at its resolved revision (safetensors only), in one line
     on failure: no retries are printed, nothing is requested when ``offline``."""
+    if offline:
+        go_offline()  # nothing of huggingface_hub's may reach the network either (see env.go_offline)
     from huggingface_hub import snapshot_download
     from huggingface_hub.utils import logging as hub_logging
 
