@@ -208,6 +208,7 @@ def _run_sweep(planned: list[Any], results: str, jobs: int, ray: Any = None) -> 
     from quantsink.sweep import local as sweeps
 
     store = sweeps.Store(Path(results))
+    jobs = sweeps.worker_cap(jobs) if ray is None else jobs  # says when it caps
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the sweep itself warns about what it keeps
         todo = len(sweeps.pending(planned, store))

@@ -283,6 +283,34 @@ def pending(planned: list[PlannedRun], store: Store) -> list[PlannedRun]:
     return [p for p in planned if status[p.run_id] not in ("done", "newer")]
 
 
+WORKER_BYTES = 2 << 30  # memory one local worker is allowed for: a small model, its quantized copy, a forward
+
+
+def worker_cap(jobs: int) -> int:
+    """``jobs`` capped by the CPU cores this process may use and by the available memory (``WORKER_BYTES``
+    per worker); a warning says when and why it caps."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    memory = available_bytes()
+    by_memory = max(1, memory // WORKER_BYTES) if memory is not None else jobs
+    cap = max(1, min(jobs, cores, by_memory))
+    if cap < jobs:
+        free = f"{memory / 2**30:.0f} GiB available" if memory is not None else "memory unknown"
+        warnings.warn(f"--jobs {jobs} capped to {cap}: {cores} CPU core(s), {free} at "
+                      f"{WORKER_BYTES / 2**30:.0f} GiB per worker", stacklevel=2)
+    return cap
+
+
+def available_bytes() -> int | None:
+    """MemAvailable (Linux), else None."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def sweep(planned: list[PlannedRun], results: str | Path, *, jobs: int = 1, run_fn: RunFn = default_run,
           emit: Emit | None = None, ray: Any = None) -> Summary:
     """Run every planned run that has no valid record in ``results``; on Ray when ``ray`` is a
@@ -321,6 +349,7 @@ def sweep(planned: list[PlannedRun], results: str | Path, *, jobs: int = 1, run_
         summary.crashed_workers = run_ray(todo, results, sweep=token, emit=collect, run_fn=run_fn, options=ray,
                                           real=run_fn is default_run)
     elif todo and jobs > 1:
+        jobs = worker_cap(jobs)
         summary.workers = min(jobs, len(todo))
         summary.crashed_workers = run_parallel(todo, results, sweep=token, emit=collect, run_fn=run_fn,
                                                jobs=min(jobs, len(todo)))
