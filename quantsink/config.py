@@ -49,8 +49,9 @@ class RunConfig:
     max_tokens: int = field(default=16384, metadata=_opt("Token budget of the evaluation windows."))
     bos: Literal["auto", "always", "never"] = field(default="auto", metadata=_opt(
         "Prepend BOS to each window: auto = what the tokenizer does by default."))
-    protocol: Literal["windows", "lm-eval"] = field(default="windows", metadata=_opt(
-        "Windowing: fixed windows over the joined corpus, or lm-eval's rolling per-document windows."))
+    protocol: Literal["documents", "windows", "lm-eval"] = field(default="documents", metadata=_opt(
+        "Windowing: windows drawn across the documents (seeded by --seed; calibration from other documents), "
+        "fixed windows over the joined corpus (schema 2's default), or lm-eval's rolling per-document windows."))
     lm_eval: str = field(default="", metadata=_opt(
         "Also run lm-eval tasks (comma-separated, e.g. python-docs,python-code; see `quantsink list tasks`) "
         "on the candidate and the reference, with HFLM on the same model objects."))
@@ -64,6 +65,15 @@ class RunConfig:
     stats: bool = field(default=True, metadata=_opt("Collect extreme-token statistics in the same pass."))
     stats_windows: int = field(default=8, metadata=_opt(
         "Windows (from the first) on which attention probabilities are collected."))
+    calib_draws: int = field(default=3, metadata=_opt(
+        "Disjoint calibration draws for static schemes: draws after the first re-calibrate only the ranges and "
+        "score the first --draw-windows windows; the effect's spread over draws widens its interval."))
+    noise_draws: int = field(default=3, metadata=_opt(
+        "Float-level perturbations of the unmitigated candidate (kernel swap, one window per forward, one "
+        "thread, ...) whose mean NLL shifts set the noise margin (0: none)."))
+    draw_windows: int = field(default=8, metadata=_opt(
+        "Windows (from the first) that each noise and calibration draw scores (0: all); fewer is cheaper and "
+        "widens the noise margin."))
     min_windows: int = field(default=8, metadata=_opt(
         "Fewest windows for a helps/hurts verdict; below it the verdict is insufficient-data."))
     noise_floor: bool = field(default=True, metadata=_opt(
@@ -99,6 +109,12 @@ class RunConfig:
             (0 < self.dormant_attention <= 1, "--dormant-attention must be in (0, 1]"),
             (0 < self.dormant_queries <= 1, "--dormant-queries must be in (0, 1]"),
             (self.lm_eval_limit is None or self.lm_eval_limit >= 1, "--lm-eval-limit must be >= 1"),
+            (self.calib_draws >= 1, "--calib-draws must be at least 1"),
+            (self.draw_windows == 0 or self.draw_windows >= 2, "--draw-windows must be 0 (all) or at least 2"),
+            (0 <= self.noise_draws <= 4, "--noise-draws must be in 0..4 (the perturbations there are)"),
+            (self.protocol != "documents" or self.stride is None,
+             "--stride does not apply to --protocol documents: its windows are disjoint chunks of documents; "
+             "use --protocol windows for strided windows"),
             (self.protocol != "lm-eval" or self.stride is None,
              "--stride does not apply to --protocol lm-eval: its windows are disjoint by definition"),
             (self.protocol != "lm-eval" or self.bos == "auto",

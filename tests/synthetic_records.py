@@ -117,9 +117,9 @@ def grid_records() -> list[RunRecord]:
             ref = 10.0 * (1 + m)
             for s, (scheme, ratio) in enumerate((("int8", 1.02), ("nf4", 1.3), ("w8a8", 2.5))):
                 records.append(make_record(model, corpus, scheme, ppl=ref * ratio, ppl_ref=ref, seed=m * 10 + c * 3 + s))
-            for mitigation, delta, noise in (("sink-fp", -12.0, 0.0), ("smooth", 0.0, 30.0)):
+            for mitigation, delta, noise, kl in (("sink-fp", -12.0, 0.0, 0.02), ("smooth", 0.0, 30.0, 0.05)):
                 records.append(make_record(model, corpus, "w8a8", mitigation, ppl=ref * 2.5 + delta, ppl_ref=ref,
-                                           seed=m + c, noise=noise, kl=0.02))
+                                           seed=m + c, noise=noise, kl=kl))  # smooth: the unmitigated KL too
     return records
 
 

@@ -29,17 +29,21 @@ from typing import Any, Iterable
 
 from quantsink.config import stable_hash
 from quantsink.errors import UsageError
-from quantsink.analysis.effects import floor_of, paired_delta
+from quantsink.analysis.effects import floor_of, kl_floor_of, paired_delta
 from quantsink.measure.paired import MIN_WINDOWS
 from quantsink.records.schema import RunRecord
 from quantsink.records.store import find_record, iter_records, load_record
 
 READING = {"helps": "B is better than A", "hurts": "B is worse than A",
-           "inconclusive": "no difference beyond the interval and noise floor",
+           "within-noise": "a significant difference, but no larger than float-level noise makes it",
+           "lowers-kl": "no clear NLL difference, but B's KL from the reference is clearly lower",
+           "raises-kl": "no clear NLL difference, but B's KL from the reference is clearly higher",
+           "inconclusive": "no difference beyond the interval and noise margin",
            "insufficient-data": "too few windows for a verdict"}
-RULE = ("B minus A, paired t 95% interval over windows of the mean NLL per scored token; helps (B better) if the "
-        "interval lies below -noise_floor, hurts (B worse) if above +noise_floor, inconclusive otherwise; "
-        "insufficient-data below min_windows windows; noise floor: the larger measured floor of the two runs")
+RULE = ("B minus A, paired t 95% interval over windows (clustered by document) of the mean NLL per scored token; "
+        "helps (B better) if the interval lies below -margin, hurts (B worse) if above +margin, within-noise if it "
+        "excludes 0 but not the margin, inconclusive otherwise (lowers-kl / raises-kl when the KL interval clears "
+        "the KL margin); insufficient-data below min_windows windows; margin: the larger noise margin of the two runs")
 TOP = 5
 
 
@@ -174,7 +178,8 @@ def _per(b: float | None, a: float | None, n: int) -> float | None:
 
 def paired(a: RunRecord, b: RunRecord, min_windows: int = MIN_WINDOWS) -> dict[str, Any]:
     """B minus A, paired over windows, with the interval and the verdict (lower is better)."""
-    out = paired_delta(a, b, floor=max(floor_of(a), floor_of(b)), min_windows=min_windows)
+    out = paired_delta(a, b, floor=max(floor_of(a), floor_of(b)), min_windows=min_windows,
+                       kl_floor=max(kl_floor_of(a), kl_floor_of(b)))
     return {**out, "reading": READING[out["verdict"]], "noise_floor_measured": bool(a.noise_floor or b.noise_floor),
             "rule": RULE}
 

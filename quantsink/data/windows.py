@@ -1,7 +1,11 @@
 """Every window protocol in one place: a corpus's token stream -> the windows a pass scores.
 
-* ``windows`` (the default): ``--window`` tokens every ``--stride`` over the documents joined in
-  corpus order (``sliding_windows``); each token scored once, by the first window that reaches it.
+* ``documents`` (the default): disjoint windows drawn round-robin over the documents in a seeded
+  order (``corpus_windows``), so N windows come from up to N documents; calibration windows from
+  other documents; each window's document is recorded, so intervals can be clustered by document.
+* ``windows`` (the default of schema 2, kept to reproduce its records): ``--window`` tokens every
+  ``--stride`` over the documents joined in corpus order (``sliding_windows``); each token scored
+  once, by the first window that reaches it.
 * ``lm-eval``: lm-eval's ``loglikelihood_rolling`` windows, per document (``rolling_windows``), as
   ``HFLM`` builds them, so quantsink's bits per byte equal lm-eval's.
 
@@ -11,6 +15,7 @@ record states (window, stride, BOS policy, scored tokens).
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -205,21 +210,24 @@ class Windowing:
     and the protocol's own record fields."""
 
     windows: Windows
-    calibration: Callable[[], Windows]
+    calibration: Callable[..., Windows]  # (draw: int = 0) -> that calibration draw's windows
     protocol: dict[str, Any]
 
 
 PROTOCOLS: Registry[Callable[[RunConfig, Corpus, Any], Windowing]] = Registry("protocol")
 
 
-def _calibration(config: RunConfig, stream: TokenStream, prefix: int | None) -> Callable[[], Windows]:
-    """Calibration windows from ``stream`` (the tokens after the evaluation ones), built on demand."""
-    def calibration() -> Windows:
-        if len(stream) < config.window:
-            raise QuantsinkError("no tokens left for calibration after the evaluation tokens: "
-                                 "lower --max-tokens or use a longer corpus")
-        calib, _ = sliding_windows(stream, window=config.window, stride=config.window, prefix=prefix,
-                                   max_tokens=config.calib_windows * config.window)
+def _calibration(config: RunConfig, stream: TokenStream, prefix: int | None) -> Callable[..., Windows]:
+    """Calibration windows from ``stream`` (the tokens after the evaluation ones), built on demand; draw
+    ``d`` starts ``d * calib_windows`` windows in."""
+    def calibration(draw: int = 0) -> Windows:
+        span = config.calib_windows * config.window
+        rest = TokenStream(stream.ids[draw * span:], stream.nbytes[draw * span:])
+        if len(rest) < config.window:
+            raise QuantsinkError(f"no tokens left for calibration draw {draw + 1} after the evaluation tokens: "
+                                 "lower --max-tokens or --calib-draws, or use a longer corpus")
+        calib, _ = sliding_windows(rest, window=config.window, stride=config.window, prefix=prefix,
+                                   max_tokens=span)
         return calib
 
     return calibration
@@ -230,7 +238,8 @@ def fixed_windows(config: RunConfig, corpus: Corpus, tokenizer: Any) -> Windowin
     """``--window`` tokens every ``--stride`` over the documents joined in order (``sliding_windows``)."""
     prefix = bos_token(tokenizer, config.bos)
     stride = config.effective_stride
-    stream = tokenize(corpus, tokenizer, limit=config.max_tokens + config.calib_windows * config.window)
+    stream = tokenize(corpus, tokenizer,
+                      limit=config.max_tokens + config.calib_draws * config.calib_windows * config.window)
     windows, used = sliding_windows(stream, window=config.window, stride=stride, prefix=prefix,
                                     max_tokens=config.max_tokens)
     rest = TokenStream(stream.ids[used:], stream.nbytes[used:])
@@ -256,7 +265,7 @@ def lm_eval_windows(config: RunConfig, corpus: Corpus, tokenizer: Any) -> Window
     prefix = prefix_token(tokenizer)
     rest = corpus.documents[len(docs):]
     stream = tokenize(Corpus.of(corpus.name, list(rest)), tokenizer,
-                      limit=config.calib_windows * config.window) if rest else TokenStream([], [])
+                      limit=config.calib_draws * config.calib_windows * config.window) if rest else TokenStream([], [])
     protocol = {
         "window": config.window, "stride": config.window, "bos": "lm-eval", "bos_token_id": prefix,
         "tokens": tokens, "n_documents": len(docs),
@@ -264,3 +273,107 @@ def lm_eval_windows(config: RunConfig, corpus: Corpus, tokenizer: Any) -> Window
                    "rows longest first, right-padded (attention_mask 0, never scored)",
     }
     return Windowing(windows, _calibration(config, stream, prefix), protocol)
+
+
+CALIBRATION_SHARE = 4  # one eligible document in this many (at least one) is kept for calibration
+
+
+def document_order(corpus: Corpus, seed: int) -> list[int]:
+    """Indices of ``corpus.documents`` shuffled by a seeded hash: ``sha256(seed, sha256(text))``, ascending."""
+    def key(i: int) -> str:
+        text = hashlib.sha256(corpus.documents[i].encode("utf-8")).hexdigest()
+        return hashlib.sha256(f"{seed}:{text}".encode()).hexdigest()
+
+    return sorted(range(len(corpus.documents)), key=key)
+
+
+def round_robin(chunks: dict[int, int], count: int) -> list[tuple[int, int]]:
+    """Up to ``count`` (document, chunk) pairs: every document's chunk 0 in ``chunks``' order, then every
+    chunk 1, ...; ``chunks`` maps a document to how many whole chunks it holds.  N windows thus come from
+    min(N, documents) documents."""
+    picked: list[tuple[int, int]] = []
+    for k in range(max(chunks.values(), default=0)):
+        picked.extend((doc, k) for doc, n in chunks.items() if k < n)
+    return picked[:count]
+
+
+def chunk_windows(streams: dict[int, TokenStream], picks: list[tuple[int, int]], *, window: int,
+                  prefix: int | None) -> Windows:
+    """One window per (document, chunk): tokens ``chunk*window .. +window`` of that document alone; the
+    first token scored only when ``prefix`` (BOS) precedes it."""
+    import torch
+
+    ids = torch.tensor([streams[d].ids[k * window:(k + 1) * window] for d, k in picks], dtype=torch.long)
+    nb = torch.tensor([streams[d].nbytes[k * window:(k + 1) * window] for d, k in picks], dtype=torch.long)
+    scored = torch.ones_like(ids, dtype=torch.bool)  # (N, W)
+    if prefix is None:
+        scored[:, 0] = False
+    else:
+        ids = torch.cat([torch.full((len(picks), 1), prefix, dtype=torch.long), ids], 1)  # (N, W+1)
+        scored = torch.cat([torch.zeros(len(picks), 1, dtype=torch.bool), scored], 1)
+        nb = torch.cat([torch.zeros(len(picks), 1, dtype=torch.long), nb], 1)
+    return Windows(ids, torch.ones_like(ids), scored, (nb * scored).sum(1),
+                   sink_positions=(0,) if prefix is not None else ())
+
+
+def split_documents(corpus: Corpus, tokenizer: Any,
+                    config: RunConfig) -> tuple[dict[int, TokenStream], dict[int, TokenStream]] | None:
+    """(evaluation, calibration) documents with at least one whole window, each tokenized alone, in the
+    seeded order; the last ``1/CALIBRATION_SHARE`` of them (at least one) calibrate.  None with fewer
+    than two such documents."""
+    streams = {i: encode(corpus.documents[i], tokenizer) for i in document_order(corpus, config.seed)}
+    eligible = {i: s for i, s in streams.items() if len(s) >= config.window}
+    if len(eligible) < 2:
+        return None
+    keys = list(eligible)
+    cut = len(keys) - max(1, len(keys) // CALIBRATION_SHARE)
+    return {i: eligible[i] for i in keys[:cut]}, {i: eligible[i] for i in keys[cut:]}
+
+
+@PROTOCOLS.register("documents", help="windows drawn across the corpus's documents (seeded), the default")
+def corpus_windows(config: RunConfig, corpus: Corpus, tokenizer: Any) -> Windowing:
+    """``max_tokens // window`` disjoint windows drawn round-robin over the documents in a seeded order
+    (``document_order``): one per document first, so N windows come from up to N documents; calibration
+    windows from other documents (``split_documents``).  Each window's document index is recorded
+    (``window_documents``) so that intervals can be clustered by document."""
+    split = split_documents(corpus, tokenizer, config)
+    if split is None:
+        return single_document(config, corpus, tokenizer)
+    prefix = bos_token(tokenizer, config.bos)
+    evaluation, calibration = split
+    chunks = {i: len(s) // config.window for i, s in evaluation.items()}
+    picks = round_robin(chunks, config.max_tokens // config.window)
+    windows = chunk_windows(evaluation, picks, window=config.window, prefix=prefix)
+    protocol = {
+        "window": config.window, "stride": config.window, "bos": config.bos, "bos_token_id": prefix,
+        "tokens": len(picks) * config.window, "documents": len({d for d, _ in picks}),
+        "window_documents": [d for d, _ in picks], "calibration_documents": len(calibration), "seed": config.seed,
+        "scoring": ("disjoint windows, each within one document (tokenized alone), drawn round-robin over the "
+                    "documents in a seeded order; a window's first token is scored only when a BOS precedes it; "
+                    "BOS never scored; calibration windows from documents disjoint from these"),
+    }
+    return Windowing(windows, _document_calibration(config, calibration, prefix), protocol)
+
+
+def single_document(config: RunConfig, corpus: Corpus, tokenizer: Any) -> Windowing:
+    """Fewer than two documents of a whole window (one .txt file, wikitext2's joined text): the ``windows``
+    protocol's consecutive windows, each its own cluster (``window_documents`` not recorded)."""
+    made = fixed_windows(config, corpus, tokenizer)
+    made.protocol.update(documents=1, scoring="fewer than two documents hold a whole window, so windows are cut "
+                         "as --protocol windows cuts them (each its own cluster): " + made.protocol["scoring"])
+    return made
+
+
+def _document_calibration(config: RunConfig, streams: dict[int, TokenStream],
+                          prefix: int | None) -> Callable[..., Windows]:
+    """Calibration draw ``d``: windows ``d*calib_windows .. +calib_windows`` of the calibration documents'
+    round-robin order (draws are disjoint; a draw past the supply is refused)."""
+    def calibration(draw: int = 0) -> Windows:
+        picks = round_robin({i: len(s) // config.window for i, s in streams.items()},
+                            (draw + 1) * config.calib_windows)[draw * config.calib_windows:]
+        if not picks:
+            raise QuantsinkError(f"calibration draw {draw + 1}: the calibration documents hold too few windows; "
+                                 f"lower --calib-windows or use a longer corpus")
+        return chunk_windows(streams, picks, window=config.window, prefix=prefix)
+
+    return calibration

@@ -100,7 +100,23 @@ class PassResult:
             out["kl"] = float(self.kl.sum()) / total
             out["top1_agreement"] = float(self.top1.sum()) / total
             out["kl_per_window"] = [round(float(x), 6) for x in self.kl]
+            out["top1_per_window"] = [int(x) for x in self.top1]
+            out["kl_percentiles"] = kl_percentiles(self.token_kl)
         return out
+
+
+KL_QUANTILES = {"p90": 0.9, "p99": 0.99, "p99.9": 0.999, "max": 1.0}
+
+
+def kl_percentiles(token_kl: torch.Tensor | None) -> dict[str, float] | None:
+    """Per-token KL(reference || candidate) at p90, p99, p99.9 and max over all scored tokens (nats;
+    linear interpolation between order statistics, as ``numpy.quantile``), as llama.cpp's KL report."""
+    if token_kl is None or len(token_kl) == 0:
+        return None
+    import numpy as np
+
+    q = np.quantile(token_kl.double().numpy(), list(KL_QUANTILES.values()))
+    return {name: float(v) for name, v in zip(KL_QUANTILES, q)}
 
 
 def input_device(model: Any) -> torch.device:

@@ -280,8 +280,10 @@ def protocol(k: float, tau: float, share: float, n_windows: int, sink_positions:
     return {
         "windows": n_windows, "k": k, "tau": tau, "dormant_queries": share, "sink_positions": list(sink_positions),
         "stats_windows": "the first `windows` evaluation windows, in the same forward pass as the metrics, "
-                         "with eager attention (SDPA elsewhere); sliding-window layers: queries beyond the "
-                         "window cannot see key 0",
+                         "whatever the attention kernel: eager (and quantsink's own) attention's weights are read "
+                         "from its output, any other kernel keeps running and the probabilities are computed "
+                         "beside it from the query and key it is given (hooks.probes); sliding-window layers: "
+                         "queries beyond the window cannot see key 0",
         "residual": "output of each decoder block; peak ratio ||h_0|| / median_{i>=1} ||h_i||, mean over windows",
         "massive": "max |h| over positions and channels (largest window), ratio to that window's median |h| "
                    "(median over every (T//64)-th position, all channels)",
@@ -289,7 +291,7 @@ def protocol(k: float, tau: float, share: float, n_windows: int, sink_positions:
                           "massive activation (one |h| > massive_value and >= massive_ratio x the window's "
                           "median |h|, Sun et al., on a token whose largest |h| is >= massive_token_ratio x "
                           "the median of the tokens' largest |h|) in any layer",
-        "sink_score": "mean over queries i>=1 of attention on key 0 (eager attention), mean over windows",
+        "sink_score": "mean over queries i>=1 of attention on key 0, mean over windows",
         "extreme_score": "same, on the detected extreme tokens",
         "value_drain": "||v_0|| / median_{i>=1} ||v_i|| of v_proj's output, per KV head, mean over windows",
         "dormant": "a query i>=1 is dormant when its attention on key 0 is >= tau (Guo et al.: 0.89); "

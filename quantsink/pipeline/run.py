@@ -15,8 +15,9 @@ import datetime as dt
 import math
 import platform
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -77,6 +78,7 @@ class Prepared:
     windows: Windows
     protocol: dict[str, Any]
     timing: dict[str, float]
+    calibration: Callable[..., Windows] | None = None  # the protocol's calibration draws (draw -> windows)
 
 
 def prepare(config: RunConfig, session: Session) -> Prepared:
@@ -108,7 +110,7 @@ def prepare(config: RunConfig, session: Session) -> Prepared:
     }
     stack = MitigationStack.of(mitigations, reference=loaded.model, tokenizer=loaded.tokenizer, scheme=scheme,
                                calibration=made.calibration)
-    return Prepared(config, scheme, stack, loaded, corpus, made.windows, protocol, timing)
+    return Prepared(config, scheme, stack, loaded, corpus, made.windows, protocol, timing, made.calibration)
 
 
 def stats_pass(config: RunConfig, model: Any, windows: Windows, **kwargs: Any) -> PassResult:
@@ -191,27 +193,161 @@ def candidate_pass(prep: Prepared, model: Any, reference: PassResult, progress: 
 
 
 NOOP_KERNEL = {"sdpa": "eager", "eager": "sdpa"}  # attention kernel -> the float-level no-op swap
-# quantsink's own attentions (e.g. ReLU) have no second kernel: their no-op is one window per forward only
+# quantsink's own attentions (e.g. ReLU) have no second kernel: their kernel draw is the same kernel
 
 
-def noise_floor_pass(prep: Prepared, model: Any, candidate: PassResult) -> dict[str, Any]:
-    """The candidate's noise floor: the same pass again with the other attention kernel and one window
-    per forward (float-level no-ops), and what that moves the NLL by (``paired.noise_floor``)."""
-    from quantsink.measure.passes import run_pass
-    from quantsink.measure.paired import noise_floor, ppl_delta
-
+def other_kernel(model: Any) -> str:
     before = model.config._attn_implementation
-    other = NOOP_KERNEL.get(before, before if before in DECLARED.values() else "eager")  # ReLU has no twin
-    windows = prep.mitigations.windows(prep.windows)
-    with attention_implementation(model, other), prep.mitigations.attach(model):
-        noop = run_pass(model, windows, batch_tokens=windows.input_ids.shape[1])
-    nll, n = candidate.nll.tolist(), candidate.n_scored.tolist()
-    floor = noise_floor(nll, noop.nll.tolist(), n)
-    return {"nats_per_token": floor, "ppl": ppl_delta(nll, n, floor),
-            "perturbation": f"attention {before} -> {other}, one window per forward",
-            "nll_per_window": [round(float(x), 6) for x in noop.nll],
-            "definition": "sum_i |NLL_i(no-op) - NLL_i(candidate)| / scored tokens: the worst-case shift of "
-                          "the mean NLL/token that float-level noise alone produces on these windows"}
+    return NOOP_KERNEL.get(before, before if before in DECLARED.values() else "eager")  # ReLU has no twin
+
+
+@contextmanager
+def one_thread(model: Any) -> Iterator[None]:
+    """torch's intra-op threads set to 1 (2 when already 1) and back: another reduction order."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1 if before > 1 else 2)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _kernel(model: Any) -> Any:
+    return attention_implementation(model, other_kernel(model))
+
+
+# name -> (what it changes, context on the model, one window per forward?); the first noise_draws are run
+PERTURBATIONS: dict[str, tuple[str, Callable[[Any], Any], bool]] = {
+    "kernel": ("attention kernel swapped (sdpa <-> eager)", _kernel, False),
+    "batch": ("one window per forward instead of batches of batch_tokens", lambda m: nullcontext(), True),
+    "threads": ("torch intra-op threads 1 (2 when already 1)", one_thread, False),
+    "kernel+batch": ("attention kernel swapped and one window per forward (schema 2's floor)", _kernel, True),
+}
+
+
+@dataclass(frozen=True)
+class NoiseDraw:
+    """One float-level perturbation of the candidate: its signed mean shifts over the same windows."""
+
+    perturbation: str
+    changes: str
+    shift_nats: float  # mean NLL/token, perturbed minus candidate
+    shift_kl: float | None  # mean KL/token, perturbed minus candidate
+    nll_per_window: list[float]
+    kl_per_window: list[float] | None
+    seconds: float
+
+
+@dataclass(frozen=True)
+class NoiseFloor:
+    """The noise margin (``paired.noise_margin``) of the candidate from ``draws``; ``to_dict`` is the record's
+    ``noise_floor``."""
+
+    nats_per_token: float  # the margin on the mean NLL/token
+    ppl: float  # the margin as a change in ppl from the candidate's
+    kl_margin: float | None  # the same rule on the mean KL/token
+    draws: tuple[NoiseDraw, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "draws": [dataclasses.asdict(d) for d in self.draws],
+                "definition": NOISE_DEFINITION}
+
+
+NOISE_DEFINITION = ("margin = t_K x sqrt(mean_k d_k^2) over the K perturbations' signed shifts d_k of the mean "
+                    "NLL/token (kl_margin: of the mean KL/token), each measured on the first draw_windows evaluation "
+                    "windows against the candidate's same windows: the 95% prediction bound of one more float-level "
+                    "no-op (paired.noise_margin)")
+
+
+def draw_rows(prep: Prepared) -> slice:
+    """The windows every noise and calibration draw scores: the first ``draw_windows`` (0: all)."""
+    return slice(0, prep.config.draw_windows or len(prep.windows))
+
+
+def draw_pass(prep: Prepared, model: Any, reference: PassResult, batch_tokens: int) -> PassResult:
+    """The candidate's pass over the draw windows (``draw_rows``), KL against the reference's same rows."""
+    rows = draw_rows(prep)
+    windows = prep.mitigations.windows(prep.windows).subset(rows)
+    targets = reference.targets.rows(windows_offset(prep.windows, rows)) if reference.targets else None
+    with prep.mitigations.attach(model):
+        return run_pass(model, windows, reference=targets, reference_head=ReferenceHead.of(prep.loaded.model),
+                        batch_tokens=batch_tokens)
+
+
+def windows_offset(windows: Windows, rows: slice) -> slice:
+    """The scored positions (``Targets`` rows, window order) of windows ``rows``."""
+    counts = windows.scored[:, 1:].sum(1)
+    return slice(int(counts[:rows.start].sum()), int(counts[:rows.stop].sum()))
+
+
+def noise_draw(prep: Prepared, model: Any, candidate: PassResult, reference: PassResult, name: str) -> NoiseDraw:
+    """The candidate pass again under one perturbation (``PERTURBATIONS``) on the draw windows, with its
+    mean shifts against the candidate's same windows."""
+    changes, context, single = PERTURBATIONS[name]
+    batch = 1 if single else prep.config.batch_tokens  # batches of 1 token hold one window each
+    t0 = time.perf_counter()
+    with context(model):
+        noop = draw_pass(prep, model, reference, batch)
+    rows = draw_rows(prep)
+    total = float(candidate.n_scored[rows].sum())
+    kl = None if noop.kl is None or candidate.kl is None else float((noop.kl - candidate.kl[rows]).sum()) / total
+    return NoiseDraw(name, changes, float((noop.nll - candidate.nll[rows]).sum()) / total, kl,
+                     [round(float(x), 6) for x in noop.nll],
+                     None if noop.kl is None else [round(float(x), 6) for x in noop.kl], time.perf_counter() - t0)
+
+
+def noise_floor_pass(prep: Prepared, model: Any, candidate: PassResult, reference: PassResult) -> NoiseFloor:
+    """The candidate's noise margin from its first ``noise_draws`` perturbations (``PERTURBATIONS``)."""
+    from quantsink.measure.paired import noise_margin, ppl_delta
+
+    draws = tuple(noise_draw(prep, model, candidate, reference, name)
+                  for name in list(PERTURBATIONS)[:prep.config.noise_draws])
+    margin = noise_margin([d.shift_nats for d in draws])
+    kls = [d.shift_kl for d in draws if d.shift_kl is not None]
+    return NoiseFloor(margin, ppl_delta(candidate.nll.tolist(), candidate.n_scored.tolist(), margin),
+                      noise_margin(kls) if len(kls) == len(draws) else None, draws)
+
+
+@dataclass(frozen=True)
+class CalibrationDraw:
+    """The candidate evaluated with static ranges from one calibration draw (draw 0 is the run's own)."""
+
+    draw: int
+    nll_per_token: float
+    kl: float | None
+    nll_per_window: list[float]
+    kl_per_window: list[float] | None
+    top1_per_window: list[int] | None
+    calibration: dict[str, Any]  # what calibrate recorded: windows, tokens, ids_sha256
+    seconds: float
+
+
+CALIBRATION_DEFINITION = ("draw d calibrates the static ranges on windows d*calib_windows .. of the calibration "
+                          "documents (disjoint draws); everything else (weights, mitigations' transforms) is the "
+                          "run's own; each draw scores the evaluation windows scored_windows[0] .. scored_windows[1] "
+                          "(draw 0, the candidate above, scored all)")
+
+
+def calibration_draw(prep: Prepared, model: Any, reference: PassResult, draw: int) -> CalibrationDraw:
+    """Forget the model's static ranges, calibrate them on draw ``draw``, score the windows again."""
+    t0 = time.perf_counter()
+    prep.scheme.reset_ranges(model)
+    ctx = QuantContext(calibration=lambda: prep.mitigations.windows(prep.calibration(draw)))
+    with prep.mitigations.attach(model):
+        prep.scheme.calibrate(model, ctx)
+    summary = draw_pass(prep, model, reference, prep.config.batch_tokens).summary()
+    return CalibrationDraw(draw, summary["nll_per_token"], summary.get("kl"), summary["nll_per_window"],
+                           summary.get("kl_per_window"), summary.get("top1_per_window"),
+                           dict(ctx.notes.get("calibration", {})), time.perf_counter() - t0)
+
+
+def calibration_draws(prep: Prepared, model: Any, reference: PassResult, notes: dict[str, Any]) -> dict[str, Any]:
+    """The record's ``calibration``: the run's own draw and ``calib_draws - 1`` more (same model, new ranges)."""
+    draws = [calibration_draw(prep, model, reference, d) for d in range(1, prep.config.calib_draws)]
+    rows = draw_rows(prep)
+    return {"windows": prep.config.calib_windows, "scored_windows": [rows.start, rows.stop],
+            "draw_0": notes.get("calibration"),
+            "draws": [dataclasses.asdict(d) for d in draws], "definition": CALIBRATION_DEFINITION}
 
 
 def environment(device: Any) -> EnvRecord:
@@ -252,6 +388,7 @@ class Passes:
     timing: dict[str, float]
     lm_eval: dict[str, Any] | None = None
     noise_floor: dict[str, Any] | None = None
+    calibration: dict[str, Any] | None = None
 
 
 def make_record(prep: Prepared, passes: Passes) -> RunRecord:
@@ -264,7 +401,8 @@ def make_record(prep: Prepared, passes: Passes) -> RunRecord:
         protocol=ProtocolRecord(**prep.protocol), scheme=SchemeRecord.of(prep.scheme.record(), passes.notes),
         mitigation=tuple(MitigationRecord(**m) for m in prep.mitigations.record()),
         reference=reference_record(passes), candidate=candidate_record(passes),
-        stats=stats_record(passes.reference, passes.candidate), noise_floor=passes.noise_floor, timing=timing,
+        stats=stats_record(passes.reference, passes.candidate), noise_floor=passes.noise_floor,
+        calibration=passes.calibration, timing=timing,
         env=environment(prep.loaded.device))
 
 
@@ -315,10 +453,11 @@ def compare_passes(config: RunConfig, session: Session, progress: Progress = _no
     candidate = candidate_pass(prep, model, reference, progress)
     timing["candidate_s"] = time.perf_counter() - t0
     floor = None
-    if config.noise_floor and config.mitigation == "none" and prep.scheme.quantizes_tokens:
+    if config.noise_floor and config.noise_draws and config.mitigation == "none" and prep.scheme.quantizes_tokens:
         # weight-only schemes are deterministic per token: their runs are not re-run for a floor
         t0 = time.perf_counter()
-        floor = noise_floor_pass(prep, model, candidate)
+        progress(f"noise floor ({config.noise_draws} perturbed passes)", None)
+        floor = noise_floor_pass(prep, model, candidate, reference).to_dict()
         timing["noise_floor_s"] = time.perf_counter() - t0
     downstream = None
     if config.lm_eval:
@@ -328,4 +467,10 @@ def compare_passes(config: RunConfig, session: Session, progress: Progress = _no
         downstream = lmeval.evaluate_run(prep, model)
         timing["lm_eval_s"] = time.perf_counter() - t0
     del model
-    return make_record(prep, Passes(reference, ref_cached, candidate, notes, timing, downstream, floor))
+    return make_record(prep, Passes(reference, ref_cached, candidate, notes, timing, downstream, floor, calibration))
+    calibration = None
+    if config.calib_draws > 1 and prep.scheme.needs_calibration() and prep.calibration is not None:
+        t0 = time.perf_counter()  # last: the draws leave the model with the last draw's ranges
+        progress(f"{config.calib_draws - 1} more calibration draws", None)
+        calibration = calibration_draws(prep, model, reference, notes)
+        timing["calibration_draws_s"] = time.perf_counter() - t0

@@ -24,7 +24,7 @@ from typing import Any
 from quantsink.config import RunConfig
 from quantsink.errors import QuantsinkError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 3: documents protocol, noise-margin draws, calibration draws, KL percentiles
 
 
 
@@ -65,6 +65,10 @@ class ProtocolRecord:
     kl: str
     evaluator_version: str
     n_documents: int | None = None  # lm-eval protocol: whole documents scored
+    documents: int | None = None  # documents protocol: how many documents the evaluation windows come from
+    window_documents: list[int] | None = None  # documents protocol: each window's document (corpus index)
+    calibration_documents: int | None = None  # documents protocol: documents kept for calibration
+    seed: int | None = None  # documents protocol: the seed of the document order
 
 
 @dataclass(frozen=True)
@@ -109,6 +113,8 @@ class PassRecord:
     kl: float | None = None  # candidate only: KL(reference || candidate) per scored token
     top1_agreement: float | None = None  # candidate only
     kl_per_window: list[float | None] | None = None  # candidate only
+    top1_per_window: list[int] | None = None  # candidate only: positions whose argmax is the reference's
+    kl_percentiles: dict[str, float] | None = None  # candidate only: per-token KL p90, p99, p99.9, max
     cached: bool | None = None  # reference only: read from the reference cache
     lm_eval: dict[str, Any] | None = None  # with --lm-eval: per task lm-eval's metrics
     lm_eval_cached: bool | None = None  # reference only
@@ -193,6 +199,7 @@ class RunRecord:
     noise_floor: dict[str, Any] | None  # unmitigated runs: the candidate's float-level noise (``run.noise_floor_pass``)
     timing: dict[str, float]
     env: EnvRecord
+    calibration: dict[str, Any] | None = None  # static schemes: the calibration draws (``run.calibration_draws``)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object (NaN/inf as null)."""

@@ -53,9 +53,11 @@ from quantsink.records.schema import RunRecord
 COLUMNS = {  # column -> (markdown header, digits); order = table order
     "model": ("model", None), "corpus": ("corpus", None), "settings": ("settings", None), "scheme": ("scheme", None),
     "mitigation": ("mitigation", None), "bits": ("bits", None), "w_bits": ("weight bits", 3), "ppl_ref": ("ppl ref", 4), "ppl": ("ppl", 4),
-    "ppl_ratio": ("ppl ×ref", 4), "kl": ("KL", 3), "top1": ("top-1", 3), "bpb": ("bits/byte", 4),
+    "ppl_ratio": ("ppl ×ref", 4), "kl": ("KL", 3), "kl_p99": ("KL p99", 3), "kl_p999": ("KL p99.9", 3),
+    "kl_max": ("KL max", 3), "top1": ("top-1", 3), "bpb": ("bits/byte", 4),
     "delta_bpb": ("Δ bits/byte", 3), "d_sink": ("d_sink", 3), "d_sink_ci": ("d_sink CI", 3),
     "verdict": ("verdict", None), "effect": ("Δppl vs unmitigated", 3), "effect_ci": ("Δppl CI", 3),
+    "mde": ("MDE Δppl", 3), "documents": ("documents", None),
     "sink_before": ("sink before", 3), "sink_after": ("sink after", 3),
     "drain_before": ("drain before", 3), "drain_after": ("drain after", 3),
     "heads_woken": ("heads woken", None), "peak_before": ("peak before", 4), "peak_after": ("peak after", 4),
@@ -63,10 +65,11 @@ COLUMNS = {  # column -> (markdown header, digits); order = table order
     "run_id": ("run_id", None), "baseline": ("baseline run", None), "env": ("environment vs baseline", None),
     "created_at": ("created", None),
 }
-MARKDOWN = ("model", "corpus", "settings", "scheme", "mitigation", "bits", "ppl", "ppl_ratio", "kl", "top1", "bpb",
-            "d_sink", "verdict", "effect", "effect_ci", "baseline", "sink_before", "sink_after", "heads_woken",
+MARKDOWN = ("model", "corpus", "settings", "scheme", "mitigation", "bits", "ppl", "ppl_ratio", "kl", "kl_p99",
+            "kl_p999", "kl_max", "top1", "bpb", "d_sink", "verdict", "effect", "effect_ci", "mde", "baseline", "sink_before", "sink_after", "heads_woken",
             "peak_before", "peak_after", "simulated", "backend")
 VERDICT_COLORS = {"helps": "#2e7d32", "hurts": "#c62828", "inconclusive": "#757575",
+                  "within-noise": "#8d6e63", "lowers-kl": "#66bb6a", "raises-kl": "#ef5350",
                   "insufficient-data": "#9e9e9e", "not-applicable": "#bdbdbd"}
 DTYPE_BITS = {"float32": 32, "bfloat16": 16, "float16": 16}
 
@@ -133,9 +136,16 @@ def _pair(name: str) -> tuple[int, int]:
     return int(layer), int(head)
 
 
+def kl_tail(percentiles: dict[str, float] | None) -> dict[str, float | None]:
+    """The row's per-token KL percentiles (None where the record kept none)."""
+    p = percentiles or {}
+    return {"kl_p99": _num(p.get("p99")), "kl_p999": _num(p.get("p99.9")), "kl_max": _num(p.get("max"))}
+
+
 def protocol_label(record: RunRecord) -> str:
     p = record.protocol
-    return f"{p.n_windows}x{p.window} tok, stride {p.stride}, BOS {p.bos}, {p.dtype}"
+    docs = f" from {p.documents} docs" if p.documents else ""
+    return f"{p.n_windows}x{p.window} tok{docs}, stride {p.stride}, BOS {p.bos}, {p.dtype}"
 
 
 def row(record: RunRecord, effects: Effects | None = None, settings: Iterable[str] = (),
@@ -153,7 +163,9 @@ def row(record: RunRecord, effects: Effects | None = None, settings: Iterable[st
         "scheme": scheme.spec,
         "mitigation": record.config.mitigation, "bits": bits_label(record), "w_bits": _num(scheme.bits),
         "ppl_ref": _num(ref.ppl), "ppl": _num(cand.ppl), "ppl_ratio": _ratio(cand.ppl, ref.ppl),
-        "kl": _num(cand.kl), "top1": _num(cand.top1_agreement), "bpb": bpb,
+        "kl": _num(cand.kl), **kl_tail(cand.kl_percentiles), "top1": _num(cand.top1_agreement), "bpb": bpb,
+        "documents": record.protocol.documents,
+        "mde": _num(effect["mde_ppl"]) if effect and verdict == "inconclusive" else None,
         "delta_bpb": bpb - bpb_ref if bpb is not None and bpb_ref is not None else None,
         "d_sink": _num(d_sink["nats_per_token"]) if d_sink else None, "d_sink_ci": _ci(d_sink["ci95"]) if d_sink else None,
         "verdict": verdict, "effect": None if no_effect else _num(effect["delta_ppl"]),
@@ -530,6 +542,7 @@ table.sortable tr:nth-child(even){background:#fafafa}.helps{color:#2e7d32;font-w
 img{max-width:100%;border:1px solid #ddd}.fail td{background:#fff3f3;white-space:normal}
 table.matrix td{min-width:110px}table.matrix td a{color:inherit;text-decoration:none;display:block}
 td.v-helps{background:#c8e6c9}td.v-hurts{background:#ffcdd2}td.v-inconclusive{background:#eeeeee}
+td.v-within-noise{background:#efebe9}td.v-lowers-kl{background:#e8f5e9}td.v-raises-kl{background:#ffebee}
 td.v-insufficient-data{background:#fff9c4}td.v-not-applicable{background:#fafafa;color:#999}
 td.best{outline:2px solid #1b5e20;outline-offset:-2px;font-weight:700}
 .key span{display:inline-block;padding:1px 8px;margin-right:6px;border:1px solid #ccc;font-size:12px}

@@ -97,6 +97,14 @@ class Scheme:
         """Observe static ranges on ``ctx.calibration()``; the caller has attached ``ctx.hooks``
         and every mitigation, so ranges come from the model as it is evaluated."""
 
+    def needs_calibration(self) -> bool:
+        """Whether ``calibrate`` sets static ranges (a run then measures several calibration draws)."""
+        return False
+
+    def reset_ranges(self, model: Any) -> None:
+        """Forget the static ranges ``calibrate`` set, so that it can calibrate again on another draw
+        (everything else of the quantized model is kept); default: nothing to forget."""
+
     def spec_key(self, key: str) -> str:
         """The field a spec-string key names (a preset may accept a short alias)."""
         return key

@@ -306,6 +306,9 @@ class Simulated(Scheme):
     def needs_calibration(self) -> bool:
         return bool(self.act_bits and self.act_mode == "static")
 
+    def reset_ranges(self, model: Any) -> None:
+        reset_ranges(model)
+
     def act_quantizer(self, keep: KeepFp) -> nn.Module:
         return ActQuantizer(self.act_bits, self.act_sym, self.act_mode, self.act_gran, keep)
 
@@ -400,6 +403,13 @@ def calibrate(model: nn.Module, ctx: QuantContext, batch_tokens: int = 2048) -> 
             "ids_sha256": hashlib.sha256(ids.cpu().numpy().tobytes()).hexdigest()[:16],
             "ranges": "per-tensor min/max over all calibration tokens (0 included), kept positions excluded",
             "observed_in": "float activations (weights and KV already quantized), every mitigation attached"}
+
+
+def reset_ranges(model: nn.Module) -> None:
+    """Every activation quantizer back to its uncalibrated state (range [0, 0], not calibrated)."""
+    for q in quantizers(model, ActQuantizer).values():
+        q.lo, q.hi = torch.zeros_like(q.lo), torch.zeros_like(q.hi)
+        q.calibrated = False
 
 
 def skip_logits(model: nn.Module) -> dict[str, Any]:

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from quantsink.config import RunConfig
+from quantsink.measure.paired import noise_margin
 from quantsink.pipeline.execute import run_config
 
 
@@ -28,8 +29,13 @@ def test_a_no_op_mitigation_is_never_helps_or_hurts(tiny_model_dir, tiny_text_fi
     stored = [json.loads(p.read_text()) for p in tmp_path.glob("*.json")]
     base = next(r for r in stored if r["config"]["mitigation"] == "none")
     floor = base["noise_floor"]
-    assert "attention" in floor["perturbation"] and len(floor["nll_per_window"]) == 8
+    draws = floor["draws"]
+    assert [d["perturbation"] for d in draws] == ["kernel", "batch", "threads"]
+    assert all(len(d["nll_per_window"]) == 8 and d["shift_kl"] is not None for d in draws)
+    assert floor["nats_per_token"] == pytest.approx(noise_margin([d["shift_nats"] for d in draws]))
+    assert floor["nats_per_token"] >= max(abs(d["shift_nats"]) for d in draws)
     assert floor["nats_per_token"] == pytest.approx(effect["noise_floor_nats"])
+    assert base["candidate"]["kl_percentiles"]["max"] >= base["candidate"]["kl_percentiles"]["p99"] > 0
 
 
 def test_no_floor_and_few_windows_are_stated(tiny_model_dir, tiny_text_file, tmp_path):

@@ -5,7 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from quantsink.measure.paired import (MIN_WINDOWS, false_verdict_rate, noise_floor, paired_t, ppl_delta, t_quantile, verdict)
+from quantsink.measure.paired import (MIN_WINDOWS, clustered_t, false_verdict_rate, mde, noise_floor, noise_margin,
+                                      paired_t, ppl_delta, ratio_t, t_quantile, verdict)
 
 
 def _windows(n=12, seed=0):
@@ -32,8 +33,8 @@ def test_planted_shift_gives_helps_or_hurts(shift, expected):
     assert verdict(res["ci"], res["n_windows"]) == expected
     lo, hi = res["ci"]
     assert lo <= res["delta"] <= hi
-    # a floor wider than the effect turns it into no verdict
-    assert verdict(res["ci"], res["n_windows"], floor=0.2) == "inconclusive"
+    # a margin wider than the effect: significant, but within the noise
+    assert verdict(res["ci"], res["n_windows"], floor=0.2) == "within-noise"
 
 
 def test_interval_is_the_textbook_paired_t_for_equal_windows():
@@ -105,3 +106,71 @@ def test_false_verdict_rate_matches_the_scalar_path():
     base = np.full(8, 700.0)
     scalar = np.mean([verdict(paired_t(base, base + d, n)["ci"], 8) in ("helps", "hurts") for d in deltas])
     assert false_verdict_rate(deltas, n) == pytest.approx(scalar)
+
+
+def test_clustered_interval_with_one_window_per_document_is_the_paired_t():
+    rng = np.random.default_rng(11)
+    nll, n = _windows(n=14, seed=3)
+    other = nll + n * rng.normal(0.02, 0.05, len(n))
+    plain, clustered = paired_t(nll, other, n), clustered_t(nll, other, n, clusters=list(range(30, 44)))
+    assert clustered["delta"] == plain["delta"]
+    assert clustered["ci"] == pytest.approx(plain["ci"], rel=1e-12, abs=1e-15)
+    assert clustered["n_clusters"] == 14 and clustered["df"] == 13
+
+
+def test_clustered_interval_widens_when_a_document_shares_its_shift():
+    # two windows per document, each document with its own shift: clustering sees 8 units, not 16
+    rng = np.random.default_rng(2)
+    n = np.full(16, 255)
+    doc_shift = np.repeat(rng.normal(0, 0.05, 8), 2)
+    a = n * 2.5
+    b = a + n * (doc_shift + rng.normal(0, 0.005, 16))
+    docs = np.repeat(np.arange(8), 2)
+    plain, clustered = paired_t(a, b, n), clustered_t(a, b, n, clusters=docs)
+    assert clustered["df"] == 7 and plain["delta"] == pytest.approx(clustered["delta"])
+    assert clustered["ci"][1] - clustered["ci"][0] > 1.3 * (plain["ci"][1] - plain["ci"][0])
+    # by hand: residual sums per document, G/(G-1) correction, t with G-1 df
+    x = b - a
+    r = np.bincount(docs, weights=x - clustered["delta"] * n)
+    se = math.sqrt(8 / 7 * (r ** 2).sum()) / n.sum()
+    assert clustered["se"] == pytest.approx(se, rel=1e-12)
+
+
+def test_ratio_interval_of_one_cluster_is_infinite_and_bad_clusters_refused():
+    assert ratio_t([1.0, 2.0], [10, 10], clusters=[0, 0])["ci"] == [-math.inf, math.inf]
+    with pytest.raises(ValueError, match="cluster ids"):
+        ratio_t([1.0, 2.0], [10, 10], clusters=[0])
+
+
+def test_noise_margin_bounds_every_draw_and_is_the_prediction_bound():
+    shifts = [-0.004, 0.044, 0.01]
+    margin = noise_margin(shifts)
+    assert margin >= max(abs(d) for d in shifts)
+    assert margin == pytest.approx(t_quantile(3) * math.sqrt(np.mean(np.square(shifts))))
+    assert noise_margin([]) == 0.0
+
+
+def test_noise_margin_gives_five_percent_false_verdicts_on_zero_centred_draws():
+    # the no-op and the three draws are exchangeable N(0, s^2) shifts: P(|d_0| > margin) = 5%
+    rng = np.random.default_rng(7)
+    d = rng.normal(0, 0.02, (4000, 4))
+    margins = np.array([noise_margin(row[1:]) for row in d[:4000]])
+    assert abs(float((np.abs(d[:4000, 0]) > margins).mean()) - 0.05) < 0.015
+
+
+def test_mde_is_the_effect_found_at_the_stated_power():
+    from scipy.stats import t
+
+    se, df, margin = 0.01, 15, 0.02
+    effect = mde(se, df, margin)
+    # a true effect of mde clears the margin with probability 0.8 (t approximation of the interval's end)
+    assert 1 - t.cdf((margin + t_quantile(df) * se - effect) / se, df) == pytest.approx(0.8, abs=1e-9)
+    assert mde(math.inf, 0, 0.0) == math.inf
+
+
+def test_within_noise_needs_a_significant_interval_inside_the_margin():
+    assert verdict([-0.05, -0.01], 16, floor=0.03) == "within-noise"
+    assert verdict([0.01, 0.05], 16, floor=0.03) == "within-noise"
+    assert verdict([-0.05, 0.01], 16, floor=0.03) == "inconclusive"
+    assert verdict([-0.09, -0.04], 16, floor=0.03) == "helps"
+    assert verdict([-0.09, -0.04], 16) == "helps"  # no margin: never within-noise
