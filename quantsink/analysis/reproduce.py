@@ -51,9 +51,8 @@ class Check:
         if self.verdict == IDENTICAL:
             return f"{self.metric}: {IDENTICAL}"
         margin = "no margin recorded" if self.margin is None else f"margin {_g(self.margin)}"
-        size = "" if self.size is None else f"{_g(self.size)} {self.unit}".rstrip()
-        where = f", {self.where}" if self.where else ""
-        return f"{self.metric}: {self.verdict} ({size}{where}; {margin})"
+        parts = ([f"{_g(self.size)} {self.unit}".rstrip()] if self.size is not None else []) + [self.where]
+        return f"{self.metric}: {self.verdict} ({', '.join(p for p in parts if p)}; {margin})"
 
 
 def _g(x: float) -> str:
@@ -95,15 +94,20 @@ def scalar_check(metric: str, old: float | None, new: float | None, margin: floa
 
 
 def tree_check(metric: str, old: Any, new: Any) -> Check:
-    """Nested statistics (dicts, lists, numbers): bit-identical, else the largest |Δ| and its path."""
+    """Nested statistics (dicts, lists, numbers): bit-identical, else the largest numeric |Δ| and its path,
+    and how many other entries (names, shapes, missing parts) changed."""
     if old == new:
         return Check(metric, IDENTICAL)
-    diffs = sorted(_leaf_diffs(old, new, ""), key=lambda d: -d[1])
-    path, size = diffs[0] if diffs else ("", math.inf)
-    return Check(metric, DIFFERENT, size, None, "", f"largest at {path or 'the top'}" if path else "")
+    diffs = list(_leaf_diffs(old, new, ""))
+    numeric = sorted((d for d in diffs if d[1] is not None), key=lambda d: -d[1])
+    other = [path for path, size in diffs if size is None]
+    where = [f"largest at {numeric[0][0]}"] if numeric else []
+    where += [f"{len(other)} other entries changed, first {other[0] or 'the top'}"] if other else []
+    return Check(metric, DIFFERENT, numeric[0][1] if numeric else None, None, "", ", ".join(where))
 
 
-def _leaf_diffs(a: Any, b: Any, path: str) -> Iterator[tuple[str, float]]:
+def _leaf_diffs(a: Any, b: Any, path: str) -> Iterator[tuple[str, float | None]]:
+    """(path, |Δ|) of each numeric leaf that differs; (path, None) where anything else differs."""
     if isinstance(a, dict) and isinstance(b, dict):
         for key in sorted(set(a) | set(b), key=str):
             yield from _leaf_diffs(a.get(key), b.get(key), f"{path}.{key}" if path else str(key))
@@ -114,7 +118,7 @@ def _leaf_diffs(a: Any, b: Any, path: str) -> Iterator[tuple[str, float]]:
         if a != b:
             yield path, abs(float(a) - float(b))
     elif a != b:
-        yield path, math.inf
+        yield path, None
 
 
 def _number(x: Any) -> bool:

@@ -80,6 +80,8 @@ def test_scalars_and_statistics():
     assert R.scalar_check("top-1", 0.93, 0.93, None).verdict == "bit-identical"
     check = R.tree_check("stats", {"layers": [{"peak": 1.0}, {"peak": 2.0}]}, {"layers": [{"peak": 1.0}, {"peak": 2.5}]})
     assert check.verdict == "different" and check.size == 0.5 and check.where == "largest at layers[1].peak"
+    renamed = R.tree_check("stats", {"woken": ["L1H2"], "x": 1.0}, {"woken": ["L1H3"], "x": 1.0})
+    assert renamed.size is None and renamed.where == "1 other entries changed, first woken[0]"
 
 
 def test_a_mitigated_run_takes_its_unmitigated_variants_margin():
