@@ -39,6 +39,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 DEFAULT_K = 50.0
@@ -245,7 +246,8 @@ def head_tables(ws: WindowStats) -> dict[str, Any]:
         heads: dict[str, Any] = {"sink_score": None, "extreme_score": None, "dormant_fraction": None}
     else:
         heads = {"sink_score": _rows(ws.sink.mean(0)), "extreme_score": _rows(ws.extreme_attn.mean(0)),
-                 "dormant_fraction": _rows(ws.dormant_queries.mean(0))}
+                 "dormant_fraction": _rows(ws.dormant_queries.mean(0)),
+                 "dormant_per_window": [_rows(w) for w in ws.dormant_queries]}  # (W, L, H): the bootstrap's data
     heads["value_drain"] = _rows(ws.drain.mean(0)) if ws.drain is not None else None
     return heads
 
@@ -296,7 +298,10 @@ def protocol(k: float, tau: float, share: float, n_windows: int, sink_positions:
         "value_drain": "||v_0|| / median_{i>=1} ||v_i|| of v_proj's output, per KV head, mean over windows",
         "dormant": "a query i>=1 is dormant when its attention on key 0 is >= tau (Guo et al.: 0.89); "
                    "dormant_fraction = share of dormant queries over all stats windows; a head is dormant "
-                   "when dormant_fraction >= dormant_queries",
+                   "when dormant_fraction >= dormant_queries; a head counts as woken (put to sleep) only when "
+                   "the 95% percentile bootstrap interval over the stats windows (2,000 paired resamples, "
+                   "seed 0) of its reference fraction lies at or above the threshold and the candidate's "
+                   "below it (the reverse)",
         "linear_inputs": "absmax, absmax without extreme tokens, Pearson kurtosis of all values (3 = Gaussian)",
     }
 
@@ -318,12 +323,55 @@ def _shifts(ref: dict[tuple[int, int], float], cand: dict[tuple[int, int], float
 
 
 def _dormancy_flips(ref: dict[str, Any], cand: dict[str, Any]) -> tuple[list[str], list[str]]:
-    rd, cd = _head_list(ref["heads"]["dormant_fraction"]), _head_list(cand["heads"]["dormant_fraction"])
+    """(woken, put to sleep): by the bootstrap intervals (``dormancy_shifts``) where both sides kept per-window
+    dormant fractions, else by the point estimates."""
     share = ref["protocol"].get("dormant_queries", DEFAULT_SHARE)
+    shifts = dormancy_shifts(ref, cand)
+    if shifts is not None:
+        return ([s["head"] for s in shifts if s["counted"] == "woken"],
+                [s["head"] for s in shifts if s["counted"] == "put_to_sleep"])
+    rd, cd = _head_list(ref["heads"]["dormant_fraction"]), _head_list(cand["heads"]["dormant_fraction"])
     common = sorted(set(rd) & set(cd))
     woken = [f"L{l}H{h}" for l, h in common if rd[(l, h)] >= share > cd[(l, h)]]
     slept = [f"L{l}H{h}" for l, h in common if cd[(l, h)] >= share > rd[(l, h)]]
     return woken, slept
+
+
+BOOTSTRAP = 2000  # resamples of the stats windows for a head's dormant-fraction intervals (seed 0)
+
+
+def bootstrap_means(ref: np.ndarray, cand: np.ndarray, resamples: int = BOOTSTRAP,
+                    seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Percentile-bootstrap means over windows, resampled in pairs (the same windows on both sides):
+    ``ref``, ``cand`` (W, ...) -> their (resamples, ...) resampled means."""
+    idx = np.random.default_rng(seed).integers(0, len(ref), (resamples, len(ref)))  # (B, W)
+    return ref[idx].mean(1), cand[idx].mean(1)
+
+
+def dormancy_shifts(ref: dict[str, Any], cand: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """Heads whose dormant fraction crosses the threshold (point estimates), each with the 95% percentile
+    bootstrap interval over the stats windows of the reference's, the candidate's and the shift's mean;
+    ``counted``: ``woken`` (the reference's interval at or above the threshold, the candidate's below it),
+    ``put_to_sleep`` (the reverse), or None (an interval straddles it).  None when a side kept no
+    per-window fractions or their windows differ."""
+    rw, cw = ref["heads"].get("dormant_per_window"), cand["heads"].get("dormant_per_window")
+    if not rw or not cw or len(rw) != len(cw):
+        return None
+    r, c = np.asarray(rw, dtype=float), np.asarray(cw, dtype=float)  # (W, L, H)
+    if r.shape != c.shape:
+        return None
+    share = ref["protocol"].get("dormant_queries", DEFAULT_SHARE)
+    rb, cb = bootstrap_means(r, c)  # (B, L, H)
+    rm, cm = r.mean(0), c.mean(0)
+    out = []
+    for layer, head in zip(*np.nonzero((rm >= share) != (cm >= share))):
+        ri, ci, di = (np.percentile(x[:, layer, head], [2.5, 97.5]) for x in (rb, cb, cb - rb))
+        counted = ("woken" if ri[0] >= share > ci[1] else "put_to_sleep" if ci[0] >= share > ri[1] else None)
+        out.append({"head": f"L{layer}H{head}", "reference": _r(rm[layer, head]), "candidate": _r(cm[layer, head]),
+                    "reference_ci95": [_r(x) for x in ri], "candidate_ci95": [_r(x) for x in ci],
+                    "shift": _r(cm[layer, head] - rm[layer, head]), "shift_ci95": [_r(x) for x in di],
+                    "counted": counted})
+    return out
 
 
 def _peak_shifts(ref: dict[str, Any], cand: dict[str, Any], top: int) -> list[dict[str, Any]]:
@@ -356,6 +404,7 @@ def changes(reference: dict[str, Any], candidate: dict[str, Any], top: int = TOP
         "position_offset": offset,
         "woken": woken,
         "put_to_sleep": slept,
+        "dormancy_shifts": dormancy_shifts(reference, candidate),
         "mean_abs_sink_shift": _r(sum(deltas) / len(deltas)) if deltas else None,
         "sink_shifts": _shifts(rs, cs, "H", top),
         "drain_shifts": _shifts(rv, cv, "KV", top),

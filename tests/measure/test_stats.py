@@ -161,3 +161,30 @@ def test_domain_dependence_ranks_the_head_that_differs():
     assert (ranked[0]["dormant_a"], ranked[0]["dormant_b"]) == (1.0, 0.0)
     assert ranked[1]["delta"] == 0.0 and len(ranked) == 3
     assert found["dormant_only_a"] == ["L1H0"] and found["dormant_only_b"] == []
+
+
+def _fractions(per_window, share=0.5):
+    """A stats summary stand-in holding one head's per-window dormant fractions (W windows, 1 layer, 1 head)."""
+    mean = sum(per_window) / len(per_window)
+    return {"protocol": {"dormant_queries": share},
+            "heads": {"dormant_fraction": [[mean]], "dormant_per_window": [[[x]] for x in per_window]}}
+
+
+def test_a_head_counts_as_woken_only_when_both_intervals_clear_the_threshold():
+    clear = S.dormancy_shifts(_fractions([0.9, 0.85, 0.95, 0.9]), _fractions([0.1, 0.2, 0.15, 0.1]))
+    assert clear[0]["counted"] == "woken" and clear[0]["shift_ci95"][1] < 0
+    assert S._dormancy_flips(_fractions([0.9, 0.85, 0.95, 0.9]), _fractions([0.1, 0.2, 0.15, 0.1])) == (["L0H0"], [])
+    # L25H3-like: 0.508 -> 0.484, windows spread around the threshold: a crossing, not counted
+    near = S.dormancy_shifts(_fractions([0.45, 0.57, 0.49, 0.522]), _fractions([0.43, 0.55, 0.46, 0.496]))
+    assert (near[0]["reference"], near[0]["candidate"]) == (0.508, 0.484) and near[0]["counted"] is None
+    assert near[0]["reference_ci95"][0] < 0.5 < near[0]["reference_ci95"][1]
+    assert S._dormancy_flips(_fractions([0.45, 0.57, 0.49, 0.522]), _fractions([0.43, 0.55, 0.46, 0.496])) == ([], [])
+    back = S.dormancy_shifts(_fractions([0.1, 0.2, 0.15, 0.1]), _fractions([0.9, 0.85, 0.95, 0.9]))
+    assert back[0]["counted"] == "put_to_sleep"
+    assert S.dormancy_shifts({"heads": {}}, _fractions([0.1])) is None  # a side without per-window fractions
+
+
+def test_summaries_keep_per_window_dormant_fractions():
+    out = S.summarize(_window_stats(sink=0.95, drain=0.2, peak=80.0))
+    per_window = out["heads"]["dormant_per_window"]
+    assert len(per_window) == 2 and per_window[0][1] == out["heads"]["dormant_fraction"][1]
