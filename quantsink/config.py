@@ -57,23 +57,27 @@ class RunConfig:
         "on the candidate and the reference, with HFLM on the same model objects."))
     lm_eval_limit: int | None = field(default=None, metadata=_opt(
         "Documents per lm-eval task (default: all)."))
+    include_path: str = field(default="", metadata=_opt(
+        "A folder of your own lm-eval task YAMLs (lm-eval's TaskManager include_path): --lm-eval names them; "
+        "a --lm-eval entry that is a .yaml path includes its folder by itself."))
     device: str = field(default="auto", metadata=_opt("auto (CUDA when present), cpu or cuda[:N]."))
     dtype: Literal["float32", "bfloat16", "float16"] = field(default="float32", metadata=_opt(
         "Dtype of the reference model."))
     calib_windows: int = field(default=16, metadata=_opt(
         "Calibration windows for static schemes (drawn after the evaluation windows)."))
-    stats: bool = field(default=True, metadata=_opt("Collect extreme-token statistics in the same pass."))
-    stats_windows: int = field(default=8, metadata=_opt(
-        "Windows (from the first) on which attention probabilities are collected."))
     calib_draws: int = field(default=3, metadata=_opt(
         "Disjoint calibration draws for static schemes: draws after the first re-calibrate only the ranges and "
         "score the first --draw-windows windows; the effect's spread over draws widens its interval."))
     noise_draws: int = field(default=3, metadata=_opt(
-        "Float-level perturbations of the unmitigated candidate (kernel swap, one window per forward, one "
-        "thread, ...) whose mean NLL shifts set the noise margin (0: none)."))
+        "Float-level perturbations of the unmitigated candidate (attention kernel swap, weights x (1 +- 2^-24) "
+        "with seeds 1, 2, then one window per forward, one thread) whose mean NLL shifts set the noise margin "
+        "(0: none)."))
     draw_windows: int = field(default=8, metadata=_opt(
         "Windows (from the first) that each noise and calibration draw scores (0: all); fewer is cheaper and "
         "widens the noise margin."))
+    stats: bool = field(default=True, metadata=_opt("Collect extreme-token statistics in the same pass."))
+    stats_windows: int = field(default=8, metadata=_opt(
+        "Windows (from the first) on which attention probabilities are collected."))
     min_windows: int = field(default=8, metadata=_opt(
         "Fewest windows for a helps/hurts verdict; below it the verdict is insufficient-data."))
     noise_floor: bool = field(default=True, metadata=_opt(
@@ -106,15 +110,15 @@ class RunConfig:
             (self.stats_windows >= 0, "--stats-windows must be >= 0"),
             (self.batch_tokens >= 1, "--batch-tokens must be >= 1"),
             (self.min_windows >= 2, "--min-windows must be at least 2"),
-            (0 < self.dormant_attention <= 1, "--dormant-attention must be in (0, 1]"),
-            (0 < self.dormant_queries <= 1, "--dormant-queries must be in (0, 1]"),
-            (self.lm_eval_limit is None or self.lm_eval_limit >= 1, "--lm-eval-limit must be >= 1"),
             (self.calib_draws >= 1, "--calib-draws must be at least 1"),
             (self.draw_windows == 0 or self.draw_windows >= 2, "--draw-windows must be 0 (all) or at least 2"),
-            (0 <= self.noise_draws <= 4, "--noise-draws must be in 0..4 (the perturbations there are)"),
+            (0 <= self.noise_draws <= 5, "--noise-draws must be in 0..5 (the perturbations there are)"),
             (self.protocol != "documents" or self.stride is None,
              "--stride does not apply to --protocol documents: its windows are disjoint chunks of documents; "
              "use --protocol windows for strided windows"),
+            (0 < self.dormant_attention <= 1, "--dormant-attention must be in (0, 1]"),
+            (0 < self.dormant_queries <= 1, "--dormant-queries must be in (0, 1]"),
+            (self.lm_eval_limit is None or self.lm_eval_limit >= 1, "--lm-eval-limit must be >= 1"),
             (self.protocol != "lm-eval" or self.stride is None,
              "--stride does not apply to --protocol lm-eval: its windows are disjoint by definition"),
             (self.protocol != "lm-eval" or self.bos == "auto",

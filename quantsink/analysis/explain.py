@@ -247,6 +247,7 @@ class Measurement:
         from quantsink.pipeline.run import Session, prepare
 
         self.progress = progress
+        progress("loading the model and the corpus")
         self.prep = prepare(config.replace(stats=True), session or Session())
         if not self.prep.scheme.quantizes_tokens:
             raise UsageError(f"scheme {self.prep.scheme.spec()} quantizes no activations or KV cache: the sink "
@@ -256,6 +257,7 @@ class Measurement:
     def reference(self) -> tuple[dict[str, Any] | None, list[float], list[int], list[int]]:
         from quantsink.pipeline.run import reference_pass
 
+        self.progress("reference")
         result, _ = reference_pass(self.prep, lambda stage, total: (lambda n: None))
         if result.token_nll is None:  # a reference cached before per-token NLLs were kept
             self.progress("reference (per token)")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from quantsink.measure import stats as S
 from quantsink.config import RunConfig
@@ -56,23 +56,28 @@ def probe_candidate(prep: Any, windows: Any, reference: Probed) -> tuple[Probed,
     return probed, notes
 
 
-def inspect(config: RunConfig, compare_corpus: str | None = None, top: int = 10) -> tuple[dict[str, Any], dict[str, Any]]:
-    """-> (JSON-ready report, attention maps by side)."""
+def inspect(config: RunConfig, compare_corpus: str | None = None, top: int = 10,
+            progress: Callable[[str], None] = lambda stage: None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """-> (JSON-ready report, attention maps by side); ``progress`` is told each stage."""
     from quantsink.pipeline.run import Session, prepare
 
     session = Session()
+    progress("loading the model and the corpus")
     prep = prepare(config, session)
     n = min(config.stats_windows, len(prep.windows))
     if n < 1:
         raise UsageError("inspect needs --stats-windows >= 1")
     windows = prep.windows.subset(slice(0, n))
     with_candidate = prep.scheme.name != REFERENCE_ONLY or bool(prep.mitigations)
+    progress(f"reference: probes on {n} windows")
     ref = probe(prep.loaded.model, windows, config, keep_targets=with_candidate)
     report = _report(prep, n, ref)
     maps = {"reference": ref.maps}
     if with_candidate:
+        progress(f"candidate {prep.scheme.spec()}: quantizing and probing")
         maps[prep.scheme.spec()] = _add_candidate(report, prep, windows, ref, top)
     if compare_corpus:
+        progress(f"reference on {compare_corpus}")
         maps.update(_add_compare(report, config.replace(corpus=compare_corpus), session, ref, n, top))
     return report, maps
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 
 from . import (compare_cmd, eval_cmd, explain_cmd, inspect_cmd, list_cmd, models_cmd, reproduce_cmd,  # noqa: F401
-               sweep_cmd, testbed_cmd)  # (register the commands)
+               show_cmd, sweep_cmd)  # (register the commands; testbed_cmd loads on use: common.LAZY)
 from .common import app
 
 __all__ = ["app", "main"]

@@ -153,14 +153,25 @@ def with_config_options(func: Callable[..., Any], only: tuple[str, ...] = ()) ->
     return wrapper
 
 
+def progress_enabled(json_out: bool) -> bool:
+    """Progress on stderr only for a person watching: not under --json, not when stdout or stderr is piped."""
+    return not json_out and out.is_terminal and err.is_terminal
+
+
 class RichProgress:
-    """A progress bar per stage, on stderr."""
+    """A progress bar per stage (a spinner with the elapsed time for a stage without counts), on stderr."""
 
     def __init__(self, enabled: bool):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
+                                   TimeElapsedColumn, TimeRemainingColumn)
 
-        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TimeRemainingColumn(), console=err, disable=not enabled, transient=True)
+        self.bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(bar_width=16),
+                            MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(), console=err,
+                            disable=not enabled, transient=True)
+
+    def stage(self, stage: str) -> None:
+        """A stage without counts (loading, calibration, one explain pass)."""
+        self(stage, None)
 
     def __call__(self, stage: str, total: int | None) -> Callable[[int], None]:
         """A new stage: the previous one's bar goes; ``total`` None is a stage without counts (a spinner)."""

@@ -11,7 +11,7 @@ import typer
 from rich.table import Table
 
 from ..config import RunConfig
-from .common import RichProgress, app, err, friendly, out, quiet, with_config_options
+from .common import RichProgress, app, friendly, out, progress_enabled, quiet, with_config_options
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
@@ -50,7 +50,8 @@ def result_table(record: Any, effects: Any) -> Table:
         table.add_row(*row)
     _d_sink_row(table, effects, columns=4)
     if record.noise_floor:
-        table.add_row("noise floor (ppl)", "", _fmt(record.noise_floor["ppl"]), record.noise_floor["perturbation"])
+        draws = [d["perturbation"] for d in record.noise_floor.get("draws", ())]
+        table.add_row("noise margin (ppl)", "", _fmt(record.noise_floor["ppl"]), ", ".join(draws))
     return table
 
 
@@ -147,9 +148,13 @@ def eval_command(config: RunConfig,
         out.print(plan_table(plan([config], fresh=fresh), config.results))
         return
     reused: list[str] = []
-    with RichProgress(enabled=not json_out and err.is_terminal) as progress:
+    with RichProgress(enabled=progress_enabled(json_out)) as progress:
         record, found = run_config(config, progress=progress, write=not no_write, fresh=fresh,
                                    on_reuse=lambda p, stored: reused.append(reused_line(p, stored)))
+    if not no_write and record.candidate.lm_eval:
+        from quantsink.pipeline.lmeval import write_results
+
+        reused += [f"lm-eval results: {path}" for path in write_results(record, config.results)]
     _show(record, found, json_out, None if no_write else config.results, reused)
 
 

@@ -11,7 +11,7 @@ import typer
 from rich.table import Table
 
 from ..config import RunConfig
-from .common import PREPARE_FIELDS, app, config_options, err, friendly, out, quiet
+from .common import PREPARE_FIELDS, RichProgress, app, config_options, friendly, out, progress_enabled, quiet
 
 
 def _f(value: Any, digits: int = 4) -> str:
@@ -136,8 +136,8 @@ def explain_command(
         view = E.explain_record(record, d_sink=_stored_d_sink(record, config.results))
     else:
         source = record.config if record else config
-        progress = (lambda stage: None) if json_out else (lambda stage: err.print(f"pass: {stage}", highlight=False))
-        data = E.measure(source, chosen, progress=progress)
+        with RichProgress(enabled=progress_enabled(json_out)) as bar:
+            data = E.measure(source, chosen, progress=bar.stage)
         view = E.explain_measured(source, record.scheme if record else E.scheme_record(source), data,
                                   record.run_id if record else None)
     if plot is not None:

@@ -11,7 +11,7 @@ import typer
 from rich.table import Table
 
 from ..config import RunConfig
-from .common import PREPARE_FIELDS, app, config_options, err, friendly, out, quiet
+from .common import PREPARE_FIELDS, RichProgress, app, config_options, err, friendly, out, progress_enabled, quiet
 
 
 # --------------------------------------------------------------------------- rendering
@@ -97,7 +97,8 @@ def inspect_command(config: RunConfig,
     from quantsink.analysis.inspection import inspect, write_plots
 
     quiet()
-    report, maps = inspect(config, compare_corpus, top)
+    with RichProgress(enabled=progress_enabled(json_out)) as bar:
+        report, maps = inspect(config, compare_corpus, top, progress=bar.stage)
     if plots is not None:
         report["plots"] = [str(p) for p in write_plots(report, maps, plots)]
     if json_out:

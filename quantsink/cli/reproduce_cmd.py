@@ -11,7 +11,7 @@ from typing import Any
 
 import typer
 
-from .common import RichProgress, app, err, friendly, out, quiet
+from .common import RichProgress, app, friendly, out, progress_enabled, quiet
 
 
 def summary_line(result: Any) -> str:
@@ -58,7 +58,7 @@ def reproduce_command(
         record = resolve(run, results)
     stored = Path(results).is_dir()
     t0 = time.perf_counter()
-    with RichProgress(enabled=not json_out and err.is_terminal) as progress:
+    with RichProgress(enabled=progress_enabled(json_out)) as progress:
         result = reproduce(record, lambda rid: find_record(results, rid) if stored else None, progress=progress)
     if json_out:
         sys.stdout.write(json.dumps(result.to_dict(), indent=1) + "\n")

@@ -276,7 +276,7 @@ def _resolve(spec: str, offline: bool = False) -> tuple[str, ModelInfo]:
 
 def _directory_info(path: Path, *, name: str, source: str) -> ModelInfo:
     if not any(path.glob("*.safetensors")):
-        raise QuantsinkError(f"{source}: no *.safetensors weights in that directory (quantsink never loads pickles)")
+        raise UsageError(f"{source}: no *.safetensors weights in that directory (quantsink never loads pickles)")
     return ModelInfo(name=name, source=source, sha256=_directory_sha(path))
 
 
@@ -298,7 +298,7 @@ def hub_snapshot(spec: str, offline: bool) -> Path:
         return Path(snapshot_download(spec, allow_patterns=list(HUB_FILES), local_files_only=offline))
     except Exception as err:  # noqa: BLE001 - connection, not-found, gated and cache errors mean the same here
         if offline:
-            raise QuantsinkError(f"model {spec!r} is not in the local hub cache and offline mode is on "
+            raise UsageError(f"model {spec!r} is not in the local hub cache and offline mode is on "
                                  f"(--offline or HF_HUB_OFFLINE=1): drop --offline / unset HF_HUB_OFFLINE "
                                  f"to download it") from None
         raise QuantsinkError(f"cannot load model {spec!r} from the hub: {_first_line(err)}") from None
@@ -351,7 +351,7 @@ def check_weights(directory: Path) -> None:
             with safe_open(str(path), framework="pt"):
                 pass
         except Exception as err:  # noqa: BLE001 - SafetensorError and OSError mean the same here
-            raise QuantsinkError(f"{path}: not a readable safetensors file ({_first_line(err)}); "
+            raise UsageError(f"{path}: not a readable safetensors file ({_first_line(err)}); "
                                  f"re-download or re-save the model") from None
 
 
@@ -375,9 +375,9 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise QuantsinkError(f"--device {device}: no CUDA device is available here; use --device cpu")
+        raise UsageError(f"--device {device}: no CUDA device is available here; use --device cpu")
     if device != "cpu" and not device.startswith("cuda"):
-        raise QuantsinkError(f"--device {device!r}: use auto, cpu or cuda[:N]")
+        raise UsageError(f"--device {device!r}: use auto, cpu or cuda[:N]")
     return device
 
 
@@ -387,7 +387,7 @@ def torch_dtype(name: str) -> Any:
     table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
              "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
     if name not in table:
-        raise QuantsinkError(f"--dtype {name!r}: use float32, bfloat16 or float16")
+        raise UsageError(f"--dtype {name!r}: use float32, bfloat16 or float16")
     return table[name]
 
 
@@ -416,13 +416,13 @@ def load_model(spec: str, *, device: str = "auto", dtype: str = "float32", trust
         raise QuantsinkError(f"cannot load model {spec!r}: {_first_line(err)}") from None
     except (ValueError, KeyError) as err:
         if "trust_remote_code" in str(err):
-            raise QuantsinkError(f"{spec} needs custom code: pass --trust-remote-code if you trust it") from None
+            raise UsageError(f"{spec} needs custom code: pass --trust-remote-code if you trust it") from None
         raise QuantsinkError(f"cannot load model {spec!r}: {_first_line(err)}") from None
     if device != "cuda":
         model.to(device)
     model.eval()
     if model.config.is_encoder_decoder:
-        raise QuantsinkError(f"{spec} is an encoder-decoder model; quantsink evaluates decoder-only causal LMs")
+        raise UsageError(f"{spec} is an encoder-decoder model; quantsink evaluates decoder-only causal LMs")
     n_params = sum(p.numel() for p in model.parameters())
     info = ModelInfo(**{**asdict(info), "arch": type(model).__name__, "n_params": n_params})
     return LoadedModel(model, tokenizer, info)

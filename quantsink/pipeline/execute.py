@@ -28,8 +28,8 @@ def validate_names(configs: list[RunConfig]) -> None:
         parse_scheme(text)
     for text in dict.fromkeys(c.mitigation for c in configs):
         parse_mitigations(text)
-    for text in dict.fromkeys(c.lm_eval for c in configs if c.lm_eval):
-        lmeval.check(lmeval.task_names(text), [])
+    for tasks in dict.fromkeys((c.lm_eval, c.include_path) for c in configs if c.lm_eval):
+        lmeval.check_config(configs[0].replace(lm_eval=tasks[0], include_path=tasks[1]), [])
     for device in dict.fromkeys(c.device for c in configs):
         resolve_device(device)
 
@@ -77,7 +77,17 @@ def run_plan(planned: list[PlannedRun], results: str | Path, *, session: Any, pr
     -> records by run_id."""
     store = Store(Path(results))
     told = on_reuse or (lambda p, record: None)
-    return {p.run_id: _run_one(p, store, session, progress, write, poll_s, told) for p in planned}
+    return {p.run_id: _run_one(p, store, session, named(progress, p, i, len(planned)), write, poll_s, told)
+            for i, p in enumerate(planned, 1)}
+
+
+def named(progress: Any, p: PlannedRun, i: int, n: int) -> Any:
+    """``progress`` whose stages carry the run's place and name: ``run 1/2: w8a8 (the unmitigated variant):
+    reference``."""
+    c = p.config
+    role = "" if not p.variant else " (the unmitigated variant)" if c.mitigation == "none" else " (a variant)"
+    name = c.scheme + ("" if c.mitigation == "none" else f" + {c.mitigation}")
+    return lambda stage, total: progress(f"run {i}/{n}: {name}{role}: {stage}", total)
 
 
 def run_config(config: RunConfig, *, session: Any = None, progress: Any = None,

@@ -30,6 +30,7 @@ Mitigations' ``attach`` hooks stay attached while lm-eval runs.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
 import json
 import logging
@@ -100,6 +101,62 @@ def task_names(text: str) -> list[str]:
     return names
 
 
+# --------------------------------------------------------------------------- the user's own tasks
+
+
+def user_tasks(config: Any) -> tuple[list[str], list[str]]:
+    """``--lm-eval`` names, each ``.yaml`` path replaced by the task it defines, and the folders lm-eval
+    must include for them (``--include-path`` and each YAML's folder) -> (names, folders)."""
+    folders = [include_folder(config.include_path)] if config.include_path else []
+    names = []
+    for name in task_names(config.lm_eval):
+        path = Path(name).expanduser()
+        if path.suffix.lower() in (".yaml", ".yml"):
+            names.append(yaml_task(path))
+            folders.append(str(path.resolve().parent))
+        else:
+            names.append(name)
+    return list(dict.fromkeys(names)), list(dict.fromkeys(folders))
+
+
+def include_folder(text: str) -> str:
+    path = Path(text).expanduser()
+    if not path.is_dir():
+        raise UsageError(f"--include-path {text}: no such folder of lm-eval task YAMLs")
+    return str(path.resolve())
+
+
+def _yaml(path: Path) -> Any:
+    """A task YAML as data; lm-eval's tags (``!function utils.process``) read as None."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_multi_constructor("!", lambda loader, suffix, node: None)
+    try:
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=Loader)  # noqa: S506 - SafeLoader subclass
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise UsageError(f"--lm-eval {path}: not a readable task YAML ({type(err).__name__})") from None
+
+
+def yaml_task(path: Path) -> str:
+    """The task name a YAML file defines (its ``task:``)."""
+    if not path.is_file():
+        raise UsageError(f"--lm-eval {path}: no such task file")
+    data = _yaml(path)
+    task = data.get("task") if isinstance(data, dict) else None
+    if not isinstance(task, str):
+        raise UsageError(f"--lm-eval {path}: the YAML names no task (a 'task: NAME' line)")
+    return task
+
+
+def folder_digest(folders: Sequence[str]) -> str:
+    """sha of every YAML (and data file beside it) under ``folders``: a changed task is not served from cache."""
+    files = sorted(f for folder in folders for f in Path(folder).rglob("*") if f.is_file())
+    return stable_hash([(str(f), hashlib.sha256(f.read_bytes()).hexdigest()) for f in files]) if files else ""
+
+
 # --------------------------------------------------------------------------- task files
 
 
@@ -128,13 +185,16 @@ def materialize(task: LocalTask) -> Path:
     return folder
 
 
-def task_manager(names: Sequence[str]) -> Any:
-    """An lm-eval TaskManager that knows the local tasks (and the built-ins when a name needs them)."""
+def task_manager(names: Sequence[str], include: Sequence[str] = ()) -> Any:
+    """An lm-eval TaskManager that knows the local tasks, the user's (``include``: folders of YAMLs) and
+    the built-ins when a name needs them."""
     from lm_eval.tasks import TaskManager
 
     local = [entry.obj for entry in TASKS if entry.obj.local]
-    hub = any(n not in TASKS or not TASKS.get(n).local for n in names)
-    return TaskManager(include_path=[str(materialize(t)) for t in local], include_defaults=hub)
+    theirs = {_yaml(f).get("task") for folder in include for f in Path(folder).rglob("*.y*ml")
+              if isinstance(_yaml(f), dict)}
+    hub = any(n not in theirs and (n not in TASKS or not TASKS.get(n).local) for n in names)
+    return TaskManager(include_path=[str(materialize(t)) for t in local] + list(include), include_defaults=hub)
 
 
 def load_tasks(names: Sequence[str], manager: Any) -> dict[str, Any]:
@@ -160,7 +220,8 @@ def check_known(names: Sequence[str], manager: Any) -> None:
         close = difflib.get_close_matches(unknown[0], manager.all_tasks, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise UsageError(f"unknown lm-eval task {unknown[0]!r}.{hint} Local tasks: "
-                         f"{', '.join(e.name for e in TASKS if e.obj.local)}; see `quantsink list tasks`")
+                         f"{', '.join(e.name for e in TASKS if e.obj.local)}; see `quantsink list tasks`; "
+                         f"your own: --include-path DIR, or --lm-eval path/to/task.yaml")
 
 
 # --------------------------------------------------------------------------- mitigations
@@ -183,7 +244,7 @@ def lm_eval_model(model: Any, tokenizer: Any, mitigations: Sequence[Any]) -> Any
     return model
 
 
-def check(names: Sequence[str], mitigations: Sequence[Any]) -> None:
+def check(names: Sequence[str], mitigations: Sequence[Any], include: Sequence[str] = ()) -> None:
     """Fail fast (before any model pass) on task names and mitigations lm-eval cannot see."""
     for mitigation in mitigations:
         if mitigation.changes_input and mitigation.wrap_for_lm_eval is None:
@@ -193,7 +254,13 @@ def check(names: Sequence[str], mitigations: Sequence[Any]) -> None:
             TASKS.get(name).config()
     if any(name not in TASKS for name in names):  # lm-eval's own registry (indexing it takes seconds)
         with _quiet():
-            check_known(names, task_manager(names))
+            check_known(names, task_manager(names, include))
+
+
+def check_config(config: Any, mitigations: Sequence[Any]) -> None:
+    """``check`` on a RunConfig's ``--lm-eval`` (YAML paths and ``--include-path`` resolved)."""
+    names, include = user_tasks(config)
+    check(names, mitigations, include)
 
 
 @contextlib.contextmanager
@@ -279,11 +346,11 @@ def quantsink_bpb(model: Any, tokenizer: Any, texts: Sequence[str], *, length: i
 
 
 def evaluate_model(model: Any, tokenizer: Any, names: Sequence[str], *, limit: int | None, max_length: int,
-                   batch_tokens: int, mitigations: Any = None) -> dict[str, dict[str, Any]]:
+                   batch_tokens: int, mitigations: Any = None, include: Sequence[str] = ()) -> dict[str, dict[str, Any]]:
     """Per task: lm-eval's metrics and, for rolling tasks, quantsink's bits per byte on the same documents."""
     import time
 
-    manager = task_manager(names)
+    manager = task_manager(names, include)
     tasks = load_tasks(names, manager)
     seen = lm_eval_model(model, tokenizer, mitigations.mitigations if mitigations is not None else [])
     with mitigations.attach(model) if mitigations is not None else contextlib.nullcontext():
@@ -307,14 +374,15 @@ def evaluate_model(model: Any, tokenizer: Any, names: Sequence[str], *, limit: i
 # --------------------------------------------------------------------------- in a run
 
 
-def reference_cached(prep: Any, names: Sequence[str]) -> tuple[dict[str, dict[str, Any]], bool]:
+def reference_cached(prep: Any, names: Sequence[str], include: Sequence[str] = ()) -> tuple[dict[str, dict[str, Any]], bool]:
     """The reference's lm-eval results, from the disk cache when present (-> results, cached?)."""
     import lm_eval
 
     config = prep.config
     key = stable_hash(prep.loaded.info.sha256, str(prep.loaded.device), config.dtype, sorted(names),
                       [TASKS.get(n).record() if n in TASKS else n for n in names], config.lm_eval_limit,
-                      config.window, lm_eval.__version__, EVALUATOR_VERSION, length=24)
+                      config.window, lm_eval.__version__, EVALUATOR_VERSION,
+                      *([folder_digest(include)] if include else []), length=24)
     path = cache_root() / "lm_eval" / f"{key}.json"
     if path.is_file():
         try:
@@ -324,7 +392,7 @@ def reference_cached(prep: Any, names: Sequence[str]) -> tuple[dict[str, dict[st
         except (json.JSONDecodeError, OSError):
             pass  # unreadable: recompute
     result = evaluate_model(prep.loaded.model, prep.loaded.tokenizer, names, limit=config.lm_eval_limit,
-                            max_length=config.window, batch_tokens=config.batch_tokens)
+                            max_length=config.window, batch_tokens=config.batch_tokens, include=include)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(result, indent=1))
     return result, False
@@ -354,10 +422,48 @@ def announce_cost(prep: Any, names: Sequence[str]) -> None:
 
 def evaluate_run(prep: Any, candidate: Any) -> dict[str, Any]:
     """Both sides of a run: ``{"reference": {task: ...}, "candidate": {task: ...}, "reference_cached": bool}``."""
-    names = task_names(prep.config.lm_eval)
+    names, include = user_tasks(prep.config)
     announce_cost(prep, names)
-    reference, cached = reference_cached(prep, names)
+    reference, cached = reference_cached(prep, names, include)
     cand = evaluate_model(candidate, prep.loaded.tokenizer, names, limit=prep.config.lm_eval_limit,
                           max_length=prep.config.window, batch_tokens=prep.config.batch_tokens,
-                          mitigations=prep.mitigations)
+                          mitigations=prep.mitigations, include=include)
     return {"reference": reference, "candidate": cand, "reference_cached": cached}
+
+
+# --------------------------------------------------------------------------- lm-eval's results format
+
+#: what an entry of ``record.<side>.lm_eval[task]`` holds beside lm-eval's metrics
+NOT_METRICS = {"task_version", "lm_eval_version", "n_documents", "max_length", "limit", "lm_eval_seconds_all_tasks",
+               "protocol", "bpb_rel_diff"}
+
+
+def results_json(record: Any, side: str) -> dict[str, Any]:
+    """One side of a run's lm-eval results in lm-eval's own results format (``results``, ``versions``,
+    ``n-samples``, ``config``; metric keys ``<metric>,none``), with quantsink's cross-check beside it."""
+    tasks = getattr(record, side).lm_eval or {}
+    c = record.config
+    metric = {t: {k: v for k, v in e.items() if k not in NOT_METRICS and not k.startswith("quantsink_")}
+              for t, e in tasks.items()}
+    return {"results": {t: {"alias": t, **{f"{k},none": v for k, v in m.items()}} for t, m in metric.items()},
+            "versions": {t: e.get("task_version") for t, e in tasks.items()},
+            "n-samples": {t: {"effective": e.get("n_documents")} for t, e in tasks.items()},
+            "config": {"model": f"{record.model.name} {c.scheme} + {c.mitigation} ({side})",
+                       "model_sha256": record.model.sha256, "limit": c.lm_eval_limit,
+                       "max_length": c.window, "include_path": c.include_path or None},
+            "lm_eval_version": next((e.get("lm_eval_version") for e in tasks.values()), None),
+            "quantsink": {"run_id": record.run_id, "side": side,
+                          "bits_per_byte": {t: e.get("quantsink_bits_per_byte") for t, e in tasks.items()}}}
+
+
+def write_results(record: Any, results: str | Path) -> list[Path]:
+    """``<results>/lm_eval/<run_id>.{candidate,reference}.json`` in lm-eval's results format (a sub-folder:
+    the store's own folder holds only records); none when the run ran no lm-eval task."""
+    if not record.candidate.lm_eval:
+        return []
+    paths = []
+    for side in ("candidate", "reference"):
+        paths.append(Path(results) / "lm_eval" / f"{record.run_id}.{side}.json")
+        paths[-1].parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(paths[-1], json.dumps(results_json(record, side), indent=1) + "\n")
+    return paths

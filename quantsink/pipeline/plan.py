@@ -48,8 +48,8 @@ def identity(config: RunConfig) -> dict[str, Any]:
     return {**fields, "scheme": {"name": scheme.name, "params": params_of(scheme)}, "mitigation": mitigations}
 
 
-# a transformers run's identity is what it was before engines: its run id does not change
-ENGINE_DEFAULTS = {("engine", "transformers"), ("reference", "")}
+# a transformers run's identity is what it was before engines (and user lm-eval tasks): its run id does not change
+ENGINE_DEFAULTS = {("engine", "transformers"), ("reference", ""), ("include_path", "")}
 
 
 def run_id_for(config: RunConfig, model_sha: str, corpus_sha: str) -> str:

@@ -301,3 +301,52 @@ def test_lm_eval_agreement_smollm2() -> None:
     assert out["n_documents"] == 2
     assert abs(out["bpb_rel_diff"]) < 1e-5  # docs/protocols.md: 4e-8 measured
     assert 0.5 < out["bits_per_byte"] < 2.0
+
+
+# --------------------------------------------------------------------------- the user's own tasks
+
+
+def user_task(folder: Any, name: str = "my_task") -> Any:
+    """A tiny rolling-loglikelihood task of the user's: its YAML and two JSONL documents in ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    data = folder / f"{name}.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in load_corpus("python-docs").documents[:2]))
+    yaml_path = folder / f"{name}.yaml"
+    yaml_path.write_text(f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
+                         "output_type: loglikelihood_rolling\ntest_split: test\ndoc_to_text: ''\n"
+                         "doc_to_target: text\nmetric_list:\n  - metric: word_perplexity\n"
+                         "  - metric: bits_per_byte\nmetadata:\n  version: 2.0\n")
+    return yaml_path
+
+
+def test_user_task_by_include_path_and_by_yaml_path(tmp_path: Any) -> None:
+    path = user_task(tmp_path / "tasks")
+    by_folder = RunConfig(lm_eval="my_task", include_path=str(tmp_path / "tasks"))
+    assert lmeval.user_tasks(by_folder) == (["my_task"], [str((tmp_path / "tasks").resolve())])
+    by_file = RunConfig(lm_eval=f"{path},python-docs")
+    assert lmeval.user_tasks(by_file) == (["my_task", "python-docs"], [str(path.resolve().parent)])
+    lmeval.check_config(by_folder, [])
+    lmeval.check_config(by_file, [])
+    with pytest.raises(UsageError, match="unknown lm-eval task 'my_task'.*--include-path"):
+        lmeval.check_config(RunConfig(lm_eval="my_task"), [])
+    with pytest.raises(UsageError, match="no such folder"):
+        lmeval.user_tasks(RunConfig(lm_eval="my_task", include_path=str(tmp_path / "nope")))
+    with pytest.raises(UsageError, match="no such task file"):
+        lmeval.user_tasks(RunConfig(lm_eval=str(tmp_path / "nope.yaml")))
+
+
+def test_run_scores_a_user_task_and_writes_lm_evals_results(tiny: LoadedModel, tmp_path: Any) -> None:
+    from quantsink.pipeline.run import run
+
+    user_task(tmp_path / "tasks")
+    config = RunConfig(model="tiny", scheme="bf16", protocol="lm-eval", window=64, max_tokens=256,
+                       lm_eval="my_task", include_path=str(tmp_path / "tasks"), lm_eval_limit=1,
+                       results=str(tmp_path / "runs"))
+    record = run(config, session=session_with(tiny))
+    entry = record.candidate.lm_eval["my_task"]
+    assert entry["task_version"] == 2.0 and entry["n_documents"] == 1 and abs(entry["bpb_rel_diff"]) < 1e-3
+    written = lmeval.write_results(record, tmp_path / "runs")
+    assert [p.name for p in written] == [f"{record.run_id}.candidate.json", f"{record.run_id}.reference.json"]
+    saved = json.loads(written[0].read_text())
+    assert saved["results"]["my_task"]["bits_per_byte,none"] == entry["bits_per_byte"]
+    assert saved["versions"]["my_task"] == 2.0 and saved["config"]["model"].endswith("(candidate)")
