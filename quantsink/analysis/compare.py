@@ -32,7 +32,7 @@ from quantsink.errors import UsageError
 from quantsink.analysis.effects import floor_of, kl_floor_of, paired_delta
 from quantsink.measure.paired import MIN_WINDOWS
 from quantsink.records.schema import RunRecord
-from quantsink.records.store import find_record, iter_records, load_record
+from quantsink.records.store import find_record, iter_records, load_record, load_stored
 
 READING = {"helps": "B is better than A", "hurts": "B is worse than A",
            "within-noise": "a significant difference, but no larger than float-level noise makes it",
@@ -55,6 +55,8 @@ def resolve(arg: str, results: str | Path, *, model: str | None = None, corpus: 
     path = Path(arg)
     if arg.endswith(".json") or path.is_file():
         return load_record(path)
+    if (Path(results) / f"{arg}.json").is_file():  # a run id's file: its own error if it is no record of it
+        return load_stored(Path(results) / f"{arg}.json")
     found = find_record(results, arg) if Path(results).is_dir() else None  # a run id: one file, not the store
     if found is not None:
         return found

@@ -770,10 +770,26 @@ def read_results(results: str | Path) -> tuple[list[RunRecord], list[str]]:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         records = list(iter_records(results))
-    skipped = [str(w.message) for w in caught]
+    records, unusable = usable(records, results)
+    skipped = [str(w.message) for w in caught] + unusable
     for message in skipped:
         warnings.warn(message, stacklevel=2)
     return records, skipped
+
+
+def usable(records: list[RunRecord], results: str | Path) -> tuple[list[RunRecord], list[str]]:
+    """The records whose row can be built; each other one (statistics of the wrong shape) is named and
+    skipped, so one bad record never costs the report the others."""
+    kept, skipped = [], []
+    for record in records:
+        try:
+            row(record)
+        except (AttributeError, KeyError, TypeError, ValueError, IndexError) as err:
+            skipped.append(f"skipped {Path(results) / record.run_id}.json: its statistics cannot be read "
+                           f"({type(err).__name__}: {str(err)[:80]}); re-run it")
+        else:
+            kept.append(record)
+    return kept, skipped
 
 
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
@@ -806,7 +822,7 @@ def record_links(results: str | Path, out: str | Path) -> dict[str, str]:
     import os
 
     root = Path(results)
-    return {path.stem: Path(os.path.relpath(path, Path(out))).as_posix() for path in sorted(root.rglob("*.json"))}
+    return {path.stem: Path(os.path.relpath(path, Path(out))).as_posix() for path in sorted(root.glob("*.json"))}
 
 
 def check_results(results: str | Path, records: list[Any], failures: list[Any], skipped: list[str]) -> None:
