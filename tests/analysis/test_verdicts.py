@@ -30,7 +30,7 @@ def test_a_no_op_mitigation_is_never_helps_or_hurts(tiny_model_dir, tiny_text_fi
     base = next(r for r in stored if r["config"]["mitigation"] == "none")
     floor = base["noise_floor"]
     draws = floor["draws"]
-    assert [d["perturbation"] for d in draws] == ["kernel", "batch", "threads"]
+    assert [d["perturbation"] for d in draws] == ["kernel", "jitter:1", "jitter:2"]
     assert all(len(d["nll_per_window"]) == 8 and d["shift_kl"] is not None for d in draws)
     assert floor["nats_per_token"] == pytest.approx(noise_margin([d["shift_nats"] for d in draws]))
     assert floor["nats_per_token"] >= max(abs(d["shift_nats"]) for d in draws)
