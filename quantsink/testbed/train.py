@@ -279,13 +279,36 @@ def _swap(new: Path, target: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(run: Run) -> bool:
-    """Resume ``run`` from ``out/checkpoint`` when there is one; False when starting afresh."""
-    from safetensors.torch import load_file
+def check_out(out: Path) -> None:
+    """``--out`` is a folder, or can be made one (one line otherwise, before any training)."""
+    probe = out
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UsageError(f"--out {out}: {probe} is a file, not a folder; give a folder for the model")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise QuantsinkError(f"--out {out}: {probe} is not writable; give a folder you can write to")
 
+
+def load_checkpoint(run: Run) -> bool:
+    """Resume ``run`` from ``out/checkpoint`` when there is one; False when starting afresh.  A checkpoint
+    that cannot be read (truncated, edited) is one line, never a traceback or a half-restored run."""
     where = run.out / "checkpoint"
     if not (where / "state.json").is_file():
         return False
+    try:
+        return _restore(run, where)
+    except QuantsinkError:
+        raise
+    except Exception as err:  # noqa: BLE001 - JSON, safetensors, shape and key errors mean the same here
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:120]
+        raise QuantsinkError(f"{where}: corrupt checkpoint ({type(err).__name__}: {first}); delete it to start "
+                             f"afresh, or use another --out") from None
+
+
+def _restore(run: Run, where: Path) -> bool:
+    from safetensors.torch import load_file
+
     state = json.loads((where / "state.json").read_text(encoding="utf-8"))
     if state["config"] != run.config.identity():
         diff = sorted(k for k in state["config"] if state["config"][k] != run.config.identity().get(k))
@@ -336,7 +359,9 @@ def train(config: TrainConfig, progress: Progress | None = None) -> dict[str, An
     """Train (or resume) the run ``config`` describes; returns the final summary (see ``probe.summary``)."""
     from .report import plot_history
 
-    run = Run(config.resolved())
+    config = config.resolved()
+    check_out(Path(config.out))  # before the model is built
+    run = Run(config)
     if not load_checkpoint(run):
         run.probe()
     if run.step > run.config.steps:
