@@ -83,3 +83,20 @@ def check_writable_file(path: Path, flag: str) -> None:
         raise UsageError(f"{flag} {path}: {probe} is a file, not a folder")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise QuantsinkError(f"{flag} {path}: {probe} is not writable; give a path you can write to")
+
+
+def read_text_file(path: Path, flag: str) -> str:
+    """The UTF-8 text of an input file, or a one-line ``UsageError`` saying why it cannot be read."""
+    from quantsink.errors import UsageError
+
+    path = Path(path).expanduser()
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UsageError(f"{flag} {path}: no such file") from None
+    except IsADirectoryError:
+        raise UsageError(f"{flag} {path} is a folder; give a file") from None
+    except UnicodeDecodeError as err:
+        raise UsageError(f"{flag} {path}: not UTF-8 text (byte {err.start}); save it as UTF-8") from None
+    except OSError as err:
+        raise UsageError(f"{flag} {path}: cannot be read ({err.strerror or type(err).__name__})") from None

@@ -84,6 +84,7 @@ def sweep_command(
     jobs = jobs if jobs is not None else options.get("jobs", 1)
     if jobs < 1:
         raise UsageError("--jobs must be at least 1")
+    ray = _ray_options(executor, address, num_cpus, num_gpus, options)  # before any work, --dry-run too
     check_writable_dir(results, "--results")
     configs = grid.configs({**common, "results": results})
     validate_names(configs)
@@ -96,7 +97,6 @@ def sweep_command(
         first = next(p for p in planned if p.index in invalid)
         raise UsageError(f"{len(invalid)} run(s) pair a scheme with a mitigation that cannot apply, e.g. "
                          f"{first.label}: {invalid[first.index]}; drop them (subgrids) or see --dry-run")
-    ray = _ray_options(executor, address, num_cpus, num_gpus, options)
     _run_sweep(planned, results, jobs, ray)
 
 
@@ -250,6 +250,8 @@ def report_command(
     """Leaderboard (md, csv, json, self-contained html with plots) from every record in --results."""
     from quantsink.report.leaderboard import update_readme, write_report
 
+    if readme is not None:
+        _check_readme(readme)  # before any output is written
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         written = write_report(results, out_dir)
@@ -264,3 +266,16 @@ def report_command(
               + (f", {written.n_failures} failed runs listed" if written.n_failures else "")
               + (f", {written.n_skipped} files skipped" if written.n_skipped else ""), highlight=False)
 
+
+def _check_readme(path: Path) -> None:
+    """``--readme`` is UTF-8 text with the leaderboard markers, in a folder we can write to."""
+    from quantsink.errors import QuantsinkError
+    from quantsink.io import check_writable_file, read_text_file
+    from quantsink.report.leaderboard import README_END, README_START
+
+    text = read_text_file(path, "--readme")
+    start = text.find(README_START)
+    if start < 0 or text.find(README_END, start) < 0:
+        raise QuantsinkError(f"--readme {path}: no '{README_START}' ... '{README_END}' markers to put the table "
+                             f"between (nothing written)")
+    check_writable_file(path, "--readme")

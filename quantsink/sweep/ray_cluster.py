@@ -26,6 +26,8 @@ loads a pickle from disk.
 
 from __future__ import annotations
 
+import math
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,8 +50,15 @@ class RayOptions:
     retries: int = 2  # re-executions of a cell whose worker died
 
     def __post_init__(self) -> None:
-        if self.num_cpus <= 0 or self.num_gpus < 0 or self.retries < 0:
-            raise UsageError("--num-cpus must be > 0, --num-gpus >= 0 and --retries >= 0")
+        finite = math.isfinite(self.num_cpus) and math.isfinite(self.num_gpus)
+        if not finite or self.num_cpus <= 0 or self.num_gpus < 0 or self.retries < 0:
+            raise UsageError("--num-cpus must be a finite number > 0, --num-gpus a finite number >= 0 and "
+                             "--retries >= 0")
+        if self.address is not None and not ADDRESS.fullmatch(self.address):
+            raise UsageError(f"--address {self.address!r}: give auto, local, HOST:PORT or ray://HOST:PORT")
+
+
+ADDRESS = re.compile(r"auto|local|(ray://)?[A-Za-z0-9._-]+:\d{1,5}")  # what ray.init takes as an address
 
 
 def import_ray() -> Any:
@@ -64,8 +73,13 @@ def connect(options: RayOptions) -> Any:
     """``ray.init`` once (joins ``address``, or starts a local cluster); quiet."""
     ray = import_ray()
     if not ray.is_initialized():
-        ray.init(address=options.address, include_dashboard=False, log_to_driver=False,
-                 logging_level="ERROR", configure_logging=False)
+        try:
+            ray.init(address=options.address, include_dashboard=False, log_to_driver=False,
+                     logging_level="ERROR", configure_logging=False)
+        except Exception as err:  # noqa: BLE001 - ConnectionError, ValueError, RuntimeError: all "cannot join"
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+            raise QuantsinkError(f"--address {options.address}: cannot reach a Ray cluster there ({first}); "
+                                 f"check the address, or leave it out to start a local cluster") from None
     return ray
 
 
