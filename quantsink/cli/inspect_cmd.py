@@ -97,6 +97,10 @@ def inspect_command(config: RunConfig,
     from quantsink.analysis.inspection import inspect, write_plots
 
     quiet()
+    if plots is not None:
+        from quantsink.records.store import check_writable_dir
+
+        check_writable_dir(plots, "--plots")  # before the passes
     with RichProgress(enabled=progress_enabled(json_out)) as bar:
         report, maps = inspect(config, compare_corpus, top, progress=bar.stage)
     if plots is not None:

@@ -275,6 +275,7 @@ def _resolve(spec: str, offline: bool = False) -> tuple[str, ModelInfo]:
 
 
 def _directory_info(path: Path, *, name: str, source: str) -> ModelInfo:
+    check_config_json(path)
     if not any(path.glob("*.safetensors")):
         raise UsageError(f"{source}: no *.safetensors weights in that directory (quantsink never loads pickles)")
     return ModelInfo(name=name, source=source, sha256=_directory_sha(path))
@@ -339,6 +340,21 @@ def check_model_spec(spec: str) -> None:
 
 def _first_line(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def check_config_json(directory: Path) -> None:
+    """A model folder's ``config.json`` is a JSON object (one line otherwise, before anything is loaded)."""
+    path = directory / "config.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UsageError(f"{directory}: no config.json in that folder; give a model folder "
+                         f"(config.json and *.safetensors)") from None
+    except (ValueError, UnicodeDecodeError) as err:
+        raise UsageError(f"{path}: not JSON ({type(err).__name__}: {_first_line(err)[:80]}); fix or "
+                         f"re-download it") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{path}: not a JSON object; fix or re-download it")
 
 
 def check_weights(directory: Path) -> None:

@@ -53,8 +53,13 @@ def save_pass(path: Path, result: PassResult) -> None:
         tensors["token_nll"] = result.token_nll
     meta = {"seconds": str(result.seconds), "extra": json.dumps(result.extra)}
     meta["digest"] = tensor_digest(tensors, meta)
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
+    try:
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
+    except Exception as err:  # noqa: BLE001 - a full or read-only disk (OSError, SafetensorError): the run goes on
+        why = getattr(err, "strerror", None) or (str(err).strip().splitlines() or [type(err).__name__])[0][:80]
+        warnings.warn(f"reference cache {path} not written ({why}); the run goes on, the next one recomputes "
+                      f"the reference (set QUANTSINK_REFERENCE_CACHE to a writable folder)", stacklevel=2)
 
 
 def load_pass(path: Path, n_windows: int) -> PassResult | None:

@@ -12,6 +12,7 @@ only when the record in it is that run's; the store is read one directory level 
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import hashlib
 import json
 import math
@@ -54,7 +55,12 @@ def write_record(record: RunRecord, results_dir: str | Path) -> Path:
                       stacklevel=2)
         return path
     data = record.to_dict()
-    atomic_write_text(path, json.dumps({**data, DIGEST: content_sha256(data)}, indent=1) + "\n")
+    try:
+        atomic_write_text(path, json.dumps({**data, DIGEST: content_sha256(data)}, indent=1) + "\n")
+    except OSError as err:  # a full or read-only disk: one line, no partial file (atomic_path removes it)
+        why = "the disk is full" if err.errno == errno.ENOSPC else (err.strerror or type(err).__name__)
+        raise QuantsinkError(f"cannot write record {path}: {why}; free space or give another --results, "
+                             f"then re-run (runs already recorded are kept)") from None
     return path
 
 

@@ -101,15 +101,42 @@ def _subgrid(data: Any, where: str) -> dict[str, tuple[str, ...]]:
     return {a: split_axis(a, v) for a, v in data.items()}
 
 
+def _unique_mapping(loader: Any, node: Any, deep: bool = False) -> dict[Any, Any]:
+    """A YAML mapping whose keys are each given once (a duplicate would silently keep the last value)."""
+    import yaml
+
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice", key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+def _unique_key_loader() -> Any:
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+    return Loader
+
+
 def load_grid(path: str | Path) -> tuple[Grid, dict[str, Any]]:
     """A YAML grid file -> (grid, sweep options ``results``/``jobs`` found in it)."""
     import yaml
 
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_unique_key_loader())  # noqa: S506 - SafeLoader
     except FileNotFoundError:
         raise UsageError(f"grid file {str(path)!r} does not exist") from None
+    except IsADirectoryError:
+        raise UsageError(f"grid file {str(path)!r} is a folder; give a YAML file") from None
+    except UnicodeDecodeError as err:
+        raise UsageError(f"grid file {str(path)!r}: not UTF-8 text (byte {err.start}); save it as UTF-8") from None
     except yaml.YAMLError as err:
         raise UsageError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
     grid = Grid.from_mapping(data, str(path))

@@ -69,3 +69,60 @@ def test_a_bad_readme_is_refused_before_any_output(tmp_path, make, needle):
                                  "--readme", str(readme)])
     one_line(result, (2,), "--readme", needle)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("body,needle", [
+    (b"schemes: [int8]\nmodels: [\xff\xfe]\n", "not UTF-8 text"),
+    (b"schemes: [int8]\nschemes: [nf4]\n", "key 'schemes' is given twice"),
+])
+def test_a_grid_file_that_is_not_utf8_or_repeats_a_key_is_one_line(tmp_path, body, needle):
+    grid = tmp_path / "grid.yaml"
+    grid.write_bytes(body)
+    one_line(runner.invoke(app, ["sweep", str(grid), "--results", str(tmp_path / "r"), "--dry-run"]), (2,), needle)
+
+
+def test_a_model_folder_whose_config_is_not_json_is_one_line(tiny_model_dir, tmp_path):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    (model / "config.json").write_text("{not json")
+    result = runner.invoke(app, ["eval", "--model", str(model), "--corpus", "python-docs", "--scheme", "int8",
+                                 "--results", str(tmp_path / "r")])
+    one_line(result, (2,), "config.json: not JSON")
+
+
+def test_a_full_disk_when_the_record_is_written_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    from quantsink.errors import QuantsinkError
+    from quantsink.records import store
+    from synthetic_records import make_record
+
+    def full(path, text):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store, "atomic_write_text", full)
+    with pytest.raises(QuantsinkError, match="the disk is full") as err:
+        store.write_record(make_record(), tmp_path)
+    assert "\n" not in str(err.value) and list(tmp_path.iterdir()) == []
+
+
+def test_an_unwritable_reference_cache_warns_and_the_run_is_recorded(tiny_model_dir, tiny_text_file, tmp_path,
+                                                                      monkeypatch):
+    from quantsink.config import RunConfig
+    from quantsink.pipeline.execute import run_config
+
+    (tmp_path / "a-file").write_text("x")
+    monkeypatch.setenv("QUANTSINK_REFERENCE_CACHE", str(tmp_path / "a-file" / "cache"))  # cannot be a folder
+    config = RunConfig(model=str(tiny_model_dir), corpus=f"file:{tiny_text_file}", scheme="int8", window=32,
+                       max_tokens=64, calib_windows=1, stats=False, noise_floor=False, device="cpu",
+                       protocol="windows", results=str(tmp_path / "runs"))
+    with pytest.warns(UserWarning, match="reference cache .* not written"):
+        record, _ = run_config(config)
+    assert (tmp_path / "runs" / f"{record.run_id}.json").is_file()
+
+
+def test_inspect_plots_to_a_file_is_refused_before_the_passes(tmp_path):
+    (tmp_path / "plots").write_text("x")
+    result = runner.invoke(app, ["inspect", "--plots", str(tmp_path / "plots"), "--model", str(tmp_path / "absent")])
+    one_line(result, (2,), "--plots")
+    assert (tmp_path / "plots").read_text() == "x"
