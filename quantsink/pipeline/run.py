@@ -26,7 +26,7 @@ from quantsink.hooks.attention import DECLARED
 from quantsink.config import EVALUATOR_VERSION, RunConfig, __version__, stable_hash
 from quantsink.data.corpus import Corpus, load_corpus
 from quantsink.data.windows import PROTOCOLS, Windows
-from quantsink.errors import QuantsinkError
+from quantsink.errors import QuantsinkError, UsageError
 from quantsink.measure.passes import PassResult, ReferenceHead, run_pass
 from quantsink.measure.collector import StatsCollector, stats_settings
 from quantsink.hooks.probes import attention_implementation
@@ -97,6 +97,7 @@ def prepare(config: RunConfig, session: Session) -> Prepared:
     t0 = time.perf_counter()
     scheme.check_model(loaded.model)
     made = protocol_of(config, corpus, loaded.tokenizer)
+    check_calibration(config, scheme, made.calibration)  # before any pass
     timing["tokenize_s"] = time.perf_counter() - t0
     check_window(loaded.model, made.windows.input_ids.shape[1], config.batch_tokens,
                  attention_probs=stats_settings(config) is not None)
@@ -111,6 +112,20 @@ def prepare(config: RunConfig, session: Session) -> Prepared:
     stack = MitigationStack.of(mitigations, reference=loaded.model, tokenizer=loaded.tokenizer, scheme=scheme,
                                calibration=made.calibration)
     return Prepared(config, scheme, stack, loaded, corpus, made.windows, protocol, timing, made.calibration)
+
+
+def check_calibration(config: RunConfig, scheme: Any, calibration: Callable[..., Windows] | None) -> None:
+    """A scheme with static ranges gets the ``--calib-windows`` it asks for in every calibration draw, or the
+    run is refused before any pass (never calibrated silently on fewer)."""
+    if calibration is None or not scheme.needs_calibration():
+        return
+    for draw in range(getattr(config, "calib_draws", 1)):
+        got = len(calibration(draw) if draw else calibration())
+        if got < config.calib_windows:
+            raise UsageError(f"--calib-windows {config.calib_windows}: only {got} calibration windows of "
+                             f"{config.window} tokens are left after the evaluation tokens"
+                             + (f" for calibration draw {draw + 1}" if draw else "")
+                             + "; lower --calib-windows or --max-tokens, or use a longer corpus")
 
 
 def stats_pass(config: RunConfig, model: Any, windows: Windows, **kwargs: Any) -> PassResult:
