@@ -177,4 +177,13 @@ def _show(record: Any, found: Any, json_out: bool, results: str | None, reused: 
     out.print(f"candidate pass {record.timing['candidate_s']:.1f} s, "
               f"{record.timing['candidate_tokens_per_s']:.0f} tokens/s{cached}")
     if results is not None:
-        out.print(f"record: {Path(results) / (record.run_id + '.json')}")
+        out.print(record_line(Path(results) / f"{record.run_id}.json"), highlight=False, soft_wrap=True)
+
+
+def record_line(path: Path) -> str:
+    """``record: PATH``, unless PATH holds a newer quantsink's record of the run (kept, this one not written)."""
+    from quantsink.records.store import Store
+
+    if Store(path.parent).status(path.stem) == "newer":
+        return f"record: not written; {path} is a newer quantsink's record of this run (kept)"
+    return f"record: {path}"

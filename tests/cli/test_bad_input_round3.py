@@ -126,3 +126,16 @@ def test_inspect_plots_to_a_file_is_refused_before_the_passes(tmp_path):
     result = runner.invoke(app, ["inspect", "--plots", str(tmp_path / "plots"), "--model", str(tmp_path / "absent")])
     one_line(result, (2,), "--plots")
     assert (tmp_path / "plots").read_text() == "x"
+
+
+def test_eval_does_not_claim_a_newer_record_it_did_not_write(tmp_path):
+    from quantsink.cli.eval_cmd import record_line
+    from quantsink.records.schema import SCHEMA_VERSION
+    from quantsink.records.store import write_record
+    from synthetic_records import make_record
+
+    record = make_record()
+    path = write_record(record, tmp_path)
+    assert record_line(path) == f"record: {path}"
+    path.write_text(json.dumps({**record.to_dict(), "schema_version": SCHEMA_VERSION + 1}))
+    assert record_line(path).startswith("record: not written;") and "newer quantsink" in record_line(path)
