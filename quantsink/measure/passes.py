@@ -51,7 +51,7 @@ class Targets:
     output head at every scored position, in window order.  (S, H)"""
 
     hidden: torch.Tensor  # (S, H) float32
-    neg_entropy: torch.Tensor | None = None  # (S,) float64: sum_v p_v log p_v
+    neg_entropy: torch.Tensor | None = None  # (S,) float64: sum_v p_v log p_v, as e . h - L (``_summarise``)
     expected_embedding: torch.Tensor | None = None  # (S, H) float32: sum_v p_v W_v
     argmax: torch.Tensor | None = None  # (S,) int64: the reference's top-1 token
 
@@ -201,6 +201,7 @@ class _Accumulator:
         h = hidden[:, :-1][mask].float() if aligned else None  # (S, H) head inputs
         if self.keep:
             self.kept["hidden"].append(h.cpu())
+            self.head_input = (self.cursor, h)  # the summary's e . h at positions cursor..
         summary = h is not None and self.reference is not None and _is_head_output(flat[rows[:2]], h[:2], self.head)
         h = h if summary else None  # else the KL rebuilds the reference logits (or there is no KL)
         step = max(128, SCORE_ELEMENTS // flat.shape[1])
@@ -215,7 +216,7 @@ class _Accumulator:
                h: torch.Tensor | None, given: torch.Tensor | None = None) -> None:
         """NLL (and KL, top-1 vs the reference) of ``logits`` (c, V), positions ``start..start+c``."""
         z = logits.float()
-        norm, top = normaliser(z) if self.own is None else self._summarise(z)
+        norm, top = normaliser(z) if self.own is None else self._summarise(z, start)
         nll = (norm.double() - z.gather(1, target[:, None])[:, 0].double()).cpu()  # (c,)
         self.tokens["nll"].append(nll)
         self.nll.index_add_(0, where, nll)
@@ -230,22 +231,24 @@ class _Accumulator:
         self.tokens["kl"].append(kl.double().cpu())
         self.kl.index_add_(0, where, self.tokens["kl"][-1])
 
-    def _summarise(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The reference's side of the KL at these positions, from the normaliser's own terms (one
-        ``exp``, no float64 (c, V) tensor): with ``d = z - max z``, ``u = exp d`` and ``s = sum u``,
-        ``sum p log p = (sum_v u_v d_v) / s - log s`` and ``E_p[W_v] = (u @ W) / s`` (float32 products
-        over blocks of ``EXPECTED_BLOCK`` rows, the blocks summed in float64), and the argmax.
+    def _summarise(self, z: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reference's side of the KL at positions ``start..``, from the normaliser's own terms (one
+        ``exp``, no float64 (c, V) tensor): ``u = exp(z - max z)``, ``s = sum u``, ``e = E_p[W_v] = (u @ W) / s``
+        (float32 GEMMs over blocks of ``EXPECTED_BLOCK`` rows summed in float64, kept as float32) and
+        ``sum_v p_v z_v - L`` as ``e . h - L`` (float64, ``h`` the head input, ``L`` the float32 normaliser).
+        The candidate's KL ``e . h - L - e . h' + L'`` then carries the error of ``e`` only times ``h - h'``.
         -> (log-normaliser, argmax), the same values as ``normaliser(z)``."""
         top_value, top = z.max(1)
-        shifted = z - top_value[:, None]  # d (c, V)
-        unnormalised = shifted.exp()  # u (c, V)
+        unnormalised = (z - top_value[:, None]).exp_()  # u (c, V)
         total = unnormalised.sum(1)  # s, the normaliser's cascaded float32 sum
-        scale = total.double()
-        neg_entropy = row_dots(unnormalised, shifted) / scale - scale.log()
-        self.kept["neg_entropy"].append(neg_entropy.cpu())
-        self.kept["expected_embedding"].append((expected_rows(unnormalised, self.own) / scale[:, None]).float().cpu())
+        norm = top_value + total.log()
+        expected = (expected_rows(unnormalised, self.own) / total.double()[:, None]).float()  # (c, H)
+        first, h = self.head_input
+        h = h[start - first:start - first + len(z)].to(expected.device)
+        self.kept["neg_entropy"].append(((expected.double() * h.double()).sum(1) - norm.double()).cpu())
+        self.kept["expected_embedding"].append(expected.cpu())
         self.kept["argmax"].append(top.cpu())
-        return top_value + total.log_(), top
+        return norm, top
 
     def _summary_kl(self, norm: torch.Tensor, h: torch.Tensor, span: slice) -> tuple[torch.Tensor, torch.Tensor]:
         """(reference argmax, KL) from the reference summary: sum p log p - e . h' + L' (float64)."""
@@ -284,15 +287,6 @@ def normaliser(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 EXPECTED_BLOCK = 4096  # vocabulary rows per float32 GEMM in expected_rows; the blocks add in float64
-
-
-def row_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``sum_v a_v b_v`` per row of (c, V) float32 ``a``, ``b`` as float64: float32 products summed over
-    blocks of ``EXPECTED_BLOCK`` columns, the block sums added in float64.  Overwrites ``b``."""
-    out = torch.zeros(a.shape[0], dtype=torch.float64, device=a.device)
-    for lo in range(0, a.shape[1], EXPECTED_BLOCK):
-        out += b[:, lo:lo + EXPECTED_BLOCK].mul_(a[:, lo:lo + EXPECTED_BLOCK]).sum(1).double()
-    return out
 
 
 def expected_rows(p: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
