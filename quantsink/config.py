@@ -43,10 +43,11 @@ class RunConfig:
         "Mitigation spec(s), comma-separated; see `quantsink list mitigations`."))
     corpus: str = field(default="python-docs", metadata=_opt(
         "Corpus: python-docs, python-code, wikitext2 or file:PATH (.txt / .jsonl with 'text')."))
-    window: int = field(default=512, metadata=_opt("Tokens per evaluation window (before any BOS)."))
+    window: int = field(default=256, metadata=_opt("Tokens per evaluation window (before any BOS)."))
     stride: int | None = field(default=None, metadata=_opt(
         "Tokens between window starts (default: = window, disjoint windows)."))
-    max_tokens: int = field(default=16384, metadata=_opt("Token budget of the evaluation windows."))
+    max_tokens: int = field(default=4096, metadata=_opt(
+        "Token budget of the evaluation windows (4096 of 256: 16 windows, minutes on a CPU; more windows, e.g. --max-tokens 16384, narrow the intervals)."))
     bos: Literal["auto", "always", "never"] = field(default="auto", metadata=_opt(
         "Prepend BOS to each window: auto = what the tokenizer does by default."))
     protocol: Literal["documents", "windows", "lm-eval"] = field(default="documents", metadata=_opt(
@@ -63,7 +64,7 @@ class RunConfig:
     device: str = field(default="auto", metadata=_opt("auto (CUDA when present), cpu or cuda[:N]."))
     dtype: Literal["float32", "bfloat16", "float16"] = field(default="float32", metadata=_opt(
         "Dtype of the reference model."))
-    calib_windows: int = field(default=16, metadata=_opt(
+    calib_windows: int = field(default=4, metadata=_opt(
         "Calibration windows for static schemes (drawn after the evaluation windows)."))
     calib_draws: int = field(default=3, metadata=_opt(
         "Disjoint calibration draws for static schemes: draws after the first re-calibrate only the ranges and "

@@ -10,7 +10,9 @@ the expected rows (``--rows``, else at least one), a few columns shown by defaul
 column chooser hides the rest) and a link from each row to its record;
 every plot is an inline ``data:image/png`` <img> that decoded to a non-empty
 image, nothing refers to the network, no injected <script> beyond the page's own,
-and the screenshot is not blank.  Prints one JSON line; exit 1 when a check fails.
+the screenshot is not blank, and at 1400 px nothing is cut: no element reaches past the viewport's
+right edge (the page's script counts them into <body data-overflow>; the full table's scrolling
+box counts, the rows it scrolls do not).  Prints one JSON line; exit 1 when a check fails.
 """
 
 from __future__ import annotations
@@ -63,9 +65,13 @@ class DomCounter(HTMLParser):
         self.shown_columns = 0  # leaderboard header cells not hidden by the column chooser
         self.record_links = 0  # leaderboard links to a record file
         self.first_table = ""  # id or class of the first table on the page
+        self.overflow: int | None = None  # elements past the viewport's right edge (the page's own count)
+        self.overflow_first = ""
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         attr = dict(attrs)
+        if tag == "body" and attr.get("data-overflow") is not None:
+            self.overflow, self.overflow_first = int(attr["data-overflow"] or 0), attr.get("data-overflow-first") or ""
         if tag == "table":
             self.table_ids.append(attr.get("id") or attr.get("class") or "")
             self.first_table = self.first_table or self.table_ids[-1]
@@ -110,15 +116,16 @@ def blank_fraction(png: Path) -> tuple[float, tuple[int, int]]:
     return sum(histogram[246:]) / sum(histogram), image.size
 
 
-def rendered(html: Path, fragment: str = "") -> DomCounter:
-    """The DOM after the page's script ran (``fragment`` e.g. ``#sort=6`` sorts by column 6)."""
+def rendered(html: Path, fragment: str = "", size: str = "1400,2400") -> DomCounter:
+    """The DOM after the page's script ran in a ``size`` window (``fragment`` e.g. ``#sort=6`` sorts by
+    column 6)."""
     dom = DomCounter()
-    dom.feed(_chromium(html, "--dump-dom", fragment=fragment))
+    dom.feed(_chromium(html, "--dump-dom", f"--window-size={size}", fragment=fragment))
     return dom
 
 
 def check(html: Path, screenshot: Path, rows: int | None = None, size: str = "1400,2400") -> dict[str, Any]:
-    dom = rendered(html)
+    dom = rendered(html, size=size)
     _chromium(html, f"--screenshot={screenshot}", f"--window-size={size}")
     white, (width, height) = blank_fraction(screenshot)
     pngs = [src for src in dom.images if src.startswith("data:image/png;base64,") and len(src) > 1000]
@@ -127,7 +134,8 @@ def check(html: Path, screenshot: Path, rows: int | None = None, size: str = "14
               "white_fraction": round(white, 3), "first_table": dom.first_table,
               "matrix_cells": len(dom.matrix_cells), "best_cells": sum("best" in c for c in dom.matrix_cells),
               "ranking_rows": dom.ranking_rows, "shown_columns": dom.shown_columns,
-              "record_links": dom.record_links}
+              "record_links": dom.record_links, "width": int(size.split(",")[0]), "overflow": dom.overflow,
+              "overflow_first": dom.overflow_first}
     failures = [
         (dom.rows >= 1 if rows is None else dom.rows == rows, f"table rows {dom.rows} (expected {rows or '>= 1'})"),
         (len(pngs) >= 1 and len(pngs) == len(dom.images), "every <img> is an inline PNG (and there is one)"),
@@ -138,6 +146,8 @@ def check(html: Path, screenshot: Path, rows: int | None = None, size: str = "14
         (dom.ranking_rows >= 1, "a ranking of schemes"),
         (3 <= dom.shown_columns <= 14, f"a few columns shown by default ({dom.shown_columns})"),
         (dom.record_links == dom.rows, f"each row links to its record ({dom.record_links} of {dom.rows})"),
+        (dom.overflow == 0, f"nothing past the right edge at {size.split(',')[0]} px ({dom.overflow} elements, "
+                            f"first {dom.overflow_first!r})"),
     ]
     result["failed"] = [message for ok, message in failures if not ok]
     return result

@@ -178,6 +178,22 @@ def _show(record: Any, found: Any, json_out: bool, results: str | None, reused: 
               f"{record.timing['candidate_tokens_per_s']:.0f} tokens/s{cached}")
     if results is not None:
         out.print(record_line(Path(results) / f"{record.run_id}.json"), highlight=False, soft_wrap=True)
+    hint = more_evidence(record, found)
+    if hint:
+        out.print(hint, highlight=False, soft_wrap=True)
+
+
+UNDECIDED = ("inconclusive", "insufficient-data", "within-noise")  # verdicts more windows can change
+
+
+def more_evidence(record: Any, found: Any) -> str | None:
+    """How to ask for more evidence when the verdict is undecided: 4x the tokens halves a paired interval."""
+    effect = found.mitigation_effect
+    if not effect or effect.get("verdict") not in UNDECIDED:
+        return None
+    c = record.config
+    return (f"more evidence: --max-tokens {4 * c.max_tokens} ({4 * record.protocol.n_windows} windows of "
+            f"{c.window}) halves the interval; --corpus python-code or file:PATH measures another domain")
 
 
 def record_line(path: Path) -> str:

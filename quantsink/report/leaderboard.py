@@ -154,6 +154,7 @@ def row(record: RunRecord, effects: Effects | None = None, settings: Iterable[st
     that tell rows apart (``varying_settings``) and the unmitigated run its effect is paired with."""
     ref, cand, scheme = record.reference, record.candidate, record.scheme
     effect, d_sink = (effects.mitigation_effect, effects.d_sink) if effects else (None, None)
+    d_sink = d_sink if record.config.mitigation == "none" else None  # the scheme's, on its unmitigated row only
     woken = woken_heads(record)
     verdict = effect["verdict"] if effect else None
     no_effect = effect is None or verdict == "not-applicable"  # shown as such, not as 0 [0, 0]
@@ -423,9 +424,23 @@ def plot_before_after(frame: Any) -> bytes | None:
                            label="reference" if k == 0 else None)
             ax.set_xticks([x + width * (len(corpora) - 1) / 2 for x in range(len(schemes))], schemes,
                           rotation=45, ha="right", fontsize=7)
-            ax.set_title(f"{model}: {title}", fontsize=9)
+            ax.set_ylim(*data_limits(part[[f"{key}_before", f"{key}_after"]].to_numpy(dtype=float).ravel()))
+            ax.set_title(f"{model}: {title} (axis from the data)", fontsize=9)
         _legend_outside(axes[i * len(metrics) + len(metrics) - 1])
     return _png(fig)
+
+
+def data_limits(values: Any, pad: float = 0.25) -> tuple[float, float] | tuple[None, None]:
+    """y-limits around the finite ``values`` (``pad`` x their range each side), so that 0.38 -> 0.37 shows
+    as a change; (None, None) (matplotlib's own) when there are none."""
+    import numpy as np
+
+    finite = values[np.isfinite(values)]
+    if not len(finite):
+        return None, None
+    lo, hi = float(finite.min()), float(finite.max())
+    margin = pad * (hi - lo) or 0.05 * abs(hi) or 0.05
+    return lo - margin, hi + margin
 
 
 def plot_peak_profile(frame: Any, records: list[RunRecord]) -> bytes | None:
@@ -477,9 +492,17 @@ def plot_woken_heatmap(frame: Any, records: list[RunRecord]) -> bytes | None:
         return None
     fig, axes = _subplots(len(counts), width=4.2, height=5.0)
     for ax, (model, (matrix, n)) in zip(axes, counts.items()):
-        image = ax.imshow(matrix, aspect="auto", cmap="magma", vmin=0, vmax=max(1, n), origin="lower")
+        from matplotlib.ticker import MaxNLocator
+
+        top = max(1, int(matrix.max()))  # the scale ends at the most-woken head, not at the run count
+        image = ax.imshow(matrix, aspect="auto", cmap="YlOrRd", vmin=0, vmax=top, origin="lower",
+                          interpolation="nearest")
         ax.set(title=f"{model}: heads woken ({int(matrix.sum())} in {n} runs)", xlabel="head", ylabel="layer")
-        fig.colorbar(image, ax=ax, label="runs in which the head woke")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        bar = fig.colorbar(image, ax=ax, label=f"runs (of {n}) in which the head woke")
+        bar.locator = MaxNLocator(integer=True)
+        bar.update_ticks()
     return _png(fig)
 
 
@@ -504,8 +527,20 @@ def plot_verdicts(frame: Any) -> bytes | None:
         ax.axvline(0, color="black", lw=0.6)
         ax.set_yticks(range(len(labels)), labels, fontsize=7)
         ax.invert_yaxis()
-        ax.set_title(title, fontsize=9)
+        ax.set_title(title + _symlog(ax, part[value].to_numpy(dtype=float)), fontsize=9)
     return _png(fig)
+
+
+def _symlog(ax: Any, values: Any, spread: float = 10.0) -> str:
+    """One outlier (+77 beside -1.9) must not squash the others to a line: when the largest |value| is over
+    ``spread`` x the median |value|, the axis turns symmetric-log (linear within the median) -> title note."""
+    import numpy as np
+
+    sizes = np.abs(values[np.isfinite(values)])
+    if not len(sizes) or sizes.max() <= spread * max(float(np.median(sizes)), 1e-12):
+        return ""
+    ax.set_xscale("symlog", linthresh=max(float(np.median(sizes)), 1e-6))
+    return "; symmetric-log axis (linear within the median |value|)"
 
 
 def plots(frame: Any, records: list[RunRecord]) -> dict[str, bytes | None]:
@@ -540,7 +575,8 @@ th.asc::after{content:" \\25B2"}th.desc::after{content:" \\25BC"}
 table.sortable tr:nth-child(even){background:#fafafa}.helps{color:#2e7d32;font-weight:600}.hurts{color:#c62828;font-weight:600}
 .wrap{overflow-x:auto;max-height:720px}.note{color:#555;font-size:12px;max-width:1100px}figure{margin:12px 0}
 img{max-width:100%;border:1px solid #ddd}.fail td{background:#fff3f3;white-space:normal}
-table.matrix td{min-width:110px}table.matrix td a{color:inherit;text-decoration:none;display:block}
+table.matrix td{min-width:56px;max-width:120px;white-space:normal}table.matrix td a{color:inherit;text-decoration:none;display:block}
+table.matrix th{white-space:normal;max-width:96px;overflow-wrap:anywhere}tr.split td{background:#f6f6f6;font-style:italic}
 td.v-helps{background:#c8e6c9}td.v-hurts{background:#ffcdd2}td.v-inconclusive{background:#eeeeee}
 td.v-within-noise{background:#efebe9}td.v-lowers-kl{background:#e8f5e9}td.v-raises-kl{background:#ffebee}
 td.v-insufficient-data{background:#fff9c4}td.v-not-applicable{background:#fafafa;color:#999}
@@ -574,6 +610,14 @@ document.querySelectorAll('details.columns input').forEach(function(box){
     });
   });
 });
+(function(){  // the 1400 px check (scripts/check_html.py): elements past the viewport's right edge, outside
+  var w = document.documentElement.clientWidth, n = 0, first = '';  // the scrolling .wrap (which is itself counted)
+  document.querySelectorAll('body *').forEach(function(e){
+    if (e.parentElement && e.parentElement.closest('.wrap')) return;
+    if (e.getBoundingClientRect().right > w + 0.5) { n++; first = first || e.tagName + '.' + e.className; }
+  });
+  document.body.setAttribute('data-overflow', n); document.body.setAttribute('data-overflow-first', first);
+})();
 var sortBy = location.hash.match(/sort=(-?)(\d+)/);  // e.g. leaderboard.html#sort=6, #sort=-6 descending
 if (sortBy) {
   var th = document.querySelectorAll('#leaderboard th')[+sortBy[2]];
@@ -634,9 +678,13 @@ def _matrix_cell(cell: Any) -> str:
 
 
 def ranking_html(rank: list[dict[str, Any]]) -> str:
+    """Ranked per model and corpus, real kernels and simulated ones apart (a split row before each part)."""
     head = ("model", "corpus", "rank", "scheme", "bits", "kernels", "ppl", "ppl ×ref", "KL", "best mitigation")
     rows = []
     for r in rank:
+        if r["rank"] == 1:
+            label = f"{r['model']} · {r['corpus']}: {r['kernels']} kernels"
+            rows.append(f'<tr class="split"><td class="t" colspan="{len(head)}">{html.escape(label)}</td></tr>')
         best = f"{r['best_mitigation']} ({fmt(r['best_delta_ppl'], 3)})" if r["best_mitigation"] else ""
         cells = [(r["model"], "t"), (r["corpus"], "t"), (str(r["rank"]), ""), (r["scheme"], "t"), (r["bits"], "t"),
                  (r["kernels"], "t"), (fmt(r["ppl"], 4), ""), (fmt(r["ppl_ratio"], 4), ""), (fmt(r["kl"], 3), ""),
@@ -687,13 +735,15 @@ def to_html(frame: Any, images: dict[str, bytes | None], failures: list[dict[str
         f'<p class="note">{len(frame)} runs. Protocol: {html.escape(protocols)}.</p>',
         "<h2>Which mitigation helps which scheme</h2>",
         '<p class="note">Each cell: Δppl of the scheme with that mitigation minus the unmitigated scheme, on the '
-        "same windows (paired t 95% interval over windows; hover a cell for it). helps / hurts only when the "
+        "same windows, and (in brackets) the share of the scheme's damage it recovered, -Δppl / (unmitigated ppl - "
+        "reference ppl): 100% = back to the reference, comparable across models. Columns are in one order on every "
+        "panel. (Paired 95% interval over windows: hover a cell.) helps / hurts only when the "
         "interval clears the measured noise floor; insufficient-data below the minimum number of windows; n/a when "
         "the mitigation changed nothing. ppl ×ref = unmitigated perplexity / reference perplexity.</p>",
         _key_html(), matrix_html(ms) or '<p class="note">No mitigated runs with a verdict in these records.</p>',
         "<h2>Schemes ranked by perplexity ratio</h2>",
         '<p class="note">Unmitigated schemes; bits = weight / activation / KV-cache bits (float parts at the run\'s '
-        "dtype); kernels: simulated (fake quantization) or real (a quantization library's kernels).</p>",
+        "dtype); kernels: simulated (fake quantization) or real (a quantization library's kernels), ranked apart.</p>",
         ranking_html(rank),
         "<h2>All runs</h2>",
         '<p class="note">Click a column header to sort; choose columns below; each run id links to its record. '

@@ -9,8 +9,13 @@ Pure functions over leaderboard rows (``report.row`` dicts), nothing recomputed:
   mitigation of a scheme is the one with the lowest Δppl among those whose verdict is
   ``helps`` (none is marked when no mitigation helps).
 * ``ranking``: the unmitigated schemes of each (model, corpus, protocol, settings) by perplexity ratio
-  to the reference (lower is better), with their bits (``W8A8KV32``), simulated or real
-  kernels, and the best mitigation.
+  to the reference (lower is better), real kernels and simulated ones ranked apart, with their bits
+  (``W8A8KV32``) and the best mitigation.
+
+A cell also carries ``recovered``: the share of the scheme's damage the mitigation recovered,
+``-Δppl / (ppl_unmitigated - ppl_reference)`` (1 = back to the reference, 0 = no change, < 0 = worse),
+comparable across models whose perplexities differ tenfold.  Every matrix lists the mitigations in
+one order (``matrices``: most helps over all matrices first, then by name).
 
 ``settings`` (the leaderboard's: the identity fields in which its records differ, e.g. ``calib_windows=4``)
 is part of every group, so a cell and its scheme's baseline always come from runs with the same settings.
@@ -23,8 +28,8 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 VERDICT_ORDER = ("helps", "inconclusive", "hurts", "insufficient-data", "not-applicable")
-MATRIX_CSV = ("model", "corpus", "protocol", "settings", "scheme", "mitigation", "delta_ppl", "ci_low", "ci_high", "verdict",
-              "best", "run_id")
+MATRIX_CSV = ("model", "corpus", "protocol", "settings", "scheme", "mitigation", "delta_ppl", "ci_low", "ci_high",
+              "recovered", "verdict", "best", "run_id")
 
 
 @dataclass
@@ -34,6 +39,7 @@ class Cell:
     ci: tuple[float, float] | None
     run_id: str
     best: bool = False
+    recovered: float | None = None  # -Δppl / the unmitigated scheme's ppl increase over the reference
 
 
 @dataclass
@@ -70,14 +76,23 @@ def _finite(value: Any) -> float | None:
         else None
 
 
+def recovered(delta_ppl: float | None, baseline: dict[str, Any] | None) -> float | None:
+    """The share of the scheme's damage a mitigation recovered: ``-Δppl / (ppl - ppl_ref)`` of the unmitigated
+    run (None without a damage to share: no baseline, or a scheme no worse than the reference)."""
+    base = baseline or {}
+    damage = (_finite(base.get("ppl")) or math.nan) - (_finite(base.get("ppl_ref")) or math.nan)
+    return round(-delta_ppl / damage, 4) + 0.0 if delta_ppl is not None and damage > 0 else None  # (no -0%)
+
+
 def matrix(key: tuple[str, ...], rows: list[dict[str, Any]]) -> Matrix:
     out = Matrix(*key)
-    for r in rows:
+    for r in sorted(rows, key=lambda r: r["mitigation"] != "none"):  # baselines first
         if r["mitigation"] == "none":
             out.baseline[r["scheme"]] = r
         elif r["verdict"]:
-            out.cells[(r["scheme"], r["mitigation"])] = Cell(r["verdict"], _finite(r["effect"]), r["effect_ci"],
-                                                             r["run_id"])
+            delta = _finite(r["effect"])
+            out.cells[(r["scheme"], r["mitigation"])] = Cell(r["verdict"], delta, r["effect_ci"], r["run_id"],
+                                                             recovered=recovered(delta, out.baseline.get(r["scheme"])))
     out.schemes = sorted({s for s, _ in out.cells},
                          key=lambda s: (_finite((out.baseline.get(s) or {}).get("ppl_ratio")) or math.inf, s))
     helped = {m: sum(c.verdict == "helps" for (_, mm), c in out.cells.items() if mm == m) for _, m in out.cells}
@@ -95,17 +110,27 @@ def _mark_best(m: Matrix, scheme: str) -> None:
 
 def matrices(rows: Iterable[dict[str, Any]]) -> list[Matrix]:
     """Every (model, corpus, protocol, settings) that has at least one mitigated run with a verdict."""
-    found = [matrix(key, part) for key, part in _group(rows).items()]
-    return [m for m in found if m.cells]
+    found = [m for m in (matrix(key, part) for key, part in _group(rows).items()) if m.cells]
+    helped: dict[str, int] = {}
+    for m in found:
+        for (_, mitigation), cell in m.cells.items():
+            helped[mitigation] = helped.get(mitigation, 0) + (cell.verdict == "helps")
+    order = sorted(helped, key=lambda x: (-helped[x], x))  # one column order for every panel
+    for m in found:
+        m.mitigations = [x for x in order if x in m.mitigations]
+    return found
 
 
 def ranking(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Unmitigated schemes by ppl ratio within each (model, corpus, protocol, settings), with the best mitigation."""
+    """Unmitigated schemes by ppl ratio within each (model, corpus, protocol, settings), real kernels first and
+    ranked apart from simulated ones (``rank`` restarts), with the best mitigation."""
     out = []
     for key, part in _group(rows).items():
         m = matrix(key, part)
-        base = sorted(m.baseline.values(), key=lambda r: (_finite(r["ppl_ratio"]) or math.inf, r["scheme"]))
-        for rank, r in enumerate(base, 1):
+        base = sorted(m.baseline.values(),
+                      key=lambda r: (bool(r["simulated"]), _finite(r["ppl_ratio"]) or math.inf, r["scheme"]))
+        for i, r in enumerate(base):
+            rank = 1 + sum(b["simulated"] == r["simulated"] for b in base[:i])
             best = m.best(r["scheme"])
             cell = m.cells.get((r["scheme"], best)) if best else None
             out.append({"model": r["model"], "corpus": r["corpus"], "protocol": r["protocol"],
@@ -120,18 +145,20 @@ def matrix_rows(ms: list[Matrix]) -> list[dict[str, Any]]:
     """The matrices in long form (one row per cell): the CSV and JSON carry these."""
     return [{"model": m.model, "corpus": m.corpus, "protocol": m.protocol, "settings": m.settings, "scheme": s, "mitigation": mit,
              "delta_ppl": c.delta_ppl, "ci_low": c.ci[0] if c.ci else None, "ci_high": c.ci[1] if c.ci else None,
-             "verdict": c.verdict, "best": c.best, "run_id": c.run_id}
+             "recovered": c.recovered, "verdict": c.verdict, "best": c.best, "run_id": c.run_id}
             for m in ms for s in m.schemes for mit in m.mitigations if (c := m.cells.get((s, mit)))]
 
 
 def cell_text(cell: Cell | None, digits: int = 3) -> str:
-    """``-12.1 helps ★`` (``n/a`` for not-applicable, empty when there is no run)."""
+    """``-12.1 (80%) helps ★``: Δppl, the share of the damage recovered, the verdict (``n/a`` for
+    not-applicable, empty when there is no run)."""
     if cell is None:
         return ""
     if cell.verdict == "not-applicable":
         return "n/a"
     value = "" if cell.delta_ppl is None else f"{_signed(cell.delta_ppl, digits)} "
-    return f"{value}{cell.verdict}" + (" ★" if cell.best else "")
+    share = "" if cell.recovered is None else f"({cell.recovered:.0%}) "
+    return f"{value}{share}{cell.verdict}" + (" ★" if cell.best else "")
 
 
 def _signed(value: float, digits: int) -> str:

@@ -105,3 +105,15 @@ def test_show_prints_a_stored_record_as_eval_does(tiny_model_dir, tiny_text_file
     assert '"mitigation_effect"' in as_json.output and '"verdict"' in as_json.output
     missing = runner.invoke(app, ["show", "0123456789abcdef", "--results", str(tmp_path)])
     assert missing.exit_code == 2
+
+
+def test_an_undecided_verdict_says_how_to_get_more_evidence():
+    from types import SimpleNamespace
+
+    from quantsink.cli.eval_cmd import more_evidence
+
+    record = SimpleNamespace(config=SimpleNamespace(max_tokens=2048, window=128), protocol=SimpleNamespace(n_windows=16))
+    undecided = SimpleNamespace(mitigation_effect={"verdict": "inconclusive"})
+    assert more_evidence(record, undecided).startswith("more evidence: --max-tokens 8192 (64 windows of 128)")
+    assert more_evidence(record, SimpleNamespace(mitigation_effect={"verdict": "helps"})) is None
+    assert more_evidence(record, SimpleNamespace(mitigation_effect=None)) is None

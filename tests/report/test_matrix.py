@@ -36,7 +36,7 @@ def test_no_best_when_nothing_helps():
 def test_ranking_orders_schemes_by_ppl_ratio_with_bits_and_kernels():
     rank = [r for r in ranking(_rows(grid_records())) if (r["model"], r["corpus"]) == ("tiny-gemma", "python-code")]
     assert [(r["rank"], r["scheme"], r["kernels"]) for r in rank] == [(1, "int8", "real"), (2, "nf4", "real"),
-                                                                       (3, "w8a8", "simulated")]
+                                                                       (1, "w8a8", "simulated")]  # ranked apart
     assert rank[1]["bits"] == "W4A32KV32" and rank[2]["best_mitigation"] == "sink-fp"
 
 
@@ -51,6 +51,9 @@ def test_markdown_csv_and_json_carry_the_same_matrix(tmp_path):
     for row in rows:
         assert row["verdict"] in {"helps", "inconclusive"}
         assert (row["best"] == "True") == (row["verdict"] == "helps")
-    assert md.count("| w8a8 | 2.5 | -12 helps ★ | ±0 inconclusive |") == 4
+    # -12 ppl is 80% of tiny-llama's damage (25 - 10) but 40% of tiny-gemma's (50 - 20): comparable across models
+    assert md.count("| w8a8 | 2.5 | -12 (80%) helps ★ | ±0 (0%) inconclusive |") == 2
+    assert md.count("| w8a8 | 2.5 | -12 (40%) helps ★ | ±0 (0%) inconclusive |") == 2
+    assert {row["recovered"] for row in rows} == {"0.8", "0.4", "0.0"}
     html = (tmp_path / "out" / "leaderboard.html").read_text()
     assert html.index('class="matrix"') < html.index('id="ranking"') < html.index('id="leaderboard"')

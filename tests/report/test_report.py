@@ -45,7 +45,9 @@ def test_effect_and_d_sink_come_from_the_variant_records():
     r = frame.set_index("mitigation").loc["sink-fp"]
     expected = effects(records[1], {rec.run_id: rec for rec in records}.get)
     assert (r["verdict"], r["effect"]) == ("helps", pytest.approx(-12.0)) and r["effect"] == expected.mitigation_effect["delta_ppl"]
-    assert r["d_sink"] == pytest.approx(expected.d_sink["nats_per_token"]) and r["d_sink"] > 0
+    assert math.isnan(r["d_sink"])  # the scheme's d_sink is on its unmitigated row, not repeated here
+    none = frame.set_index("mitigation").loc["none"]
+    assert none["d_sink"] == pytest.approx(expected.d_sink["nats_per_token"]) and none["d_sink"] > 0
     alone, _, _ = leaderboard(records[1:])  # without the unmitigated run there is nothing to pair with
     assert alone["verdict"].isna().all() and alone["d_sink"].isna().all()
 
@@ -96,7 +98,7 @@ def test_write_report_all_formats(tmp_path):
     assert len(data["rows"]) == 20
     helps = [r for r in data["rows"] if r["verdict"] == "helps"]
     assert len(helps) == 4 and all(r["effect"] == pytest.approx(-12.0) and r["effect_ci"][1] < 0 for r in helps)
-    assert sum(r["d_sink"] is not None for r in data["rows"]) == 12  # every w8a8 row: none, sink-fp, smooth
+    assert sum(r["d_sink"] is not None for r in data["rows"]) == 4  # the unmitigated w8a8 rows only
     md = (tmp_path / "out" / "leaderboard.md").read_text()
     assert md.split("**All runs**")[1].count("\n| ") == 21 and "Protocol: 8x128 tok" in md  # header + 20 rows
     page = (tmp_path / "out" / "leaderboard.html").read_text()

@@ -100,7 +100,7 @@ def test_compare_by_spec_takes_the_newest_rerun_of_one_identity(tmp_path):
 def test_compare_shows_the_settings_and_says_when_environments_differ(tmp_path):
     a, b = make_record(env=OLD), make_record(mitigation="sink-fp", ppl=10.0, env=NEW)
     result = compare(a, b)
-    assert "calib_windows=16" in result["settings"] and result["settings_differ"] is None
+    assert "calib_windows=4" in result["settings"] and result["settings_differ"] is None  # the default
     assert result["env_differences"] == ["transformers 5.24.0 vs 5.25.0"]
     write_record(a, tmp_path)
     write_record(b, tmp_path)
