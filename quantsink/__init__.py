@@ -10,8 +10,13 @@ The stages live in sub-packages (``docs/architecture.md``): data -> schemes / mi
 measure -> pipeline -> records -> analysis -> report, with sweep and cli on top.
 """
 
-from quantsink.api import evaluate, run
-from quantsink.config import RunConfig, __version__
-from quantsink.errors import QuantsinkError
+import os
+
+# before torch loads libgomp: llama.cpp shares it, and spinning OpenMP threads made its windows 2-3x slower
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from quantsink.api import evaluate, run  # noqa: E402
+from quantsink.config import RunConfig, __version__  # noqa: E402
+from quantsink.errors import QuantsinkError  # noqa: E402
 
 __all__ = ["RunConfig", "QuantsinkError", "__version__", "evaluate", "run"]

@@ -176,4 +176,4 @@ def register(default: Mitigation, help: str = "") -> Mitigation:
     return MITIGATIONS.register(default.name, default, help=help)
 
 
-from . import clip, cushion, intact_kv, rotate, sink_fp, sink_token, smooth  # noqa: E402,F401  (register them)
+from . import clip, cushion, intact_kv, rotate, sink_fp, sink_token, smooth, smooth_k  # noqa: E402,F401  (register them)

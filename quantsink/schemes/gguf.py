@@ -14,9 +14,13 @@ llama.cpp`` they run for real (the KV-cache type of the context; ``simulated: fa
   and values over blocks of 64, before quantization; queries get the same rotation (so ``q . k`` is unchanged)
   and the attention output the inverse one. The twin quantizes ``x H`` and reads back ``Q(x H) H`` (``H = H^T =
   H^-1``), the same attention up to float rounding.
-* Omitted: with flash attention llama.cpp's CPU kernel also rounds the queries to the K cache's dot type (q8_0
-  for these caches) and accumulates ``P V`` in float16; the agreement tests (tests/engines) measure the twin
-  against the engine with that left out.
+* Channel order: llama.cpp caches a head's key channels in GGUF order; for interleaved-RoPE architectures (Llama:
+  convert_hf_to_gguf permutes q/k rows) that is transformers' ``0, D/2, 1, D/2+1, ...``, so blocks of 32 (and the
+  rotation) cover other channels than in transformers' order; the twin quantizes in GGUF order (``gguf_order``).
+  Measured on smollm2, kv-q4_0 rot=off keys only: KL 0.111 in transformers' order, engine 0.174.
+* Queries: llama.cpp's CPU flash-attention kernel converts each query to the K cache's dot type (``vec_dot_type``,
+  q8_0 for all three caches) before ``q . k``; the twin quantizes the post-RoPE queries (rotated when keys are) to
+  q8_0 blocks the same way (``queries=q8_0``; ``queries=float`` leaves them, to measure what that costs).
 
 Weight schemes ``q8_0 q6_k q5_k_m q4_k_m q4_0 iq4_xs``: llama.cpp's quantizer (``llama_model_quantize``) on the
 engine's F32 file; engine only (a transformers twin is not built yet: refused in one line).
@@ -33,7 +37,8 @@ from torch import nn
 
 from ..errors import UsageError
 from . import Scheme, register
-from .kv_sites import post_rope
+from quantsink.hooks.sites import FQN, Hook
+from .kv_sites import PostRopeKeys, RopeFrame, post_rope
 from .quant import keep_rows
 from .simulated import KeepFp, Simulated, at_projection, attention_modules, head_dim
 
@@ -90,22 +95,56 @@ def rotate_blocks(x: torch.Tensor, n: int) -> torch.Tensor:
     return (x.float().unflatten(-1, (-1, n)) @ hadamard(n).to(x.device)).flatten(-2).to(x.dtype)
 
 
-class GgmlKVQuantizer(nn.Module):
-    """A KV site's quantizer ``(B, T, H*D)``: llama.cpp's cache rotation (``rot``) and ggml blocks of 32."""
+# architectures whose GGUF stores q/k with llama.cpp's interleaved RoPE ("norm": channel pairs (2i, 2i+1));
+# convert_hf_to_gguf permutes their q_proj/k_proj rows, so a head's channels in the cache are in GGUF order
+INTERLEAVED_ROPE = ("llama", "mistral", "mixtral", "granite")
 
-    def __init__(self, fmt: str, rot: int | None, keep: KeepFp):
+
+def gguf_order(dim: int) -> torch.Tensor:
+    """GGUF channel j of a head of ``dim`` (interleaved RoPE) = transformers channel ``order[j]``:
+    ``0, D/2, 1, D/2+1, ...`` (convert_hf_to_gguf's permute, inverted)."""
+    half = torch.arange(dim // 2)
+    return torch.stack([half, half + dim // 2], 1).flatten()
+
+
+class GgmlKVQuantizer(nn.Module):
+    """A KV site's quantizer ``(B, T, H*D)``: the head's channels in llama.cpp's order (``order``, keys and
+    queries of interleaved-RoPE models), its cache rotation (``rot``) and ggml blocks of 32."""
+
+    def __init__(self, fmt: str, rot: int | None, keep: KeepFp, order: torch.Tensor | None = None):
         super().__init__()
-        self.fmt, self.rot, self.keep = fmt, rot, keep
+        self.fmt, self.rot, self.keep, self.order = fmt, rot, keep, order
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = rotate_blocks(x, self.rot) if self.rot else x
+        y = self._permute(x, self.order)
+        y = rotate_blocks(y, self.rot) if self.rot else y
         out = ggml_block_quant(y, self.fmt)
         out = rotate_blocks(out, self.rot) if self.rot else out
+        out = self._permute(out, None if self.order is None else torch.argsort(self.order))
         keep = self.keep.rows(x)
         return out if keep is None else keep_rows(out, x, keep)
 
+    @staticmethod
+    def _permute(x: torch.Tensor, order: torch.Tensor | None) -> torch.Tensor:
+        if order is None:
+            return x
+        return x.unflatten(-1, (-1, len(order)))[..., order.to(x.device)].flatten(-2)
+
     def extra_repr(self) -> str:
-        return f"ggml {self.fmt} blocks of {QK}, hadamard {self.rot or 'off'}"
+        return f"ggml {self.fmt} blocks of {QK}, hadamard {self.rot or 'off'}, gguf order {self.order is not None}"
+
+
+def post_rope_queries(model: nn.Module, fqn: str, quantizer: nn.Module, dim: int, hooks: dict[str, list[Any]]) -> str:
+    """The queries as the attention sees them (after any q_norm and RoPE) through ``quantizer``, as ``post_rope``
+    does for keys."""
+    attn = model.get_submodule(fqn)
+    frame = RopeFrame()
+    queries = PostRopeKeys(quantizer, frame, dim)
+    attn.add_module("query_quantizer", queries)
+    source = "q_norm" if isinstance(getattr(attn, "q_norm", None), nn.Module) else "q_proj"
+    hooks.setdefault(FQN + fqn, []).append(Hook(frame.hook, "call"))
+    hooks.setdefault(f"{FQN}{fqn}.{source}", []).append(Hook(queries))
+    return f"{fqn}.query_quantizer (q8_0 queries, on the {source} output, post-RoPE)"
 
 
 @dataclass(frozen=True)
@@ -114,6 +153,7 @@ class GgufKV(Simulated):
 
     fmt: Literal["q8_0", "q5_0", "q4_0"] = "q8_0"
     rot: bool = True
+    queries: Literal["q8_0", "float"] = "q8_0"
     engine_kv: ClassVar[bool] = True
 
     @property
@@ -128,12 +168,18 @@ class GgufKV(Simulated):
 
     def _attach_kv(self, model: nn.Module, keep: KeepFp, hooks: dict[str, list[Any]]) -> list[str]:
         sites = []
+        interleaved = getattr(model.config, "model_type", "") in INTERLEAVED_ROPE
         for fqn, attn in attention_modules(model):
             dim = head_dim(model, attn)
+            order = gguf_order(dim) if interleaved else None
             for name, role, place in (("k_proj", "key", post_rope), ("v_proj", "value", at_projection)):
                 rot = rotation_size(dim, role) if self.rot else None
-                quantizer = GgmlKVQuantizer(self.fmt, rot, keep).to(getattr(attn, name).weight.device)
-                sites.append(place(model, fqn, name, quantizer, dim, hooks))
+                quantizer = GgmlKVQuantizer(self.fmt, rot, keep, order if role == "key" else None)
+                sites.append(place(model, fqn, name, quantizer.to(getattr(attn, name).weight.device), dim, hooks))
+            if self.queries == "q8_0":
+                rot = rotation_size(dim, "key") if self.rot else None
+                queries = GgmlKVQuantizer("q8_0", rot, KeepFp(lambda *a: None), order)
+                sites.append(post_rope_queries(model, fqn, queries, dim, hooks))
         return sites
 
     def check_model(self, model: Any) -> None:
