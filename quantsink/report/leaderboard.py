@@ -52,6 +52,7 @@ from quantsink.records.schema import RunRecord
 
 COLUMNS = {  # column -> (markdown header, digits); order = table order
     "model": ("model", None), "corpus": ("corpus", None), "settings": ("settings", None), "scheme": ("scheme", None),
+    "engine": ("engine", None),
     "mitigation": ("mitigation", None), "bits": ("bits", None), "w_bits": ("weight bits", 3), "ppl_ref": ("ppl ref", 4), "ppl": ("ppl", 4),
     "ppl_ratio": ("ppl ×ref", 4), "kl": ("KL", 3), "kl_p99": ("KL p99", 3), "kl_p999": ("KL p99.9", 3),
     "kl_max": ("KL max", 3), "top1": ("top-1", 3), "bpb": ("bits/byte", 4),
@@ -65,7 +66,7 @@ COLUMNS = {  # column -> (markdown header, digits); order = table order
     "run_id": ("run_id", None), "baseline": ("baseline run", None), "env": ("environment vs baseline", None),
     "created_at": ("created", None),
 }
-MARKDOWN = ("model", "corpus", "settings", "scheme", "mitigation", "bits", "ppl", "ppl_ratio", "kl", "kl_p99",
+MARKDOWN = ("model", "corpus", "settings", "scheme", "engine", "mitigation", "bits", "ppl", "ppl_ratio", "kl", "kl_p99",
             "kl_p999", "kl_max", "top1", "bpb", "d_sink", "verdict", "effect", "effect_ci", "mde", "baseline", "sink_before", "sink_after", "heads_woken",
             "peak_before", "peak_after", "simulated", "backend")
 VERDICT_COLORS = {"helps": "#2e7d32", "hurts": "#c62828", "inconclusive": "#757575",
@@ -161,7 +162,7 @@ def row(record: RunRecord, effects: Effects | None = None, settings: Iterable[st
     bpb_ref, bpb = _num(ref.bits_per_byte), _num(cand.bits_per_byte)
     return {
         "model": record.model.name, "corpus": record.corpus.name, "settings": settings_label(record, settings),
-        "scheme": scheme.spec,
+        "scheme": scheme.spec, "engine": record.config.engine,
         "mitigation": record.config.mitigation, "bits": bits_label(record), "w_bits": _num(scheme.bits),
         "ppl_ref": _num(ref.ppl), "ppl": _num(cand.ppl), "ppl_ratio": _ratio(cand.ppl, ref.ppl),
         "kl": _num(cand.kl), **kl_tail(cand.kl_percentiles), "top1": _num(cand.top1_agreement), "bpb": bpb,
@@ -624,7 +625,7 @@ if (sortBy) {
   if (th) { th.click(); if (sortBy[1]) th.click(); }
 }
 """
-VISIBLE = ("model", "corpus", "scheme", "mitigation", "bits", "ppl", "ppl_ratio", "kl", "verdict", "effect",
+VISIBLE = ("model", "corpus", "scheme", "engine", "mitigation", "bits", "ppl", "ppl_ratio", "kl", "verdict", "effect",
            "d_sink", "run_id")  # the full table's columns shown by default (the chooser shows the rest)
 
 
