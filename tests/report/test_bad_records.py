@@ -58,3 +58,15 @@ def test_compare_says_what_is_wrong_with_a_run_ids_file(tmp_path):
     path.write_text(json.dumps({**record.to_dict(), "schema_version": SCHEMA_VERSION + 1}))
     with pytest.raises(QuantsinkError, match="newer than this quantsink"):
         resolve(record.run_id, runs)
+
+
+def test_plots_draw_a_bounded_number_of_groups():
+    import pandas as pd
+
+    from quantsink.report.leaderboard import PLOT_GROUPS, first_groups
+
+    frame = pd.DataFrame({"model": [f"m{i // 2}" for i in range(60)], "corpus": ["c"] * 60, "x": range(60)})
+    kept, note = first_groups(frame)
+    assert len(set(kept["model"])) == PLOT_GROUPS and f"first {PLOT_GROUPS} of 30" in note
+    small, none = first_groups(frame.head(4))
+    assert len(small) == 4 and none == ""
