@@ -13,7 +13,14 @@ the one that reaches N tokens) are scored twice:
 
 Timed: quantsink = building the windows (tokenizing) + the pass; lm-eval = the whole
 ``simple_evaluate`` call (task loading, requests, passes, metrics) -- what a user waits
-for.  ``tokens`` = document tokens scored (identical on both sides).
+for.  ``tokens`` = document tokens scored (identical on both sides).  Each repeat runs, back
+to back, the reference pass (``keep_targets=True``: it also builds the KL summary), the plain
+scoring pass (``run_pass(model, windows)``: forward and NLL, what a candidate pass without KL
+costs) and lm-eval.  ``speedup`` / ``speedup_plain`` = lm-eval's best wall time / quantsink's
+best (reference / plain); ``cpu`` has the same ratios from process CPU time
+(``time.process_time``; fix ``--threads`` so that they compare like with like) and ``paired_median``
+the median over repeats of each ratio timed back to back -- the steadier figures when other
+processes compete for the cores (``load_average`` before / after).
 
 ``gemm_fraction`` = achieved FLOP/s of the reference pass / float32 GEMM FLOP/s measured
 here with ``torch.matmul`` on square matrices, where the pass's FLOPs are
@@ -30,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -100,28 +108,43 @@ def main() -> None:
         model(input_ids=torch.tensor([[1] * 64]))  # warm-up
 
     names = [args.corpus]
-    quantsink_times, lm_eval_times = [], []
-    for _ in range(args.repeat):  # alternate the two, keep each one's best (the machine may be shared)
+    quantsink_times, lm_eval_times, plain_times = [], [], []
+    cpu: dict[str, list[float]] = {"reference": [], "plain": [], "lm_eval": []}
+    load_before = os.getloadavg()[0]
+    for _ in range(args.repeat):  # alternate them, keep each one's best (the machine may be shared)
         gemms.append(gemm_flops())
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         made = PROTOCOLS.get("lm-eval")(config, corpus, tokenizer)
         windows_s = time.perf_counter() - t0
         result = run_pass(model, made.windows, keep_targets=True, batch_tokens=args.batch_tokens)
         quantsink_times.append((windows_s + result.seconds, windows_s, result.seconds))
+        cpu["reference"].append(time.process_time() - c0)
         n_docs, tokens = made.protocol["n_documents"], made.windows.n_scored
         bpb = float(result.nll.sum()) / 0.6931471805599453 / float(result.nbytes.sum())
 
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
+        plain = run_pass(model, PROTOCOLS.get("lm-eval")(config, corpus, tokenizer).windows,
+                         batch_tokens=args.batch_tokens)
+        plain_times.append(time.perf_counter() - t0)
+        cpu["plain"].append(time.process_time() - c0)
+        assert torch.equal(plain.nll, result.nll)
+
+        c0, t0 = time.process_time(), time.perf_counter()
         manager = lmeval.task_manager(names)
         tasks = lmeval.load_tasks(names, manager)
         results = lmeval.simple_evaluate(model, tokenizer, tasks, manager, limit=n_docs, max_length=args.window,
                                          batch_rows=lmeval.rows_per_batch(args.batch_tokens, args.window))
         lm_eval_times.append(time.perf_counter() - t0)
+        cpu["lm_eval"].append(time.process_time() - c0)
         lm_eval_bpb = results["results"][args.corpus]["bits_per_byte,none"]
         assert lmeval.scored_documents(results, args.corpus) == list(corpus.documents[:n_docs])
 
     quantsink_s, windows_s, pass_s = min(quantsink_times)
-    lm_eval_s = min(lm_eval_times)
+    lm_eval_s, plain_s = min(lm_eval_times), min(plain_times)
+    best_cpu = {name: min(ts) for name, ts in cpu.items()}
+
+    def paired(times: list[float], others: list[float]) -> float:
+        return round(statistics.median(b / a for a, b in zip(times, others)), 3)
     gemm = max(gemms)
     flops, flops_full = pass_flops(model, made.windows)
     report = {
@@ -134,6 +157,16 @@ def main() -> None:
         "quantsink_pass_s": round(pass_s, 3), "lm_eval_s": round(lm_eval_s, 3),
         "tokens_per_s": round(tokens / quantsink_s, 1), "lm_eval_tokens_per_s": round(tokens / lm_eval_s, 1),
         "speedup": round(lm_eval_s / quantsink_s, 3),
+        "plain_times_s": [round(t, 3) for t in plain_times], "plain_s": round(plain_s, 3),
+        "speedup_plain": round(lm_eval_s / plain_s, 3),
+        "cpu": {"speedup": round(best_cpu["lm_eval"] / best_cpu["reference"], 3),
+                "speedup_plain": round(best_cpu["lm_eval"] / best_cpu["plain"], 3),
+                "times_s": {name: [round(t, 3) for t in ts] for name, ts in cpu.items()}},
+        "paired_median": {"speedup": paired([t[0] for t in quantsink_times], lm_eval_times),
+                          "speedup_plain": paired(plain_times, lm_eval_times),
+                          "cpu_speedup": paired(cpu["reference"], cpu["lm_eval"]),
+                          "cpu_speedup_plain": paired(cpu["plain"], cpu["lm_eval"])},
+        "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "bpb": round(bpb, 6), "lm_eval_bpb": round(lm_eval_bpb, 6), "bpb_rel_diff": bpb / lm_eval_bpb - 1,
         "gemm_gflops": round(gemm / 1e9, 1), "pass_gflops": round(flops / pass_s / 1e9, 1),
         "gemm_fraction": round(flops / pass_s / gemm, 3),

@@ -21,7 +21,18 @@ Two parts, on the same windows (``--windows`` x ``--window`` tokens of python-do
    * ``reference_pass_s``: the float32 reference pass (it also keeps the KL summary);
    * ``stats_pass_s``: the float32 reference pass with the extreme-token stats
      riding on it (default ``--stats-windows``; ``stats_overhead`` =
-     stats_pass_s / reference_pass_s - 1).
+     stats_pass_s / reference_pass_s - 1);
+   * the passes a run adds beyond its candidate pass, each as a ratio under ``added_passes``:
+     ``noise_draw_s``, one noise-floor perturbation (``run.noise_draw``, ``jitter:1``) of the
+     quantized candidate (a run makes ``noise_draws`` of them; ``per_candidate`` = noise_draw_s /
+     quant_pass_s); ``calibration_draw_s``, one more calibration draw of the static scheme
+     (``run.calibration_draw``: re-calibrate, score again; a run makes ``calib_draws - 1``);
+     ``engine_reference_s``, llama.cpp's float reference pass (the model's F32 GGUF through
+     ``engines.llamacpp.iter_window_logits`` into ``passes.LogitScorer``, the engine's settings;
+     ``per_reference`` = engine_reference_s / reference_pass_s), where the model is a GGUF and
+     llama-cpp-python is installed (else ``engine_reference`` says why not); ``run_cost`` = the
+     candidate pass plus the noise and calibration draws of one run, in candidate passes (the
+     same from CPU time under ``cpu``; llama.cpp's own threads count there too).
 
    The same ratios from process CPU time are under ``cpu`` (with ``--threads 1``
    they move less than wall times when other processes compete for the cores),
@@ -96,7 +107,9 @@ def passes(args: argparse.Namespace, scheme: str) -> dict[str, Any]:
     def candidate(name: str) -> Callable[[], Any]:
         return lambda: run_pass(candidates[name], windows, reference=ref.targets, reference_head=head)
 
-    fns = {"float_pass": candidate("fp32"), "quant_pass": candidate(scheme),
+    quant_result = run_pass(candidates[scheme], windows, reference=ref.targets, reference_head=head)
+    added, engine_note = added_passes(prep[scheme], candidates[scheme], quant_result, ref)
+    fns = {"float_pass": candidate("fp32"), "quant_pass": candidate(scheme), **added,
            "reference_pass": lambda: run_pass(model, windows, keep_targets=True),
            "nll_pass": lambda: run_pass(model, windows),
            "bf16_nll_pass": lambda: run_pass(bf16.loaded.model, bf16.windows),
@@ -123,6 +136,7 @@ def passes(args: argparse.Namespace, scheme: str) -> dict[str, Any]:
         "fp32_ppl": ppl32, "bf16_ppl": ppl16, "bf16_ppl_rel_diff": ppl16 / ppl32 - 1,
         "stats_overhead": round(best["stats_pass"] / best["reference_pass"] - 1, 4),
         "stats_windows": stats_config.stats_windows,
+        "added_passes": added_costs(best, prep[scheme], engine_note),
         "pass_times_s": {name: [round(t, 3) for t in ts] for name, ts in times.items()},
         "paired_median": {"quant_overhead": paired(times, "quant_pass", "float_pass"),
                           "bf16_speedup": paired(times, "nll_pass", "bf16_nll_pass"),
@@ -132,8 +146,63 @@ def passes(args: argparse.Namespace, scheme: str) -> dict[str, Any]:
         "cpu": {"quant_overhead": round(cpu["quant_pass"] / cpu["float_pass"], 3),
                 "bf16_speedup": round(cpu["nll_pass"] / cpu["bf16_nll_pass"], 3),
                 "stats_overhead": round(cpu["stats_pass"] / cpu["reference_pass"] - 1, 4),
+                "added_passes": added_costs(cpu, prep[scheme], engine_note),
                 "pass_cpu_s": {name: [round(t, 3) for t in ts] for name, ts in cpu_times.items()}},
     }
+
+
+def added_passes(prep: Any, model: Any, candidate: Any, reference: Any) -> tuple[dict[str, Callable[[], Any]], str]:
+    """The timed passes a run adds beyond its candidate pass, and a note on the engine reference."""
+    from quantsink.pipeline.run import calibration_draw, noise_draw
+
+    fns: dict[str, Callable[[], Any]] = {
+        "noise_draw": lambda: noise_draw(prep, model, candidate, reference, "jitter:1")}
+    if prep.scheme.needs_calibration():
+        fns["calibration_draw"] = lambda: calibration_draw(prep, model, reference, 1)
+    try:
+        fns["engine_reference"] = engine_reference(prep)
+        return fns, "llama.cpp float reference (F32 GGUF), the engine's settings"
+    except Exception as exc:  # a missing engine or a model with no GGUF: stated, not timed
+        return fns, f"not timed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
+def engine_reference(prep: Any) -> Callable[[], Any]:
+    """llama.cpp's float reference pass over the run's windows (raises where it cannot run here)."""
+    import llama_cpp  # noqa: F401  (the engine must be installed)
+
+    from quantsink.data.models import gguf_path
+    from quantsink.engines.gguf_files import float_reference
+    from quantsink.engines.llamacpp import iter_window_logits
+    from quantsink.measure.passes import LogitScorer, window_ids
+    from quantsink.pipeline.engine import BASE_SETTINGS
+
+    source = gguf_path(prep.config.model)
+    if source is None:
+        raise ValueError(f"{prep.config.model} is not a GGUF model")
+    ref_file, ids = float_reference(source), window_ids(prep.windows)
+
+    def run() -> Any:
+        scorer = LogitScorer(prep.windows)
+        for i, logits in enumerate(iter_window_logits(ref_file, ids, **BASE_SETTINGS)):
+            scorer.add(i, logits)
+        return scorer.result()
+    return run
+
+
+def added_costs(best: dict[str, float], prep: Any, engine_note: str) -> dict[str, Any]:
+    """Each added pass's cost in candidate (or reference) passes, and one run's total."""
+    config, quant = prep.config, best["quant_pass"]
+    out: dict[str, Any] = {"noise_draws": config.noise_draws, "calib_draws": config.calib_draws,
+                           "noise_draw_per_candidate": round(best["noise_draw"] / quant, 3),
+                           "engine_reference": engine_note}
+    run = 1 + config.noise_draws * best["noise_draw"] / quant
+    if "calibration_draw" in best:
+        out["calibration_draw_per_candidate"] = round(best["calibration_draw"] / quant, 3)
+        run += (config.calib_draws - 1) * best["calibration_draw"] / quant
+    if "engine_reference" in best:
+        out["engine_reference_per_reference"] = round(best["engine_reference"] / best["reference_pass"], 3)
+    out["run_cost_in_candidate_passes"] = round(run, 3)
+    return out
 
 
 def sweep_grid(args: argparse.Namespace) -> dict[str, Any]:
