@@ -382,6 +382,8 @@ def model_sha256(spec: str, offline: bool = False) -> str:
     if spec in MODELS:
         source = MODELS.get(spec)
         return source.sha256 or sha256_file(source.locate())
+    if _gguf_file(Path(spec).expanduser()):
+        return sha256_file(Path(spec).expanduser())  # as _embedded: the file's digest, no conversion
     return _resolve(spec, offline)[1].sha256
 
 

@@ -74,7 +74,9 @@ def files(config: RunConfig, weights: str) -> tuple[Path, Path]:
 
 def run_llamacpp(config: RunConfig, session: Any, progress: Callable[..., Any]) -> RunRecord:
     """One llama.cpp run -> its record (the module docstring's protocol)."""
+    from quantsink.data.models import model_sha256
     from quantsink.pipeline import run as pipeline
+    from quantsink.pipeline.plan import run_id_for
 
     plan = engine_plan(config)
     base = config.replace(model=config.reference or config.model, reference="", engine="transformers",
@@ -96,7 +98,9 @@ def run_llamacpp(config: RunConfig, session: Any, progress: Callable[..., Any]) 
     applied = engine_applied(config, plan, ref_files, agreement, hf_reference)
     prep = dataclasses.replace(prep, config=config, scheme=OnEngine(_scheme(config)))
     passes = pipeline.Passes(reference, False, candidate, applied, timing, None, floor.to_dict(), None)
-    return dataclasses.replace(pipeline.make_record(prep, passes), stats=stats)
+    record = pipeline.make_record(prep, passes)  # run id: the model run (a shipped file's own digest), as planned
+    return dataclasses.replace(record, stats=stats, run_id=run_id_for(config, model_sha256(config.model, config.offline),
+                                                                     prep.corpus.sha256))
 
 
 class OnEngine:
