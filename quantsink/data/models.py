@@ -275,9 +275,9 @@ def _resolve(spec: str, offline: bool = False) -> tuple[str, ModelInfo]:
 
 
 def _directory_info(path: Path, *, name: str, source: str) -> ModelInfo:
-    check_config_json(path)
     if not any(path.glob("*.safetensors")):
         raise UsageError(f"{source}: no *.safetensors weights in that directory (quantsink never loads pickles)")
+    check_config_json(path)
     return ModelInfo(name=name, source=source, sha256=_directory_sha(path))
 
 
