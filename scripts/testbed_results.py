@@ -68,8 +68,9 @@ def cell(values: list[float], digits: int = 3) -> str:
 
 
 def probe_table(groups: dict[str, list[dict]]) -> str:
-    head = ("| variant | seeds | loss | bigram loss | backcopy loss | Attn_<s> | dormant share | "
-            "value norm <s> / others | residual norm <s> / others (L0) | ||h_<s>|| | paper (1L softmax, 1k steps) |")
+    head = ("| variant | seeds | loss | bigram loss | backcopy loss | Attn on `<s>` | dormant share | "
+            "value norm `<s>` / others | residual norm `<s>` / others (L0) | residual norm of `<s>` | "
+            "paper (1L softmax, 1k steps) |")
     lines = [head, "|" + "---|" * 11]
     for name, runs in groups.items():
         finals = [r["final"] for r in runs]
@@ -128,7 +129,8 @@ def quant_table(table: dict) -> str:
              "with sink-fp | sink-fp verdicts (margin) | harness's sink-fp verdicts | dormant query share, float -> "
              "quantized | dormant heads (float) | woken |",
              "|" + "---|" * 10]
-    for (variant, scheme), t in table.items():
+    rank = {f"{layers}L-{v}": (layers, i) for layers in range(1, 9) for i, v in enumerate(VARIANTS)}
+    for (variant, scheme), t in sorted(table.items(), key=lambda kv: rank.get(kv[0][0], (99, 99))):
         lines.append(f"| {variant} | {scheme} | {pct(t['damage'])} | {counts(t['damage_verdict'])} | "
                      f"{pct(t['sinkfp']) if t['sinkfp'] else '-'} | {counts(t['sinkfp_verdict'])} | "
                      f"{counts(t['harness_verdict'])} | {spread(t['share_ref'])['mean']:.3f} -> "
