@@ -74,7 +74,7 @@ def test_unknown_corpus_message_says_corpora():
     (["--lm-eval", "no_such_task_xyz"], "unknown lm-eval task"),
     (["--model", "nobody/not-cached-anywhere", "--offline"], "offline mode is on"),
     (["--window", "9000", "--max-tokens", "9000"], "exceed the model's context"),
-    (["--model", "."], "no *.safetensors weights"),
+    (["--model", "."], "safetensors"),  # a folder that is no model folder
     (["--corpus", "file:/nonexistent.txt"], "does not exist"),
 ])
 def test_dry_run_refuses_what_a_real_run_would(args, message, tmp_path):
