@@ -72,10 +72,10 @@ def files(config: RunConfig, weights: str) -> tuple[Path, Path]:
     return float_reference(base), candidate
 
 
-def run_llamacpp(config: RunConfig, session: Any, progress: Callable[..., Any]) -> RunRecord:
-    """One llama.cpp run -> its record (the module docstring's protocol)."""
+def run_llamacpp(config: RunConfig, session: Any, progress: Callable[..., Any], pipeline: Any) -> RunRecord:
+    """One llama.cpp run -> its record (the module docstring's protocol). ``pipeline`` is ``pipeline.run`` (its
+    prepare, reference pass and record), handed in by its caller so that this module does not import it."""
     from quantsink.data.models import model_sha256
-    from quantsink.pipeline import run as pipeline
     from quantsink.pipeline.plan import run_id_for
 
     plan = engine_plan(config)
@@ -91,7 +91,8 @@ def run_llamacpp(config: RunConfig, session: Any, progress: Callable[..., Any]) 
     t0 = time.perf_counter()
     scored = lockstep(ref_files, prep.windows, cand_windows, plan["candidate"], hf_reference, prep)
     timing["candidate_s"] = time.perf_counter() - t0
-    reference, candidate, agreement, floor = scored
+    reference, candidate, agreement, results = scored
+    floor = noise(results, pipeline)
     t0 = time.perf_counter()
     stats = engine_stats_record(ref_files, prep.windows, cand_windows, plan["candidate"], config)
     timing["engine_stats_s"] = time.perf_counter() - t0
@@ -135,7 +136,7 @@ def _iterators(ref_file: Path, cand_file: Path, ref_ids: list, cand_ids: list, c
 def lockstep(ref_files: tuple[Path, Path], windows: Any, cand_windows: Any, cand: dict[str, Any],
              hf_reference: PassResult, prep: Any) -> tuple[PassResult, PassResult, PassResult, Any]:
     """Every engine pass of a run, window by window: (reference, candidate, engine float vs transformers
-    float32, noise floor). One window's logits of each pass are in memory at a time."""
+    float32, every pass's result by name). One window's logits of each pass are in memory at a time."""
     import torch
 
     with torch.inference_mode():
@@ -156,14 +157,14 @@ def _lockstep(its: dict[str, Any], windows: Any, cand_windows: Any, hf_reference
         for name in scorers.keys() - {"reference", "agreement"}:
             scorers[name].add(i, got[name], got["reference"])
     results = {name: s.result() for name, s in scorers.items()}
-    return results["reference"], results["candidate"], results["agreement"], noise(results)
+    return results["reference"], results["candidate"], results["agreement"], results
 
 
-def noise(results: dict[str, PassResult]) -> Any:
-    """The candidate's noise floor from the perturbed engine passes (run.NoiseFloor, same definition)."""
+def noise(results: dict[str, PassResult], pipeline: Any) -> Any:
+    """The candidate's noise floor from the perturbed engine passes (``run.NoiseFloor``, same definition)."""
     from quantsink.measure.paired import noise_margin, ppl_delta
-    from quantsink.pipeline.run import NoiseDraw, NoiseFloor
 
+    NoiseDraw, NoiseFloor = pipeline.NoiseDraw, pipeline.NoiseFloor
     cand = results["candidate"]
     total = float(cand.n_scored.sum())
     changes = {"threads": "candidate with llama.cpp threads 1 instead of 2 (shift vs the candidate)",
@@ -215,7 +216,8 @@ def engine_stats_record(ref_files: tuple[Path, Path], windows: Any, cand_windows
 ENGINES: dict[str, Callable[..., RunRecord]] = {"llama.cpp": run_llamacpp}
 
 
-def run_on_engine(config: RunConfig, session: Any, progress: Callable[..., Any]) -> RunRecord:
+def run_on_engine(config: RunConfig, session: Any, progress: Callable[..., Any], pipeline: Any) -> RunRecord:
+    """The run of ``config`` on its engine (``ENGINES``); ``pipeline`` is the ``pipeline.run`` module."""
     if config.engine not in ENGINES:
         raise QuantsinkError(f"no engine {config.engine!r}")
-    return ENGINES[config.engine](config, session, progress)
+    return ENGINES[config.engine](config, session, progress, pipeline)

@@ -14,6 +14,7 @@ import dataclasses
 import datetime as dt
 import math
 import platform
+import sys
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -476,7 +477,7 @@ def compare_passes(config: RunConfig, session: Session, progress: Progress = _no
     if config.engine != "transformers":  # another engine scores the same windows (pipeline/engine.py)
         from quantsink.pipeline.engine import run_on_engine
 
-        return run_on_engine(config, session, progress)
+        return run_on_engine(config, session, progress, sys.modules[__name__])
     if config.lm_eval:
         from quantsink.pipeline import lmeval
 
