@@ -54,7 +54,7 @@ def write_record(record: RunRecord, results_dir: str | Path) -> Path:
         warnings.warn(f"{path} was written by a newer quantsink: kept, this run's record not written",
                       stacklevel=2)
         return path
-    data = record.to_dict()
+    data = json.loads(json.dumps(record.to_dict()))  # as a reader will see it (e.g. integer keys as strings)
     try:
         atomic_write_text(path, json.dumps({**data, DIGEST: content_sha256(data)}, indent=1) + "\n")
     except OSError as err:  # a full or read-only disk: one line, no partial file (atomic_path removes it)

@@ -84,3 +84,12 @@ def test_one_directory_level_unless_asked(tmp_path):
         warnings.simplefilter("error")
         assert [r.run_id for r in iter_records(tmp_path)] == [current.run_id]
     assert {r.run_id for r in iter_records(tmp_path, recursive=True)} == {current.run_id, stale.run_id}
+
+
+def test_the_digest_is_of_the_record_as_read_back(tmp_path):
+    import dataclasses
+
+    record = make_record()
+    odd = dataclasses.replace(record, timing={"load_s": 1.0}, calibration={10: {"a": 1}, 2: {"b": 2}})
+    path = write_record(odd, tmp_path)
+    assert load_record(path).calibration == {"10": {"a": 1}, "2": {"b": 2}}
