@@ -139,7 +139,7 @@ def layer_view(full: list[float], per_layer: dict[int, list[float]], n_scored: l
 
 def summary(view: dict[str, Any]) -> str:
     """A few plain sentences from an explain view."""
-    lines = [_sites_sentence(view["sites"])]
+    lines = [_sites_sentence(view["sites"], view.get("d_sink"))]
     if view.get("positions"):
         lines.append(_positions_sentence(view["positions"], view.get("d_sink")))
     if view.get("layers"):
@@ -147,7 +147,13 @@ def summary(view: dict[str, Any]) -> str:
     return " ".join(line for line in lines if line)
 
 
-def _sites_sentence(sites: dict[str, Any]) -> str:
+def _sites_sentence(sites: dict[str, Any], d_sink: dict[str, Any] | None = None) -> str:
+    if sites["set_by_sink"] and _sink_harmless(d_sink):
+        lo, hi = d_sink["ci95"]
+        return (f"The extreme tokens' range exceeds the ordinary tokens' at {len(sites['set_by_sink'])} of "
+                f"{len(sites['rows'])} quantized sites, but keeping the sink in full precision changes the NLL by "
+                f"{d_sink['nats_per_token']:.3g} [{lo:.3g}, {hi:.3g}] nats/token: the sink does not measurably "
+                f"set this run's damage.")
     if sites["note"] and not sites["set_by_sink"]:
         return sites["note"][0].upper() + sites["note"][1:] + "."
     n, rows = len(sites["set_by_sink"]), sites["rows"]
@@ -161,6 +167,12 @@ def _sites_sentence(sites: dict[str, Any]) -> str:
             f"{SCALE_RATIO:g}x the ordinary tokens'); worst {top['site']}: {top['absmax']:.4g} vs "
             f"{top['absmax_without_extreme']:.4g} without them, so ordinary tokens there get a "
             f"{top['ratio']:.3g}x coarser step ({top.get('bits_lost') or 0:.1f} bits lost).")
+
+
+def _sink_harmless(d_sink: dict[str, Any] | None) -> bool:
+    """d_sink measured and its interval holds 0: the sink's scale does not measurably cost anything."""
+    ci = (d_sink or {}).get("ci95")
+    return bool(ci) and ci[0] is not None and ci[1] is not None and ci[0] <= 0.0 <= ci[1]
 
 
 def _positions_sentence(pos: dict[str, Any], d_sink: dict[str, Any] | None) -> str:

@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 
 from quantsink.config import RunConfig
 from quantsink.data.corpus import Corpus, TokenStream, encode, tokenize
-from quantsink.errors import QuantsinkError
+from quantsink.errors import QuantsinkError, UsageError
 from quantsink.registry import Registry
 
 
@@ -91,7 +91,7 @@ def sliding_windows(stream: TokenStream, *, window: int, stride: int, prefix: in
     usable = min(len(stream), max_tokens)
     starts = window_starts(usable, window, stride)
     if not starts:
-        raise QuantsinkError(f"text shorter than a window: {usable} tokens < --window {window}; "
+        raise UsageError(f"text shorter than a window: {usable} tokens < --window {window}; "
                              f"lower --window or raise --max-tokens / use a longer corpus")
     lead = 0 if prefix is None else 1
     ids = torch.tensor([stream.ids[s:s + window] for s in starts], dtype=torch.long)  # (N, W)
@@ -148,7 +148,7 @@ def rolling_windows(documents: list[TokenStream], *, length: int, prefix: int, p
         for start, stop, first in rolling_rows(len(doc), length):
             rows.append((ids[start:stop], nbytes[start:stop], first))
     if not rows:
-        raise QuantsinkError("no document has any tokens to score; use a non-empty corpus")
+        raise UsageError("no document has any tokens to score; use a non-empty corpus")
     rows.sort(key=lambda row: -len(row[0]))
     width = length + 1
     input_ids = torch.full((len(rows), width), pad, dtype=torch.long)  # (N, L+1)
@@ -198,7 +198,7 @@ def bos_token(tokenizer: Any, policy: str) -> int | None:
         return None
     if policy == "always":
         if bos is None:
-            raise QuantsinkError("--bos always: this tokenizer has no BOS token; use --bos never")
+            raise UsageError("--bos always: this tokenizer has no BOS token; use --bos never")
         return bos
     first = tokenizer("a", add_special_tokens=True)["input_ids"]
     return bos if bos is not None and first and first[0] == bos else None
@@ -224,7 +224,7 @@ def _calibration(config: RunConfig, stream: TokenStream, prefix: int | None) -> 
         span = config.calib_windows * config.window
         rest = TokenStream(stream.ids[draw * span:], stream.nbytes[draw * span:])
         if len(rest) < config.window:
-            raise QuantsinkError(f"no tokens left for calibration draw {draw + 1} after the evaluation tokens: "
+            raise UsageError(f"no tokens left for calibration draw {draw + 1} after the evaluation tokens: "
                                  "lower --max-tokens or --calib-draws, or use a longer corpus")
         calib, _ = sliding_windows(rest, window=config.window, stride=config.window, prefix=prefix,
                                    max_tokens=span)
@@ -372,7 +372,7 @@ def _document_calibration(config: RunConfig, streams: dict[int, TokenStream],
         picks = round_robin({i: len(s) // config.window for i, s in streams.items()},
                             (draw + 1) * config.calib_windows)[draw * config.calib_windows:]
         if not picks:
-            raise QuantsinkError(f"calibration draw {draw + 1}: the calibration documents hold too few windows; "
+            raise UsageError(f"calibration draw {draw + 1}: the calibration documents hold too few windows; "
                                  f"lower --calib-windows or use a longer corpus")
         return chunk_windows(streams, picks, window=config.window, prefix=prefix)
 

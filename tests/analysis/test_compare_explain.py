@@ -160,3 +160,14 @@ def test_explain_smollm2_w8a8(tmp_path):
     assert data["sites"]["set_by_sink"], "smollm2's sink sets static per-tensor scales"
     assert data["d_sink"]["nats_per_token"] > 0 and data["positions"]["recovered"] > 0
     assert plot.is_file()
+
+
+def test_explain_never_says_the_sink_sets_the_scale_when_d_sink_is_about_zero():
+    sites = {"note": None, "set_by_sink": ["layers.1.mlp.down_proj.in"],
+             "rows": [{"site": "layers.1.mlp.down_proj.in", "absmax": 3000.0, "absmax_without_extreme": 17.0,
+                       "ratio": 176.0, "bits_lost": 7.5}]}
+    zero = {"nats_per_token": 0.002, "ci95": [-0.01, 0.014]}
+    clear = {"nats_per_token": 0.6, "ci95": [0.5, 0.7]}
+    assert "does not measurably set" in E.summary({"sites": sites, "d_sink": zero})
+    assert "is set by the extreme tokens" in E.summary({"sites": sites, "d_sink": clear})
+    assert "is set by the extreme tokens" in E.summary({"sites": sites})

@@ -62,7 +62,7 @@ def test_text_shorter_than_window(tiny_model_dir, tmp_path):
     short.write_text("just a few words")
     result = runner.invoke(app, ["eval", "--model", str(tiny_model_dir), "--corpus", f"file:{short}",
                                  "--scheme", "fp32", "--window", "64", "--max-tokens", "512", "--no-write"])
-    assert result.exit_code == 1 and "text shorter than a window" in result.output
+    assert result.exit_code == 2 and "text shorter than a window" in result.output
 
 
 @pytest.mark.parametrize("mitigation", ["sink-fp", "sink-token"])
