@@ -133,7 +133,7 @@ def test_html_renders_in_headless_chromium_with_table_plots_and_sorting(tmp_path
     # 4 model/corpus matrices of w8a8 x (sink-fp, smooth); sink-fp helps and is marked best in each;
     # the ranking: 13 schemes and a split row per (model, corpus, real | simulated kernels): 9
     assert (result["matrix_cells"], result["best_cells"], result["ranking_rows"]) == (8, 4, 22)
-    assert result["shown_columns"] == 12 and result["record_links"] == 21
+    assert result["shown_columns"] == 13 and result["record_links"] == 21
     col = list(COLUMNS).index("ppl")
     dom = check_html.rendered(page, f"#sort=-{col}")
     values = [float(cells[col]) for cells in dom.cells]
