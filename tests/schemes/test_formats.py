@@ -203,13 +203,9 @@ def test_bad_specs_are_usage_errors(text):
 
 @pytest.fixture(scope="module")
 def tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tiny import tiny_llama as build
 
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         tie_word_embeddings=False)
-    return LlamaForCausalLM(config).eval()
+    return build(VOCAB)
 
 
 def calibration() -> Windows:

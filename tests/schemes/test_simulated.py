@@ -23,13 +23,9 @@ PEAK = 5  # the planted massive-activation channel
 
 @pytest.fixture(scope="module")
 def tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tiny import tiny_llama as build
 
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         tie_word_embeddings=False)
-    model = LlamaForCausalLM(config).eval()
+    model = build(VOCAB)
     with torch.no_grad():  # plant an extreme token: id 3 lives in channel 5, which norms amplify x30
         embed = model.model.embed_tokens.weight  # (V, C)
         embed[:, PEAK] = 0
