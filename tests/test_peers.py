@@ -116,7 +116,8 @@ def test_peers_on_smollm2_perplexity():
     quanto = pytest.importorskip("optimum.quanto", reason=MISSING_PEERS)
     _torchao()
     R = importlib.import_module("quantsink.pipeline.run")
-    prep = R.prepare(RunConfig(corpus="python-code", max_tokens=512, window=256, calib_windows=2), R.Session())
+    prep = R.prepare(RunConfig(corpus="python-code", max_tokens=512, window=256, calib_windows=2,
+                                protocol="windows"), R.Session())  # the windows the tolerances were set on
     model, windows = prep.loaded.model, prep.windows
 
     def ppl(candidate):

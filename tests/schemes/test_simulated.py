@@ -271,6 +271,7 @@ def test_smollm2_w8a8_record_and_disjoint_calibration(smollm2_code, tmp_path):
     from quantsink.data.corpus import tokenize
 
     R, config, session = smollm2_code
+    config = config.replace(protocol="windows")  # the joined-stream protocol (documents: tests/data/test_windows.py)
     record = R.run(config.replace(scheme="w8a8", results=str(tmp_path)), session=session)
     scheme, cand, ref = record.scheme, record.candidate, record.reference
     assert scheme.simulated is True and scheme.params["act_mode"] == "static"
