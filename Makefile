@@ -58,7 +58,7 @@ leaderboard: setup
 	$(BIN)/quantsink sweep grids/default.yaml; status=$$?; $(MAKE) report && exit $$status
 
 report: setup
-	$(BIN)/quantsink report --results results/grid --out results --readme README.md
+	$(BIN)/quantsink report --results results/grid --out results
 
 check-html:
 	$(BIN)/python scripts/check_html.py results/leaderboard.html --screenshot results/leaderboard.png

@@ -1,4 +1,4 @@
-"""The README's record table is the schema: one row per RunRecord field, each row listing its own fields."""
+"""The reference's (docs/reference.md) record table is the schema: one row per RunRecord field, each row listing its own fields."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 from quantsink.records.schema import RunRecord
 
-README = Path(__file__).parent.parent / "README.md"
+README = Path(__file__).parent.parent / "docs" / "reference.md"  # the record table lives in the reference
 
 
 def record_table() -> dict[str, list[str]]:
