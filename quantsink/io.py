@@ -71,18 +71,26 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 def check_writable_file(path: Path, flag: str) -> None:
     """``path`` can be written as a file: not a folder, under a folder this process can write into (or
     create).  Checked before the work, so an output that cannot be written costs nothing."""
-    from quantsink.errors import QuantsinkError, UsageError
+    from quantsink.errors import UsageError
 
     path = Path(path).expanduser()
     if path.is_dir():
         raise UsageError(f"{flag} {path} is a folder; give a file name")
-    probe = path.parent
+    check_writable_folder(path.parent, f"{flag} {path}", "give a path you can write to")
+
+
+def check_writable_folder(folder: Path, where: str, what: str) -> None:
+    """``folder`` is, or can be created as, a folder this process can write into: its nearest existing
+    ancestor is a folder and writable (one line otherwise, saying ``where`` and ``what`` to do)."""
+    from quantsink.errors import QuantsinkError, UsageError
+
+    probe = Path(folder)
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     if not probe.is_dir():
-        raise UsageError(f"{flag} {path}: {probe} is a file, not a folder")
+        raise UsageError(f"{where}: {probe} is a file, not a folder; {what}")
     if not os.access(probe, os.W_OK | os.X_OK):
-        raise QuantsinkError(f"{flag} {path}: {probe} is not writable; give a path you can write to")
+        raise QuantsinkError(f"{where}: {probe} is not writable; {what}")
 
 
 def read_text_file(path: Path, flag: str) -> str:
@@ -93,7 +101,7 @@ def read_text_file(path: Path, flag: str) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise UsageError(f"{flag} {path}: no such file") from None
+        raise UsageError(f"{flag} {path} does not exist (no such file)") from None
     except IsADirectoryError:
         raise UsageError(f"{flag} {path} is a folder; give a file") from None
     except UnicodeDecodeError as err:

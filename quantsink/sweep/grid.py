@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from quantsink.config import RunConfig, check_types
-from quantsink.errors import QuantsinkError, UsageError
+from quantsink.errors import UsageError
 from quantsink.spec import split_specs
 
 AXES = {"models": "model", "corpora": "corpus", "schemes": "scheme", "mitigations": "mitigation"}
@@ -128,15 +128,12 @@ def load_grid(path: str | Path) -> tuple[Grid, dict[str, Any]]:
     """A YAML grid file -> (grid, sweep options ``results``/``jobs`` found in it)."""
     import yaml
 
+    from quantsink.io import read_text_file
+
     path = Path(path)
+    text = read_text_file(path, "grid file")  # one line for a missing, folder, non-UTF-8 or unreadable file
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_unique_key_loader())  # noqa: S506 - SafeLoader
-    except FileNotFoundError:
-        raise UsageError(f"grid file {str(path)!r} does not exist") from None
-    except IsADirectoryError:
-        raise UsageError(f"grid file {str(path)!r} is a folder; give a YAML file") from None
-    except UnicodeDecodeError as err:
-        raise UsageError(f"grid file {str(path)!r}: not UTF-8 text (byte {err.start}); save it as UTF-8") from None
+        data = yaml.load(text, Loader=_unique_key_loader())  # noqa: S506 - SafeLoader
     except yaml.YAMLError as err:
         raise UsageError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
     grid = Grid.from_mapping(data, str(path))

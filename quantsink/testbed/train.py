@@ -281,13 +281,9 @@ def _swap(new: Path, target: Path) -> None:
 
 def check_out(out: Path) -> None:
     """``--out`` is a folder, or can be made one (one line otherwise, before any training)."""
-    probe = out
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    if not probe.is_dir():
-        raise UsageError(f"--out {out}: {probe} is a file, not a folder; give a folder for the model")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise QuantsinkError(f"--out {out}: {probe} is not writable; give a folder you can write to")
+    from quantsink.io import check_writable_folder
+
+    check_writable_folder(out, f"--out {out}", "give a folder you can write to for the model")
 
 
 def load_checkpoint(run: Run) -> bool:
