@@ -20,7 +20,7 @@ from typing import Any, Literal
 from .errors import UsageError
 
 __version__ = "0.1.0"
-EVALUATOR_VERSION = "4"  # bump when a change alters any recorded number (4: the KL summary's sum p log p as e . h - L)
+EVALUATOR_VERSION = "5"  # bump when a change alters any recorded number (5: float32 linears on oneDNN, measure/kernels.py)
 
 
 def _opt(help: str, identity: bool = True, **extra: Any) -> Any:

@@ -160,7 +160,8 @@ def _torch_runtime() -> dict[str, Any]:
     if torch is None:
         return {}
     out: dict[str, Any] = {"threads": torch.get_num_threads(), "cuda": torch.version.cuda,
-                           "hip": getattr(torch.version, "hip", None)}
+                           "hip": getattr(torch.version, "hip", None),
+                           "linear_kernel": "onednn" if torch.backends.mkldnn.is_available() else "aten"}
     try:
         out["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
     except (AttributeError, RuntimeError):
@@ -204,6 +205,8 @@ def facts(cpuinfo: str | None = None, versions: Mapping[str, str] | None = None,
     }
     if "cpu_capability" in runtime:
         out["torch_cpu_capability"] = runtime["cpu_capability"]
+    if "linear_kernel" in runtime:  # the float32 CPU matmul of every forward (measure/kernels.py)
+        out["linear_kernel"] = runtime["linear_kernel"]
     return out
 
 

@@ -36,6 +36,7 @@ Protocol (stated again in every record under ``protocol``):
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from contextlib import nullcontext
@@ -45,6 +46,7 @@ from typing import Any, Callable, ContextManager
 import torch
 
 from quantsink.data.windows import Windows
+from quantsink.measure.kernels import fast_linear
 
 BatchContext = Callable[[slice, Windows], ContextManager[Any]]
 
@@ -161,7 +163,8 @@ class ReferenceHead:
         return logits
 
 
-SCORE_ELEMENTS = 1 << 24  # (positions x vocab) scored per step: temporaries stay ~64 MiB in float32
+SCORE_ELEMENTS = 1 << 26  # (positions x vocab) scored per step: ~256 MiB of float32 temporaries, 1,365 rows
+# of a 49k vocabulary (the reference's summary GEMM runs 10-20% faster than at 341 rows)
 
 
 def pick_rows(flat: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -179,7 +182,7 @@ class _Accumulator:
     of whole-batch scoring, as each step only picks rows (row-wise ops, sums added in order)."""
 
     def __init__(self, n: int, reference: Targets | None, head: ReferenceHead | None, keep: bool,
-                 own: torch.Tensor | None, paired: bool = False):
+                 own: torch.Tensor | None, paired: bool = False, owned: bool = False):
         self.nll = torch.zeros(n, dtype=torch.float64)
         compared = reference is not None or paired  # paired: the reference's logits come with each batch
         self.kl = torch.zeros(n, dtype=torch.float64) if compared else None
@@ -187,6 +190,7 @@ class _Accumulator:
         self.reference, self.head = reference, head
         self.keep = keep  # the reference pass: keep what the candidate passes need (``Targets``)
         self.own = own  # the reference pass's head weight when plain float32: summarise for the KL
+        self.owned = owned  # the logits are this pass's own (its forward's): the normaliser may overwrite them
         self.cursor = 0  # scored positions consumed so far (window order)
         self.tokens: dict[str, list[torch.Tensor]] = {"nll": [], "kl": []}  # per scored position, window order
         self.kept: dict[str, list[torch.Tensor]] = {"hidden": [], "neg_entropy": [],
@@ -198,20 +202,15 @@ class _Accumulator:
         mask = windows.scored[:, 1:].to(logits.device)  # (B, T-1) targets scored
         b, t = mask.nonzero(as_tuple=True)  # (S,) each, window order
         where = b.cpu() + first  # window index of each scored position
-        flat = logits.reshape(-1, logits.shape[-1])  # (B*T, V), a view
-        rows = b * logits.shape[1] + t  # (S,) row of each scored position in flat
         target = windows.input_ids[:, 1:].to(logits.device)[b, t]  # (S,)
-        aligned = hidden is not None and hidden.shape[:2] == logits.shape[:2]  # (a cached prefix is not)
-        h = hidden[:, :-1][mask].float() if aligned else None  # (S, H) head inputs
+        flat, rows, h = _scored_rows(logits, hidden, mask, b, t)
         if self.keep:
             self.kept["hidden"].append(h.cpu())
             self.head_input = (self.cursor, h)  # the summary's e . h at positions cursor..
         summary = h is not None and self.reference is not None and _is_head_output(flat[rows[:2]], h[:2], self.head)
         h = h if summary else None  # else the KL rebuilds the reference logits (or there is no KL)
-        step = max(128, SCORE_ELEMENTS // flat.shape[1])
-        for lo in range(0, len(rows), step):
-            part = slice(lo, lo + step)
-            self._score(pick_rows(flat, rows[part]), target[part], where[part], self.cursor + lo,
+        for part in steps(len(rows), max(128, SCORE_ELEMENTS // flat.shape[1])):
+            self._score(pick_rows(flat, rows[part]), target[part], where[part], self.cursor + part.start,
                         h[part] if h is not None else None,
                         None if reference_logits is None else reference_logits[part])
         self.cursor += len(rows)
@@ -220,8 +219,10 @@ class _Accumulator:
                h: torch.Tensor | None, given: torch.Tensor | None = None) -> None:
         """NLL (and KL, top-1 vs the reference) of ``logits`` (c, V), positions ``start..start+c``."""
         z = logits.float()
-        norm, top = normaliser(z) if self.own is None else self._summarise(z, start)
-        nll = (norm.double() - z.gather(1, target[:, None])[:, 0].double()).cpu()  # (c,)
+        picked = z.gather(1, target[:, None])[:, 0].double()  # (c,) the targets' logits, before z is overwritten
+        spent = self.owned and given is None and (self.reference is None or h is not None)  # z not read again
+        norm, top = normaliser(z, spent) if self.own is None else self._summarise(z, start, spent)
+        nll = (norm.double() - picked).cpu()  # (c,)
         self.tokens["nll"].append(nll)
         self.nll.index_add_(0, where, nll)
         if self.reference is None and given is None:
@@ -235,15 +236,16 @@ class _Accumulator:
         self.tokens["kl"].append(kl.double().cpu())
         self.kl.index_add_(0, where, self.tokens["kl"][-1])
 
-    def _summarise(self, z: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _summarise(self, z: torch.Tensor, start: int, spent: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """The reference's side of the KL at positions ``start..``, from the normaliser's own terms (one
         ``exp``, no float64 (c, V) tensor): ``u = exp(z - max z)``, ``s = sum u``, ``e = E_p[W_v] = (u @ W) / s``
         (float32 GEMMs over blocks of ``EXPECTED_BLOCK`` rows summed in float64, kept as float32) and
         ``sum_v p_v z_v - L`` as ``e . h - L`` (float64, ``h`` the head input, ``L`` the float32 normaliser).
         The candidate's KL ``e . h - L - e . h' + L'`` then carries the error of ``e`` only times ``h - h'``.
+        ``spent``: ``z`` is not read again, so ``u`` is built in its place.
         -> (log-normaliser, argmax), the same values as ``normaliser(z)``."""
         top_value, top = z.max(1)
-        unnormalised = (z - top_value[:, None]).exp_()  # u (c, V)
+        unnormalised = _shifted(z, top_value, spent).exp_()  # u (c, V)
         total = unnormalised.sum(1)  # s, the normaliser's cascaded float32 sum
         norm = top_value + total.log()
         expected = (expected_rows(unnormalised, self.own) / total.double()[:, None]).float()  # (c, H)
@@ -282,12 +284,27 @@ class _Accumulator:
         return Targets(**kept) if "hidden" in kept else None
 
 
-def normaliser(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def steps(n: int, step: int) -> list[slice]:
+    """Slices of ``step`` rows over ``n``, none of one row: a one-row matrix product takes a vector kernel whose
+    last bits differ, so a lone last row joins the step before (the numbers never depend on the step)."""
+    cuts = list(range(0, n, step)) + [n]
+    if len(cuts) > 2 and cuts[-1] - cuts[-2] == 1:
+        cuts[-2] -= 1
+    return [slice(lo, hi) for lo, hi in zip(cuts, cuts[1:])]
+
+
+def normaliser(z: torch.Tensor, spent: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(log-normaliser ``L = logsumexp(z)``, argmax) per row of float32 logits ``z`` (c, V).  ``L`` is
     ``max + log sum exp(z - max)`` with torch's cascaded sum: unbiased to ~1e-7 relative, where
-    ``log_softmax``'s running float32 sum drifts ~2e-5 nats low over a 262k vocabulary."""
+    ``log_softmax``'s running float32 sum drifts ~2e-5 nats low over a 262k vocabulary.  ``spent``: the
+    caller never reads ``z`` again, so it is overwritten (half the time: no (c, V) allocation; same values)."""
     top_value, top = z.max(1)
-    return top_value + (z - top_value[:, None]).exp_().sum(1).log_(), top
+    return top_value + _shifted(z, top_value, spent).exp_().sum(1).log_(), top
+
+
+def _shifted(z: torch.Tensor, top_value: torch.Tensor, spent: bool) -> torch.Tensor:
+    """``z - max`` per row: in ``z``'s own storage when ``spent``, else a new tensor."""
+    return z.sub_(top_value[:, None]) if spent else z - top_value[:, None]
 
 
 EXPECTED_BLOCK = 4096  # vocabulary rows per float32 GEMM in expected_rows; the blocks add in float64
@@ -301,6 +318,33 @@ def expected_rows(p: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     for lo in range(0, weight.shape[0], EXPECTED_BLOCK):
         out += (p[:, lo:lo + EXPECTED_BLOCK] @ weight[lo:lo + EXPECTED_BLOCK]).double()
     return out
+
+
+def _scored_rows(logits: torch.Tensor, hidden: torch.Tensor | None, mask: torch.Tensor, b: torch.Tensor,
+                 t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(logits as rows, the row of each scored position, the float32 head inputs (S, H) or None).  ``logits`` are
+    either the whole batch's (B, T, V) or only the scored positions' (S, V), in window order (``scored_logits``);
+    ``hidden`` is the head's input, of the same layout (a cached prefix's is not: None then)."""
+    if logits.dim() == 2:  # the head ran on the scored positions only
+        aligned = hidden is not None and hidden.shape[0] == logits.shape[0]
+        return logits, torch.arange(len(b), device=logits.device), hidden.float() if aligned else None
+    aligned = hidden is not None and hidden.shape[:2] == logits.shape[:2]
+    h = hidden[:, :-1][mask].float() if aligned else None
+    return logits.reshape(-1, logits.shape[-1]), b * logits.shape[1] + t, h
+
+
+def scored_logits(model: Any, windows: Windows) -> torch.Tensor | None:
+    """``logits_to_keep`` for a forward over ``windows`` (B, T) that computes the output head only where a target
+    is scored (position t predicts t+1; the last never does): a (B, T) bool mask, which transformers' shared
+    ``slice_logits_to_keep`` applies before the head, so logits come as (S, V) in window order.  None (the
+    whole (B, T, V)) where the model's forward does not slice that way, or something hooks the model's
+    output (a mitigation that feeds a cached prefix and joins its logits), or no position would be kept."""
+    forward = inspect.unwrap(getattr(type(model), "forward", None) or (lambda: None))  # past its decorators
+    if "slice_logits_to_keep" not in getattr(getattr(forward, "__code__", None), "co_names", ()) \
+            or getattr(model, "_forward_hooks", None):
+        return None
+    keep = torch.nn.functional.pad(windows.scored[:, 1:], (0, 1))  # (B, T)
+    return keep if int(keep.sum()) >= 2 else None  # 2+ rows: a one-row product takes another kernel
 
 
 def _is_head_output(logits: torch.Tensor, h: torch.Tensor, head: ReferenceHead) -> bool:
@@ -355,15 +399,16 @@ def run_pass(model: Any, windows: Windows, *, reference: Targets | None = None,
     device = input_device(model)
     own = ReferenceHead.of(model).plain_weight() if keep_targets else None
     summary_kl = reference is not None and reference.summarised and reference_head.shared_with(model)
-    acc = _Accumulator(len(windows), reference, reference_head, keep_targets, own)
+    acc = _Accumulator(len(windows), reference, reference_head, keep_targets, own, owned=True)
     start = time.perf_counter()
     head_input = _HeadInput(model, keep_targets or summary_kl)
-    with head_input.attached():
+    with fast_linear(), head_input.attached():
         for rows in batches(windows, batch_tokens, boundaries):
             part = windows.subset(rows).trimmed()  # right padding all rows share is not computed
             with batch_context(rows, part) if batch_context else nullcontext():
-                out = model(input_ids=part.input_ids.to(device),
-                            attention_mask=part.attention_mask.to(device), use_cache=False)
+                keep = scored_logits(model, part)
+                out = model(input_ids=part.input_ids.to(device), attention_mask=part.attention_mask.to(device),
+                            use_cache=False, **({} if keep is None else {"logits_to_keep": keep.to(device)}))
             acc.add(rows.start, out.logits, part, head_input.value)
             head_input.value = None
             del out

@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from quantsink.measure import cache
+from quantsink.measure.kernels import fast_linear
 from quantsink.hooks.attention import DECLARED
 from quantsink.config import EVALUATOR_VERSION, RunConfig, __version__, stable_hash
 from quantsink.data.corpus import Corpus, load_corpus
@@ -472,6 +473,7 @@ def run(config: RunConfig, *, session: Session | None = None, progress: Progress
     return record
 
 
+@fast_linear()  # every forward of the run (passes, calibration, mitigations' searches) on the one float32 kernel
 def compare_passes(config: RunConfig, session: Session, progress: Progress = _no_progress) -> RunRecord:
     """One reference-vs-candidate comparison -> its record (nothing written)."""
     if config.engine != "transformers":  # another engine scores the same windows (pipeline/engine.py)
