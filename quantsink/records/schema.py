@@ -158,6 +158,7 @@ class EnvRecord:
     threads: int | None = None
     torch_build: str | None = None
     torch_cpu_capability: str | None = None
+    linear_kernel: str | None = None  # the float32 CPU matmul of every forward: onednn | aten (evaluator 5)
     libraries: dict[str, Any] = field(default_factory=dict)  # name -> version, None when not installed
     variables: dict[str, Any] = field(default_factory=dict)  # OMP_NUM_THREADS and the like, where set
     cpu: str | None = None  # schema 2: platform.processor() or the machine type
