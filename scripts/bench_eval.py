@@ -23,10 +23,14 @@ the median over repeats of each ratio timed back to back -- the steadier figures
 processes compete for the cores (``load_average`` before / after).
 
 ``gemm_fraction`` = achieved FLOP/s of the reference pass / float32 GEMM FLOP/s measured
-here with ``torch.matmul`` on square matrices, where the pass's FLOPs are
+here with ``torch.matmul`` (MKL, lm-eval's kernel) on square matrices, where the pass's FLOPs are
 ``2 x non-embedding parameters x tokens the model processed`` (the usual 2N
 estimate; ``gemm_fraction_full`` adds the output head, 2 x vocab x hidden per
-position, and causal attention, 2 x layers x T^2 x heads x head_dim per window of T).
+position, and causal attention, 2 x layers x T^2 x heads x head_dim per window of T: a nominal count, as
+quantsink's head runs at scored positions only).  ``onednn_gemm_gflops``: the same square product on
+oneDNN's inner product, the kernel of quantsink's passes (``measure/kernels.py``);
+``plain_onednn_fraction_full``: the plain pass's nominal full FLOP/s over it.  ``targets``: issue 32's
+1.15x (reference pass) and 1.3x (plain pass) wall-time ratios and whether this run met them.
 
 The last line of output is a JSON object.  Not a timed test: on a shared machine the
 figures vary run to run.
@@ -49,17 +53,22 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
-def gemm_flops(n: int = 2048, repeats: int = 5) -> float:
-    """Best float32 FLOP/s of torch.matmul on (n, n) @ (n, n)."""
+def gemm_flops(n: int = 2048, repeats: int = 5, kernel: str = "mkl") -> float:
+    """Best float32 FLOP/s on (n, n) @ (n, n): ``mkl`` = torch.matmul (what lm-eval's forward uses), ``onednn`` =
+    oneDNN's inner product (``measure.kernels.onednn_linear``, what quantsink's passes use)."""
     import torch
 
+    from quantsink.measure.kernels import onednn_linear
+
     a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.matmul(a, b)  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        torch.matmul(a, b)
-        best = min(best, time.perf_counter() - t0)
+    product = {"mkl": torch.matmul, "onednn": onednn_linear}[kernel]
+    with torch.inference_mode():
+        product(a, b)  # warm-up
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            product(a, b)
+            best = min(best, time.perf_counter() - t0)
     return 2 * n ** 3 / best
 
 
@@ -103,7 +112,7 @@ def main() -> None:
     config = RunConfig(model="smollm2-135m", corpus=args.corpus, protocol="lm-eval", window=args.window,
                        max_tokens=args.max_tokens, batch_tokens=args.batch_tokens)
     corpus = load_corpus(args.corpus)
-    gemms = []
+    gemms, onednn_gemms = [], []
     with torch.inference_mode():
         model(input_ids=torch.tensor([[1] * 64]))  # warm-up
 
@@ -113,6 +122,7 @@ def main() -> None:
     load_before = os.getloadavg()[0]
     for _ in range(args.repeat):  # alternate them, keep each one's best (the machine may be shared)
         gemms.append(gemm_flops())
+        onednn_gemms.append(gemm_flops(kernel="onednn"))
         c0, t0 = time.process_time(), time.perf_counter()
         made = PROTOCOLS.get("lm-eval")(config, corpus, tokenizer)
         windows_s = time.perf_counter() - t0
@@ -145,7 +155,7 @@ def main() -> None:
 
     def paired(times: list[float], others: list[float]) -> float:
         return round(statistics.median(b / a for a, b in zip(times, others)), 3)
-    gemm = max(gemms)
+    gemm, onednn_gemm = max(gemms), max(onednn_gemms)
     flops, flops_full = pass_flops(model, made.windows)
     report = {
         "model": "smollm2-135m", "dtype": "float32", "corpus": args.corpus, "window": args.window,
@@ -168,9 +178,13 @@ def main() -> None:
                           "cpu_speedup_plain": paired(cpu["plain"], cpu["lm_eval"])},
         "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "bpb": round(bpb, 6), "lm_eval_bpb": round(lm_eval_bpb, 6), "bpb_rel_diff": bpb / lm_eval_bpb - 1,
-        "gemm_gflops": round(gemm / 1e9, 1), "pass_gflops": round(flops / pass_s / 1e9, 1),
+        "gemm_gflops": round(gemm / 1e9, 1), "onednn_gemm_gflops": round(onednn_gemm / 1e9, 1),
+        "pass_gflops": round(flops / pass_s / 1e9, 1), "plain_pass_gflops": round(flops / plain_s / 1e9, 1),
         "gemm_fraction": round(flops / pass_s / gemm, 3),
         "gemm_fraction_full": round(flops_full / pass_s / gemm, 3),
+        "plain_onednn_fraction_full": round(flops_full / plain_s / onednn_gemm, 3),
+        "targets": {"speedup": 1.15, "speedup_plain": 1.3,
+                    "met": [lm_eval_s / quantsink_s >= 1.15, lm_eval_s / plain_s >= 1.3]},
         "flops_formula": "2 x non-embedding params x processed tokens (full: + 2 x vocab x hidden per token "
                          "+ 2 x layers x T^2 x heads x head_dim per window)",
     }
