@@ -23,6 +23,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 _F_LINEAR = torch.nn.functional.linear
+_PLAIN = (torch.Tensor, torch.nn.Parameter)  # exact types: a subclass (a quantized weight) keeps its own linear
 _active = threading.local()
 
 
@@ -32,11 +33,13 @@ def kernel_name() -> str:
 
 
 def _takes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """Whether oneDNN computes this ``linear``: CPU float32, nothing for autograd to record (grad mode off, or no
-    tensor that needs it), a contiguous 2-D weight, 2+ rows."""
+    """Whether oneDNN computes this ``linear``: plain CPU float32 tensors (not a tensor subclass such as torchao's
+    or quanto's quantized weights, which implement their own ``linear``), nothing for autograd to record (grad
+    mode off, or no tensor that needs it), a contiguous 2-D weight, 2+ rows."""
     tensors = (x, weight) if bias is None else (x, weight, bias)
     recorded = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    return (not recorded and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
+    plain = all(type(t) in _PLAIN and t.layout == torch.strided for t in tensors)
+    return (plain and not recorded and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
             and weight.dim() == 2 and weight.is_contiguous() and x.dim() >= 2 and x.numel() >= 2 * x.shape[-1])
 
 

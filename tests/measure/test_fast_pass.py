@@ -32,6 +32,21 @@ def test_fast_linear_routes_float32_linears_to_onednn_and_leaves_the_rest(monkey
         assert lin(x).requires_grad and len(calls) == 1  # autograd records it: not routed
 
 
+class _Wrapped(torch.Tensor):
+    """A tensor subclass, as torchao's and quanto's quantized weights are."""
+
+
+@needs_onednn
+def test_a_tensor_subclass_weight_keeps_its_own_linear(monkeypatch):
+    """torchao's IntxUnpackedToInt8Tensor has no oneDNN op: such weights must never be routed there."""
+    calls = []
+    monkeypatch.setattr(kernels, "onednn_linear", lambda *a: calls.append(1))
+    weight = torch.Tensor._make_subclass(_Wrapped, torch.randn(8, 16))
+    with torch.inference_mode(), kernels.fast_linear():
+        y = torch.nn.functional.linear(torch.randn(4, 16), weight)
+    assert calls == [] and y.shape == (4, 8)
+
+
 @needs_onednn
 def test_a_rows_result_does_not_depend_on_the_other_rows_or_the_threads():
     weight, x = torch.randn(96, 48), torch.randn(200, 48)
