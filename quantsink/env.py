@@ -159,9 +159,10 @@ def _torch_runtime() -> dict[str, Any]:
     torch = sys.modules.get("torch")
     if torch is None:
         return {}
+    from quantsink.measure.kernels import kernel_name  # torch is loaded already: importing it costs nothing
+
     out: dict[str, Any] = {"threads": torch.get_num_threads(), "cuda": torch.version.cuda,
-                           "hip": getattr(torch.version, "hip", None),
-                           "linear_kernel": "onednn" if torch.backends.mkldnn.is_available() else "aten"}
+                           "hip": getattr(torch.version, "hip", None), "linear_kernel": kernel_name()}
     try:
         out["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
     except (AttributeError, RuntimeError):
