@@ -47,6 +47,7 @@ import torch
 
 from quantsink.data.windows import Windows
 from quantsink.measure.kernels import fast_linear
+from quantsink.measure.pages import kept_pages
 
 BatchContext = Callable[[slice, Windows], ContextManager[Any]]
 
@@ -402,7 +403,7 @@ def run_pass(model: Any, windows: Windows, *, reference: Targets | None = None,
     acc = _Accumulator(len(windows), reference, reference_head, keep_targets, own, owned=True)
     start = time.perf_counter()
     head_input = _HeadInput(model, keep_targets or summary_kl)
-    with fast_linear(), head_input.attached():
+    with fast_linear(), kept_pages(give_back=False), head_input.attached():
         for rows in batches(windows, batch_tokens, boundaries):
             part = windows.subset(rows).trimmed()  # right padding all rows share is not computed
             with batch_context(rows, part) if batch_context else nullcontext():

@@ -24,6 +24,7 @@ import torch
 
 from quantsink.measure import cache
 from quantsink.measure.kernels import fast_linear
+from quantsink.measure.pages import kept_pages
 from quantsink.hooks.attention import DECLARED
 from quantsink.config import EVALUATOR_VERSION, RunConfig, __version__, stable_hash
 from quantsink.data.corpus import Corpus, load_corpus
@@ -474,6 +475,7 @@ def run(config: RunConfig, *, session: Session | None = None, progress: Progress
 
 
 @fast_linear()  # every forward of the run (passes, calibration, mitigations' searches) on the one float32 kernel
+@kept_pages()  # and their pages kept between batches (malloc); given back when the run ends
 def compare_passes(config: RunConfig, session: Session, progress: Progress = _no_progress) -> RunRecord:
     """One reference-vs-candidate comparison -> its record (nothing written)."""
     if config.engine != "transformers":  # another engine scores the same windows (pipeline/engine.py)
