@@ -7,9 +7,13 @@ the one that reaches N tokens) are scored twice:
 
 1. quantsink: ``--protocol lm-eval`` windows (``windows.rolling_windows``) and the
    reference pass ``evaluate.run_pass(model, windows, keep_targets=True)``;
-2. lm-eval: ``lm_eval.simple_evaluate`` with ``HFLM(pretrained=<the same model object>,
+2. lm-eval: ``lm_eval.simple_evaluate`` with ``HFLM(pretrained=<the same model>,
    max_length=W, batch_size=<the same windows per forward>)`` on quantsink's local
-   ``loglikelihood_rolling`` task over the same documents (``limit`` = their count).
+   ``loglikelihood_rolling`` task over the same documents (``limit`` = their count), in a
+   process of its own with the C library's default malloc, as a user runs it (quantsink's
+   passes keep their memory pages between batches, ``measure/pages.py``: a process-wide setting).
+   ``lm_eval_kept_pages_s`` times lm-eval once more in quantsink's process, after that setting, and
+   ``like_for_like`` has the ratios against it: what the rest of quantsink's pass is worth.
 
 Timed: quantsink = building the windows (tokenizing) + the pass; lm-eval = the whole
 ``simple_evaluate`` call (task loading, requests, passes, metrics) -- what a user waits
@@ -42,6 +46,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -86,6 +91,70 @@ def pass_flops(model: object, windows: object) -> tuple[float, float]:
     return base, base + head + attention
 
 
+def run_lm_eval(model: object, tokenizer: object, corpus: object, args: argparse.Namespace,
+                n_docs: int) -> dict:
+    """One lm-eval run over the first ``n_docs`` documents -> wall and CPU seconds, bits per byte."""
+    from quantsink.pipeline import lmeval
+
+    names = [args.corpus]
+    c0, t0 = time.process_time(), time.perf_counter()
+    manager = lmeval.task_manager(names)
+    tasks = lmeval.load_tasks(names, manager)
+    results = lmeval.simple_evaluate(model, tokenizer, tasks, manager, limit=n_docs, max_length=args.window,
+                                     batch_rows=lmeval.rows_per_batch(args.batch_tokens, args.window))
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    assert lmeval.scored_documents(results, args.corpus) == list(corpus.documents[:n_docs])  # type: ignore[attr-defined]
+    return {"wall": wall, "cpu": cpu, "bpb": results["results"][args.corpus]["bits_per_byte,none"]}
+
+
+MARK = "BENCH-LM-EVAL "
+
+
+def lm_eval_worker(args: argparse.Namespace) -> None:
+    """``--lm-eval-worker``: one lm-eval run per line of stdin (a document count), each answered with a
+    ``MARK``-prefixed JSON line on stdout.  quantsink's passes never run in this process."""
+    model, tokenizer, corpus = load(args)
+    for line in sys.stdin:
+        print(MARK + json.dumps(run_lm_eval(model, tokenizer, corpus, args, int(line))), flush=True)
+
+
+class LmEvalProcess:
+    """The lm-eval side in a child process (``--lm-eval-worker``) with malloc's defaults."""
+
+    def __init__(self, args: argparse.Namespace):
+        argv = [sys.executable, __file__, "--lm-eval-worker", "--window", str(args.window), "--corpus", args.corpus,
+                "--batch-tokens", str(args.batch_tokens)] + (["--threads", str(args.threads)] if args.threads else [])
+        env = dict(os.environ, QUANTSINK_MALLOC="default")
+        self.child = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+
+    def run(self, n_docs: int) -> dict:
+        self.child.stdin.write(f"{n_docs}\n")  # type: ignore[union-attr]
+        self.child.stdin.flush()  # type: ignore[union-attr]
+        for line in self.child.stdout:  # type: ignore[union-attr]
+            if line.startswith(MARK):
+                return json.loads(line[len(MARK):])
+        raise SystemExit(f"bench_eval: the lm-eval process ended (exit {self.child.wait()})")
+
+    def close(self) -> None:
+        self.child.stdin.close()  # type: ignore[union-attr]
+        self.child.wait()
+
+
+def load(args: argparse.Namespace) -> tuple[object, object, object]:
+    """smollm2-135m float32 on the CPU (warmed up), its tokenizer, the corpus."""
+    import torch
+
+    from quantsink.data.corpus import load_corpus
+    from quantsink.data.models import load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    loaded = load_model("smollm2-135m", device="cpu", dtype="float32")
+    with torch.inference_mode():
+        loaded.model(input_ids=torch.tensor([[1] * 64]))  # warm-up
+    return loaded.model, loaded.tokenizer, load_corpus(args.corpus)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--max-tokens", type=int, default=4096)
@@ -94,31 +163,26 @@ def main() -> None:
     parser.add_argument("--batch-tokens", type=int, default=2048)
     parser.add_argument("--repeat", type=int, default=2, help="alternating runs of each; the best time counts")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--lm-eval-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.lm_eval_worker:
+        return lm_eval_worker(args)
 
     import torch
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    from quantsink.pipeline import lmeval
     from quantsink.config import RunConfig
-    from quantsink.data.corpus import load_corpus
+    from quantsink.measure import pages
     from quantsink.measure.passes import run_pass
-    from quantsink.data.models import load_model
     from quantsink.data.windows import PROTOCOLS
 
-    loaded = load_model("smollm2-135m", device="cpu", dtype="float32")
-    model, tokenizer = loaded.model, loaded.tokenizer
+    lm_eval_process = LmEvalProcess(args)  # loads its own copy of the model meanwhile
+    model, tokenizer, corpus = load(args)
     config = RunConfig(model="smollm2-135m", corpus=args.corpus, protocol="lm-eval", window=args.window,
                        max_tokens=args.max_tokens, batch_tokens=args.batch_tokens)
-    corpus = load_corpus(args.corpus)
     gemms, onednn_gemms = [], []
-    with torch.inference_mode():
-        model(input_ids=torch.tensor([[1] * 64]))  # warm-up
 
-    names = [args.corpus]
-    quantsink_times, lm_eval_times, plain_times = [], [], []
-    cpu: dict[str, list[float]] = {"reference": [], "plain": [], "lm_eval": []}
+    quantsink_times, lm_eval_times, plain_times, kept_times = [], [], [], []
+    cpu: dict[str, list[float]] = {"reference": [], "plain": [], "lm_eval": [], "lm_eval_kept_pages": []}
     load_before = os.getloadavg()[0]
     for _ in range(args.repeat):  # alternate them, keep each one's best (the machine may be shared)
         gemms.append(gemm_flops())
@@ -139,15 +203,15 @@ def main() -> None:
         cpu["plain"].append(time.process_time() - c0)
         assert torch.equal(plain.nll, result.nll)
 
-        c0, t0 = time.process_time(), time.perf_counter()
-        manager = lmeval.task_manager(names)
-        tasks = lmeval.load_tasks(names, manager)
-        results = lmeval.simple_evaluate(model, tokenizer, tasks, manager, limit=n_docs, max_length=args.window,
-                                         batch_rows=lmeval.rows_per_batch(args.batch_tokens, args.window))
-        lm_eval_times.append(time.perf_counter() - t0)
-        cpu["lm_eval"].append(time.process_time() - c0)
-        lm_eval_bpb = results["results"][args.corpus]["bits_per_byte,none"]
-        assert lmeval.scored_documents(results, args.corpus) == list(corpus.documents[:n_docs])
+        own = lm_eval_process.run(n_docs)  # as a user runs it: its own process, malloc's defaults
+        lm_eval_times.append(own["wall"])
+        cpu["lm_eval"].append(own["cpu"])
+        lm_eval_bpb = own["bpb"]
+        kept = run_lm_eval(model, tokenizer, corpus, args, n_docs)  # here, after quantsink's malloc setting
+        kept_times.append(kept["wall"])
+        cpu["lm_eval_kept_pages"].append(kept["cpu"])
+        same_bpb = kept["bpb"] == lm_eval_bpb
+    lm_eval_process.close()
 
     quantsink_s, windows_s, pass_s = min(quantsink_times)
     lm_eval_s, plain_s = min(lm_eval_times), min(plain_times)
@@ -176,6 +240,13 @@ def main() -> None:
                           "speedup_plain": paired(plain_times, lm_eval_times),
                           "cpu_speedup": paired(cpu["reference"], cpu["lm_eval"]),
                           "cpu_speedup_plain": paired(cpu["plain"], cpu["lm_eval"])},
+        "lm_eval_kept_pages_times_s": [round(t, 3) for t in kept_times],
+        "lm_eval_kept_pages_s": round(min(kept_times), 3),
+        "like_for_like": {"speedup": round(min(kept_times) / quantsink_s, 3),
+                          "speedup_plain": round(min(kept_times) / plain_s, 3),
+                          "paired_median": paired([t[0] for t in quantsink_times], kept_times),
+                          "paired_median_plain": paired(plain_times, kept_times)},
+        "malloc_pages_kept": pages.keep_pages(), "lm_eval_bpb_same_in_both_processes": same_bpb,
         "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "bpb": round(bpb, 6), "lm_eval_bpb": round(lm_eval_bpb, 6), "bpb_rel_diff": bpb / lm_eval_bpb - 1,
         "gemm_gflops": round(gemm / 1e9, 1), "onednn_gemm_gflops": round(onednn_gemm / 1e9, 1),

@@ -245,6 +245,7 @@ def main() -> None:
 
     from quantsink.env import quiet_libraries
     from quantsink.measure.kernels import fast_linear
+    from quantsink.measure.pages import kept_pages
     from quantsink.schemes import parse_scheme
     from quantsink.sweep.grid import split_axis
 
@@ -260,7 +261,7 @@ def main() -> None:
                               "repeats": args.repeats}
     if not args.no_sweep:
         report.update(sweep_grid(args))
-    with fast_linear():  # the passes on the pipeline's kernel (compare_passes runs every forward under it)
+    with fast_linear(), kept_pages():  # as compare_passes runs every forward: its kernel, its memory pages kept
         report.update(passes(args, simulated[0] if simulated else "w8a8"))
     report["load_average"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
     print(json.dumps(report))
