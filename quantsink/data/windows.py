@@ -270,7 +270,8 @@ def lm_eval_windows(config: RunConfig, corpus: Corpus, tokenizer: Any) -> Window
         "window": config.window, "stride": config.window, "bos": "lm-eval", "bos_token_id": prefix,
         "tokens": tokens, "n_documents": len(docs),
         "scoring": PROTOCOL + "; the model sees window+1 tokens per row, the last only as a target; "
-                   "rows longest first, right-padded (attention_mask 0, never scored)",
+                   "rows longest first, right-padded (attention_mask 0, never scored); a forward holds rows "
+                   "of one width only, so no row is padded where it is computed",
     }
     return Windowing(windows, _calibration(config, stream, prefix), protocol)
 
