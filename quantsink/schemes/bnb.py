@@ -11,6 +11,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
+from ..errors import UsageError
 from . import QuantContext, Scheme, register, replace_linears
 
 
@@ -87,6 +88,7 @@ class Bnb4bit(Scheme):
         from quantsink.data.models import torch_dtype
 
         def make(lin: Any) -> Any:
+            check_cpu_blocks(lin, self.name, self.blocksize)
             new = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
                                     compute_dtype=torch_dtype(self.compute_dtype), quant_type=self.quant_type,
                                     compress_statistics=self.double_quant, quant_storage=None)
@@ -95,11 +97,38 @@ class Bnb4bit(Scheme):
                                            compress_statistics=self.double_quant)
             if lin.bias is not None:
                 new.bias = lin.bias
+            if not packed_cpu_fits(lin, self.blocksize):
+                new.support_avx512bf16_for_cpu = False  # bitsandbytes' generic CPU path instead
+                generic.append(lin)
             return new.to(lin.weight.device)
 
+        generic: list[Any] = []
         ctx.notes["quantized_modules"] = len(replace_linears(model, ctx, make))
         ctx.notes["kernel"] = f"bitsandbytes Linear4bit: {self.quant_type} weights, {self.compute_dtype} matmul"
+        if generic:
+            ctx.notes["cpu_generic_modules"] = len(generic)
         return model
+
+
+def packed_cpu_fits(lin: Any, blocksize: int) -> bool:
+    """Whether bitsandbytes' packed CPU kernel (AVX512-bf16 machines, eval mode) takes this layer: it needs
+    ``out_features`` a multiple of 32 (and ``in_features`` a multiple of the blocksize, ``check_cpu_blocks``) and
+    fails on other layers.  Those take bitsandbytes' generic CPU path (the same 4-bit weights, de-quantized for
+    the product); layers that fit keep the packed kernel and its numbers."""
+    return lin.out_features % 32 == 0 and lin.in_features % blocksize == 0
+
+
+def check_cpu_blocks(lin: Any, scheme: str, blocksize: int) -> None:
+    """On the CPU, refuse a blocksize that does not divide a layer's inputs: bitsandbytes' packed kernel fails on
+    such a layer and its generic CPU de-quantization reads blocks that straddle rows wrongly (smollm2's 576-input
+    layers at blocksize 128: 20% weight error, perplexity 1.9 million), though its quantization is right."""
+    if lin.weight.device.type != "cpu" or lin.in_features % blocksize == 0:
+        return
+    fits = min(lin.in_features & -lin.in_features, 4096)  # the largest power of two dividing the inputs
+    hint = f"use {scheme}:blocksize={fits} or smaller" if fits >= 32 else f"{scheme} cannot run this model on the CPU"
+    raise UsageError(f"{scheme}:blocksize={blocksize}: a layer has {lin.in_features} inputs, not a multiple of "
+                     f"{blocksize}, and bitsandbytes' CPU kernels de-quantize such layers wrongly; {hint}, "
+                     f"or run on CUDA (--device cuda)")
 
 
 register(BnbInt8(name="int8"), "bitsandbytes LLM.int8 weights (threshold 6.0), real kernels", aliases=("llm.int8",))
