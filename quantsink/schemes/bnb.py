@@ -121,14 +121,14 @@ def packed_cpu_fits(lin: Any, blocksize: int) -> bool:
 def check_cpu_blocks(lin: Any, scheme: str, blocksize: int) -> None:
     """On the CPU, refuse a blocksize that does not divide a layer's inputs: bitsandbytes' packed kernel fails on
     such a layer and its generic CPU de-quantization reads blocks that straddle rows wrongly (smollm2's 576-input
-    layers at blocksize 128: 20% weight error, perplexity 1.9 million), though its quantization is right."""
+    layers at blocksize 128: 20% weight error, perplexity 1.9 million), though its quantization is right.  CUDA's
+    kernels are not checked here (no GPU): the refusal is for the CPU only."""
     if lin.weight.device.type != "cpu" or lin.in_features % blocksize == 0:
         return
     fits = min(lin.in_features & -lin.in_features, 4096)  # the largest power of two dividing the inputs
     hint = f"use {scheme}:blocksize={fits} or smaller" if fits >= 32 else f"{scheme} cannot run this model on the CPU"
     raise UsageError(f"{scheme}:blocksize={blocksize}: a layer has {lin.in_features} inputs, not a multiple of "
-                     f"{blocksize}, and bitsandbytes' CPU kernels de-quantize such layers wrongly; {hint}, "
-                     f"or run on CUDA (--device cuda)")
+                     f"{blocksize}, and bitsandbytes' CPU kernels de-quantize such layers wrongly; {hint}")
 
 
 register(BnbInt8(name="int8"), "bitsandbytes LLM.int8 weights (threshold 6.0), real kernels", aliases=("llm.int8",))
