@@ -16,7 +16,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from quantsink.report.leaderboard import leaderboard, read_results, record_effects
+from quantsink.report.leaderboard import leaderboard, read_results
+from quantsink.report.rows import record_effects
 
 
 def sink_table(records: list, found: dict) -> list[str]:

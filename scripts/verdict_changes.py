@@ -17,7 +17,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from quantsink.report.leaderboard import leaderboard, read_results, record_effects
+from quantsink.report.leaderboard import leaderboard, read_results
+from quantsink.report.rows import record_effects
 
 
 def old_cells(directory: Path) -> dict[tuple[str, ...], dict[str, Any]]:

@@ -7,7 +7,7 @@ gets it back validated (``load_record``), and the report reads nothing else.
 Readers skip (with a warning) files that are not valid records or carry
 another schema version, so one bad file never loses the others.  Derived
 numbers (deltas, ``mitigation_effect``, ``d_sink``) are not stored: they are
-computed from stored records (``quantsink.analysis.effects``, ``quantsink.report.leaderboard``).
+computed from stored records (``quantsink.analysis.effects``, ``quantsink.report.rows``).
 
 The store that writes and finds them is :mod:`quantsink.records.store`.
 """

@@ -63,7 +63,7 @@ def test_compare_says_what_is_wrong_with_a_run_ids_file(tmp_path):
 def test_plots_draw_a_bounded_number_of_groups():
     import pandas as pd
 
-    from quantsink.report.leaderboard import PLOT_GROUPS, first_groups
+    from quantsink.report.figures import PLOT_GROUPS, first_groups
 
     frame = pd.DataFrame({"model": [f"m{i // 2}" for i in range(60)], "corpus": ["c"] * 60, "x": range(60)})
     kept, note = first_groups(frame)

@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 
 from quantsink.analysis.effects import effects
-from quantsink.report.leaderboard import leaderboard, row, woken_heads, write_report
+from quantsink.report.leaderboard import leaderboard, write_report
+from quantsink.report.rows import row, woken_heads
 from quantsink.records.schema import SCHEMA_VERSION
 from quantsink.records.store import write_record
 from synthetic_records import make_record, write_grid
@@ -65,7 +66,7 @@ def test_not_applicable_shows_no_effect_and_bits_name_every_part():
 
 
 def test_schemes_record_their_bit_widths():
-    from quantsink.report.leaderboard import bits_label
+    from quantsink.report.rows import bits_label
 
     labels = {spec: bits_label(make_record(scheme=spec))
               for spec in ("w8a8", "kv4", "w8a8-kv8", "int8", "nf4", "bf16")}
