@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 from ..errors import UsageError
-from . import QuantContext, Scheme, register, replace_linears
+from . import QuantContext, Scheme, default_filter, register, replace_linears
 
 
 @dataclass(frozen=True)
@@ -81,6 +81,11 @@ class Bnb4bit(Scheme):
     @property
     def bit_widths(self) -> dict[str, int | None]:
         return {"weights": 4, "activations": None, "kv": None}
+
+    def check_model(self, model: Any) -> None:
+        for fqn, module in model.named_modules():
+            if fqn and default_filter(module, fqn):
+                check_cpu_blocks(module, self.name, self.blocksize)
 
     def apply(self, model: Any, ctx: QuantContext) -> Any:
         import bitsandbytes as bnb

@@ -51,3 +51,18 @@ def test_a_blocksize_that_does_not_divide_the_inputs_is_refused_with_one_that_do
     model = tiny_llama(320, hidden=96)
     with pytest.raises(UsageError, match=r"nf4:blocksize=128: a layer has 96 inputs.*use nf4:blocksize=32"):
         parse_scheme("nf4:blocksize=128").apply(model, QuantContext())
+
+
+def test_a_run_refuses_it_before_any_pass(tiny_model_dir, tmp_path, monkeypatch):
+    """The check runs after the model loads (``Scheme.check_model``), before the reference pass."""
+    from quantsink.config import RunConfig
+    from quantsink.pipeline import run as pipeline
+
+    passes: list[int] = []
+    original = pipeline.run_pass
+    monkeypatch.setattr(pipeline, "run_pass", lambda *a, **k: passes.append(1) or original(*a, **k))
+    config = RunConfig(model=str(tiny_model_dir), corpus="python-docs", window=32, max_tokens=128, stats=False,
+                       noise_floor=False, scheme="nf4", results=str(tmp_path))  # the tiny model: 32 inputs
+    with pytest.raises(UsageError, match=r"nf4:blocksize=64: a layer has 32 inputs.*use nf4:blocksize=32"):
+        pipeline.run(config)
+    assert passes == [] and not list(tmp_path.glob("*.json"))
