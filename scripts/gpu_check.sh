@@ -51,8 +51,8 @@ quiet_libraries()
 windows, window = int(os.environ.get("WINDOWS", 16)), int(os.environ.get("WINDOW", 256))
 tol = float(os.environ.get("TOL", 0.005))
 schemes = os.environ.get("SCHEMES", "fp32,int8,nf4,w8a8").split(",")
-base = RunConfig(model=os.environ.get("MODEL", "smollm2-135m"), corpus="python-docs", window=window, max_tokens=windows * window,
-                 calib_windows=4, stats=False, noise_floor=False)
+base = RunConfig(model=os.environ.get("MODEL", "smollm2-135m"), corpus="python-docs", window=window,
+                 max_tokens=windows * window, calib_windows=4, stats=False, noise_floor=False)
 rows, failures = {}, []
 devices = os.environ.get("DEVICES", "cuda,cpu").split(",")
 for device in devices:

@@ -4,7 +4,8 @@ A pass allocates the same tensors batch after batch: the output head's logits (h
 the body's activations.  glibc's malloc serves an allocation above its mmap threshold (dynamic, at
 most 32 MB) from fresh ``mmap`` pages and hands a freed heap top back to the kernel, so every batch
 faults its pages in again and the kernel zeroes them: on smollm2's reference pass over 4,294 tokens,
-~950,000 minor faults and ~2 s of system time, about 15% of the pass's wall time.
+830,000-1,010,000 minor faults and 1.5-2.1 s of system time.  Kept, an isolated reference pass repeated in
+one process ran 9-15% faster (no faults after the first pass), and ``scripts/bench_eval.py``'s 3-5%.
 
 Inside :func:`kept_pages` the process's malloc keeps them: ``M_MMAP_THRESHOLD`` and
 ``M_TRIM_THRESHOLD`` of 1 GiB, set once for the process (glibc has no call that restores its dynamic

@@ -104,14 +104,11 @@ class Bnb4bit(Scheme):
                 new.bias = lin.bias
             if not packed_cpu_fits(lin, self.blocksize):
                 new.support_avx512bf16_for_cpu = False  # bitsandbytes' generic CPU path instead
-                generic.append(lin)
+                ctx.notes["cpu_generic_modules"] = ctx.notes.get("cpu_generic_modules", 0) + 1
             return new.to(lin.weight.device)
 
-        generic: list[Any] = []
         ctx.notes["quantized_modules"] = len(replace_linears(model, ctx, make))
         ctx.notes["kernel"] = f"bitsandbytes Linear4bit: {self.quant_type} weights, {self.compute_dtype} matmul"
-        if generic:
-            ctx.notes["cpu_generic_modules"] = len(generic)
         return model
 
 
