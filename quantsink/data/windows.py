@@ -32,7 +32,9 @@ class Windows:
     ``input_ids`` (N, T); ``attention_mask`` (N, T); ``scored`` (N, T) is True
     at position t when the model's prediction from positions < t of token t
     counts; ``nbytes`` (N,) bytes of the scored tokens; ``sink_positions`` are
-    prepended, never-scored positions (BOS or a dedicated sink token).
+    prepended, never-scored positions (BOS or a dedicated sink token).  ``feeds_last``: whether the
+    model is fed each row's last token, which is a target only (its own prediction is never scored);
+    lm-eval's rolling windows are not (``HFLM`` feeds ``tokens[:-1]``), the other protocols are.
     """
 
     input_ids: Any
@@ -40,6 +42,7 @@ class Windows:
     scored: Any
     nbytes: Any
     sink_positions: tuple[int, ...] = ()
+    feeds_last: bool = True
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
@@ -54,7 +57,7 @@ class Windows:
 
     def subset(self, rows: slice) -> "Windows":
         return Windows(self.input_ids[rows], self.attention_mask[rows], self.scored[rows],
-                       self.nbytes[rows], self.sink_positions)
+                       self.nbytes[rows], self.sink_positions, self.feeds_last)
 
     def trimmed(self) -> "Windows":
         """Drop trailing columns that are padding in every row (right-padded windows)."""
@@ -62,7 +65,16 @@ class Windows:
         if width == self.input_ids.shape[1]:
             return self
         return Windows(self.input_ids[:, :width], self.attention_mask[:, :width], self.scored[:, :width],
-                       self.nbytes, self.sink_positions)
+                       self.nbytes, self.sink_positions, self.feeds_last)
+
+    def model_input(self) -> tuple[Any, Any]:
+        """(input_ids, attention_mask) the model is fed: every column, or, unless ``feeds_last``, all but the
+        last, which must then be every row's last token (rows of one width, as ``passes.batches`` gives)."""
+        if self.feeds_last:
+            return self.input_ids, self.attention_mask
+        if not bool(self.attention_mask[:, -1].all()):
+            raise ValueError("rows that end in a target-only token must share one width to drop it")
+        return self.input_ids[:, :-1], self.attention_mask[:, :-1]
 
 
 def window_starts(length: int, window: int, stride: int) -> list[int]:
@@ -130,8 +142,8 @@ def rolling_windows(documents: list[TokenStream], *, length: int, prefix: int, p
     prefix_token, max_seq_len=length, context_len=1)`` made disjoint by
     ``make_disjoint_window``.  The prefix (EOT/BOS) precedes only a document's first
     window; every document token is scored exactly once; no context crosses documents.
-    Rows hold ``length + 1`` tokens (the model sees ``length`` inputs; the last token is
-    only a target, its own logits are unused).
+    Rows hold ``length + 1`` tokens; the model is fed all but a row's last, which is only a
+    target (``feeds_last=False``), as ``HFLM`` feeds ``tokens[:-1]``.
 
     Worked example, length=4, prefix P, document d0..d9 (S = P d0 .. d9):
     ``[P d0 d1 d2 d3]`` scores d0..d3; ``[d3 d4 d5 d6 d7]`` scores d4..d7; the last
@@ -160,12 +172,13 @@ def rolling_windows(documents: list[TokenStream], *, length: int, prefix: int, p
         attention_mask[i, :len(ids)] = 1
         scored[i, first:len(ids)] = True
         nbytes[i] = sum(nb[first:])
-    return Windows(input_ids, attention_mask, scored, nbytes)
+    return Windows(input_ids, attention_mask, scored, nbytes, feeds_last=False)
 
 
 PROTOCOL = ("lm-eval loglikelihood_rolling (HFLM): each document tokenized alone (tokenizer defaults), "
             "disjoint windows of max_length tokens, the prefix token (BOS, else EOS) before the first "
-            "window only, every token scored once; word_perplexity = exp(-sum ll / whitespace words), "
+            "window only, every token scored once, the model fed each window but its last token (a target "
+            "only); word_perplexity = exp(-sum ll / whitespace words), "
             "byte_perplexity = exp(-sum ll / UTF-8 bytes), bits_per_byte = -sum ll / ln 2 / UTF-8 bytes")
 
 
@@ -269,7 +282,7 @@ def lm_eval_windows(config: RunConfig, corpus: Corpus, tokenizer: Any) -> Window
     protocol = {
         "window": config.window, "stride": config.window, "bos": "lm-eval", "bos_token_id": prefix,
         "tokens": tokens, "n_documents": len(docs),
-        "scoring": PROTOCOL + "; the model sees window+1 tokens per row, the last only as a target; "
+        "scoring": PROTOCOL + "; a row holds window+1 tokens, the model is fed all but the last, as HFLM; "
                    "rows longest first, right-padded (attention_mask 0, never scored); a forward holds rows "
                    "of one width only, so no row is padded where it is computed",
     }

@@ -45,7 +45,7 @@ def prepend(windows: Windows, token_id: int) -> Windows:
     return Windows(torch.cat([col, windows.input_ids], 1),
                    torch.cat([torch.ones_like(col, dtype=windows.attention_mask.dtype), windows.attention_mask], 1),
                    torch.cat([torch.zeros((n, 1), dtype=torch.bool), windows.scored], 1),
-                   windows.nbytes, (0, *(p + 1 for p in windows.sink_positions)))
+                   windows.nbytes, (0, *(p + 1 for p in windows.sink_positions)), windows.feeds_last)
 
 
 @dataclass(frozen=True)

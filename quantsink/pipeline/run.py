@@ -151,10 +151,12 @@ def reference_key(prep: Prepared) -> str:
 
 
 def windows_sha256(windows: Windows) -> str:
-    """sha256 of the windows' token ids, masks, scored positions and byte counts."""
+    """sha256 of the windows' token ids, masks, scored positions and byte counts (and, where the model is not fed
+    each row's last token, that)."""
+    fed = {} if windows.feeds_last else {"feeds_last": "False"}
     return cache.tensor_digest({"input_ids": windows.input_ids, "attention_mask": windows.attention_mask,
                                 "scored": windows.scored, "nbytes": windows.nbytes},
-                               {"sink_positions": str(windows.sink_positions)})
+                               {"sink_positions": str(windows.sink_positions), **fed})
 
 
 def reference_pass(prep: Prepared, progress: Progress) -> tuple[PassResult, bool]:
