@@ -55,6 +55,11 @@ class Windows:
     def n_tokens(self) -> int:
         return int(self.attention_mask.sum())
 
+    @property
+    def fed_width(self) -> int:
+        """Positions of the widest forward: the rows' width, less the last token where it is not fed."""
+        return int(self.input_ids.shape[1]) - (0 if self.feeds_last else 1)
+
     def subset(self, rows: slice) -> "Windows":
         return Windows(self.input_ids[rows], self.attention_mask[rows], self.scored[rows],
                        self.nbytes[rows], self.sink_positions, self.feeds_last)

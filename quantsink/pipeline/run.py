@@ -102,7 +102,7 @@ def prepare(config: RunConfig, session: Session) -> Prepared:
     made = protocol_of(config, corpus, loaded.tokenizer)
     check_calibration(config, scheme, made.calibration)  # before any pass
     timing["tokenize_s"] = time.perf_counter() - t0
-    check_window(loaded.model, made.windows.input_ids.shape[1], config.batch_tokens,
+    check_window(loaded.model, made.windows.fed_width, config.batch_tokens,
                  attention_probs=stats_settings(config) is not None)
     protocol = {
         "kind": config.protocol, **made.protocol, "n_windows": len(made.windows),

@@ -95,6 +95,15 @@ def test_window_longer_than_the_context_is_refused(tiny_model_dir, tiny_text_fil
         tiny_run(tiny_model_dir, tiny_text_file, tmp_path, window=1100, max_tokens=1100)
 
 
+def test_lm_eval_windows_as_long_as_the_context_are_taken(tiny_model_dir, tiny_text_file):
+    """lm-eval's rows hold window + 1 tokens but feed the model ``window`` (as HFLM): a window of the whole
+    context is taken, as lm-eval takes it (a row of 1,025 fed whole was refused)."""
+    config = RunConfig(model=str(tiny_model_dir), corpus=f"file:{tiny_text_file}", scheme="int8", window=1024,
+                       max_tokens=1024, stats=False, device="cpu", protocol="lm-eval")
+    prep = run_mod.prepare(config, run_mod.Session())
+    assert prep.windows.input_ids.shape[1] == 1025 and prep.windows.fed_width == 1024
+
+
 def test_window_whose_forward_cannot_fit_in_memory_is_refused(tiny_model_dir, tiny_text_file, tmp_path,
                                                                monkeypatch):
     monkeypatch.setattr(models, "available_memory", lambda model: 10**5)
