@@ -337,10 +337,10 @@ def _scored_rows(logits: torch.Tensor, hidden: torch.Tensor | None, mask: torch.
 def scored_logits(model: Any, windows: Windows, width: int) -> torch.Tensor | None:
     """``logits_to_keep`` for a forward of the first ``width`` tokens of ``windows`` (B, T) that computes the output
     head only where a target is scored (position t predicts t+1; T-1 never does): a (B, width) bool mask, which
-    transformers' shared
-    ``slice_logits_to_keep`` applies before the head, so logits come as (S, V) in window order.  None (the
-    whole (B, T, V)) where the model's forward does not slice that way, or something hooks the model's
-    output (a mitigation that feeds a cached prefix and joins its logits), or no position would be kept."""
+    transformers' shared ``slice_logits_to_keep`` applies before the head, so logits come as (S, V) in window
+    order.  None (the whole (B, width, V)) where the model's forward does not slice that way, or something hooks
+    the model's output (a mitigation that feeds a cached prefix and joins its logits), or no position would be
+    kept."""
     forward = inspect.unwrap(getattr(type(model), "forward", None) or (lambda: None))  # past its decorators
     if "slice_logits_to_keep" not in getattr(getattr(forward, "__code__", None), "co_names", ()) \
             or getattr(model, "_forward_hooks", None):
