@@ -103,7 +103,7 @@ def prepare(config: RunConfig, session: Session) -> Prepared:
     check_calibration(config, scheme, made.calibration)  # before any pass
     timing["tokenize_s"] = time.perf_counter() - t0
     check_window(loaded.model, made.windows.fed_width, config.batch_tokens,
-                 attention_probs=stats_settings(config) is not None)
+                 attention_probs=stats_settings(config) is not None, window=config.window)
     protocol = {
         "kind": config.protocol, **made.protocol, "n_windows": len(made.windows),
         "scored_tokens": made.windows.n_scored, "dtype": config.dtype,

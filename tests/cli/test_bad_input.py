@@ -102,6 +102,8 @@ def test_lm_eval_windows_as_long_as_the_context_are_taken(tiny_model_dir, tiny_t
                        max_tokens=1024, stats=False, device="cpu", protocol="lm-eval")
     prep = run_mod.prepare(config, run_mod.Session())
     assert prep.windows.input_ids.shape[1] == 1025 and prep.windows.fed_width == 1024
+    with pytest.raises(UsageError, match="use --window 1024 or less"):  # the hint fits this protocol
+        run_mod.prepare(config.replace(window=1025, max_tokens=1025), run_mod.Session())
 
 
 def test_window_whose_forward_cannot_fit_in_memory_is_refused(tiny_model_dir, tiny_text_file, tmp_path,
