@@ -82,8 +82,7 @@ def pass_flops(model: object, windows: object) -> tuple[float, float]:
     cfg = model.config  # type: ignore[attr-defined]
     embedding = model.get_input_embeddings().weight.numel()  # type: ignore[attr-defined]
     non_embedding = sum(p.numel() for p in model.parameters()) - embedding  # type: ignore[attr-defined]
-    fed_last = windows.feeds_last  # type: ignore[attr-defined]  # lm-eval's rows: all but the last token fed
-    lengths = windows.attention_mask.sum(1).double() - (0 if fed_last else 1)  # type: ignore[attr-defined]  # (N,)
+    lengths = (windows.attention_mask.sum(1) - windows.unfed).double()  # type: ignore[attr-defined]  # (N,) fed
     tokens = float(lengths.sum())
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     attention = 2 * cfg.num_hidden_layers * float((lengths ** 2).sum()) * cfg.num_attention_heads * head_dim
@@ -226,7 +225,7 @@ def main() -> None:
     report = {
         "model": "smollm2-135m", "dtype": "float32", "corpus": args.corpus, "window": args.window,
         "documents": n_docs, "tokens": tokens,
-        "processed_tokens": made.windows.n_tokens - (0 if made.windows.feeds_last else len(made.windows)),
+        "processed_tokens": made.windows.n_tokens - made.windows.unfed * len(made.windows),
         "threads": torch.get_num_threads(), "repeat": args.repeat,
         "quantsink_times_s": [round(t[0], 3) for t in quantsink_times],
         "lm_eval_times_s": [round(t, 3) for t in lm_eval_times],

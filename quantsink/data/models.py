@@ -451,16 +451,15 @@ def text_config(model: Any) -> Any:
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
-def check_window(model: Any, width: int, batch_tokens: int, attention_probs: bool, window: int | None = None) -> None:
+def check_window(model: Any, width: int, window: int, batch_tokens: int, attention_probs: bool) -> None:
     """Refuse, before any pass, forwards of ``width`` positions (``--window`` tokens plus what the protocol adds,
     a BOS) longer than the model's context or that could not fit in memory (a lower bound: float32 logits and
     their log-softmax, plus one layer's attention probabilities when they are collected)."""
     config = text_config(model)
     context = getattr(config, "max_position_embeddings", None)
     if isinstance(context, int) and width > context:
-        fits = context - (width - window) if window is not None else context - 1
         raise UsageError(f"windows of {width} positions exceed the model's context (max_position_embeddings "
-                         f"{context}); use --window {fits} or less")
+                         f"{context}); use --window {context - (width - window)} or less")
     rows = max(1, batch_tokens // width)
     need = rows * width * config.vocab_size * 4 * 2
     if attention_probs:

@@ -56,9 +56,14 @@ class Windows:
         return int(self.attention_mask.sum())
 
     @property
+    def unfed(self) -> int:
+        """Tokens at the end of each row the model is not fed: 1 where the last is a target only, else 0."""
+        return 0 if self.feeds_last else 1
+
+    @property
     def fed_width(self) -> int:
         """Positions of the widest forward: the rows' width, less the last token where it is not fed."""
-        return int(self.input_ids.shape[1]) - (0 if self.feeds_last else 1)
+        return int(self.input_ids.shape[1]) - self.unfed
 
     def subset(self, rows: slice) -> "Windows":
         return Windows(self.input_ids[rows], self.attention_mask[rows], self.scored[rows],
@@ -75,11 +80,9 @@ class Windows:
     def model_input(self) -> tuple[Any, Any]:
         """(input_ids, attention_mask) the model is fed: every column, or, unless ``feeds_last``, all but the
         last, which must then be every row's last token (rows of one width, as ``passes.batches`` gives)."""
-        if self.feeds_last:
-            return self.input_ids, self.attention_mask
-        if not bool(self.attention_mask[:, -1].all()):
+        if not self.feeds_last and not bool(self.attention_mask[:, -1].all()):
             raise ValueError("rows that end in a target-only token must share one width to drop it")
-        return self.input_ids[:, :-1], self.attention_mask[:, :-1]
+        return self.input_ids[:, :self.fed_width], self.attention_mask[:, :self.fed_width]
 
 
 def window_starts(length: int, window: int, stride: int) -> list[int]:

@@ -334,18 +334,18 @@ def _scored_rows(logits: torch.Tensor, hidden: torch.Tensor | None, mask: torch.
     return logits.reshape(-1, logits.shape[-1]), b * logits.shape[1] + t, h
 
 
-def scored_logits(model: Any, windows: Windows, width: int) -> torch.Tensor | None:
-    """``logits_to_keep`` for a forward of the first ``width`` tokens of ``windows`` (B, T) that computes the output
-    head only where a target is scored (position t predicts t+1; T-1 never does): a (B, width) bool mask, which
-    transformers' shared ``slice_logits_to_keep`` applies before the head, so logits come as (S, V) in window
-    order.  None (the whole (B, width, V)) where the model's forward does not slice that way, or something hooks
-    the model's output (a mitigation that feeds a cached prefix and joins its logits), or no position would be
-    kept."""
+def scored_logits(model: Any, windows: Windows) -> torch.Tensor | None:
+    """``logits_to_keep`` for a forward of ``windows`` (B, T) fed its first ``width = windows.fed_width`` tokens that
+    computes the output head only where a target is scored (position t predicts t+1; T-1 never does): a (B, width)
+    bool mask, which transformers' shared ``slice_logits_to_keep`` applies before the head, so logits come as
+    (S, V) in window order.  None (the whole (B, width, V)) where the model's forward does not slice that way, or
+    something hooks the model's output (a mitigation that feeds a cached prefix and joins its logits), or no
+    position would be kept."""
     forward = inspect.unwrap(getattr(type(model), "forward", None) or (lambda: None))  # past its decorators
     if "slice_logits_to_keep" not in getattr(getattr(forward, "__code__", None), "co_names", ()) \
             or getattr(model, "_forward_hooks", None):
         return None
-    keep = torch.nn.functional.pad(windows.scored[:, 1:], (0, 1))[:, :width]  # (B, width)
+    keep = torch.nn.functional.pad(windows.scored[:, 1:], (0, 1))[:, :windows.fed_width]  # (B, width)
     return keep if int(keep.sum()) >= 2 else None  # 2+ rows: a one-row product takes another kernel
 
 
@@ -421,7 +421,7 @@ def run_pass(model: Any, windows: Windows, *, reference: Targets | None = None,
             part = windows.subset(rows).trimmed()  # right padding all rows share is not computed
             ids, mask = part.model_input()
             with batch_context(rows, part) if batch_context else nullcontext():
-                keep = scored_logits(model, part, ids.shape[1])
+                keep = scored_logits(model, part)
                 out = model(input_ids=ids.to(device), attention_mask=mask.to(device),
                             use_cache=False, **({} if keep is None else {"logits_to_keep": keep.to(device)}))
             acc.add(rows.start, out.logits, part, head_input.value)
@@ -471,8 +471,8 @@ class LogitScorer:
 def window_ids(windows: Windows) -> list[list[int]]:
     """Each window's token ids without its right padding (nor its last, unless ``feeds_last``): what another engine
     decodes (no BOS added there)."""
-    drop = 0 if windows.feeds_last else 1
-    return [row[:int(n) - drop].tolist() for row, n in zip(windows.input_ids, windows.attention_mask.sum(1))]
+    lengths = windows.attention_mask.sum(1) - windows.unfed
+    return [row[:int(n)].tolist() for row, n in zip(windows.input_ids, lengths)]
 
 
 def _padded(logits: torch.Tensor, width: int) -> torch.Tensor:

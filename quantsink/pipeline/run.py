@@ -102,8 +102,8 @@ def prepare(config: RunConfig, session: Session) -> Prepared:
     made = protocol_of(config, corpus, loaded.tokenizer)
     check_calibration(config, scheme, made.calibration)  # before any pass
     timing["tokenize_s"] = time.perf_counter() - t0
-    check_window(loaded.model, made.windows.fed_width, config.batch_tokens,
-                 attention_probs=stats_settings(config) is not None, window=config.window)
+    check_window(loaded.model, made.windows.fed_width, config.window, config.batch_tokens,
+                 attention_probs=stats_settings(config) is not None)
     protocol = {
         "kind": config.protocol, **made.protocol, "n_windows": len(made.windows),
         "scored_tokens": made.windows.n_scored, "dtype": config.dtype,

@@ -102,7 +102,7 @@ class Bnb4bit(Scheme):
                                            compress_statistics=self.double_quant)
             if lin.bias is not None:
                 new.bias = lin.bias
-            if not packed_cpu_fits(lin, self.blocksize):
+            if lin.weight.device.type == "cpu" and not packed_cpu_fits(lin, self.blocksize):
                 new.support_avx512bf16_for_cpu = False  # bitsandbytes' generic CPU path instead
                 ctx.notes["cpu_generic_modules"] = ctx.notes.get("cpu_generic_modules", 0) + 1
             return new.to(lin.weight.device)

@@ -100,10 +100,11 @@ def test_lm_eval_windows_as_long_as_the_context_are_taken(tiny_model_dir, tiny_t
     context is taken, as lm-eval takes it (a row of 1,025 fed whole was refused)."""
     config = RunConfig(model=str(tiny_model_dir), corpus=f"file:{tiny_text_file}", scheme="int8", window=1024,
                        max_tokens=1024, stats=False, device="cpu", protocol="lm-eval")
-    prep = run_mod.prepare(config, run_mod.Session())
+    session = run_mod.Session()  # the model and corpus load once
+    prep = run_mod.prepare(config, session)
     assert prep.windows.input_ids.shape[1] == 1025 and prep.windows.fed_width == 1024
     with pytest.raises(UsageError, match="use --window 1024 or less"):  # the hint fits this protocol
-        run_mod.prepare(config.replace(window=1025, max_tokens=1025), run_mod.Session())
+        run_mod.prepare(config.replace(window=1025, max_tokens=1025), session)
 
 
 def test_window_whose_forward_cannot_fit_in_memory_is_refused(tiny_model_dir, tiny_text_file, tmp_path,

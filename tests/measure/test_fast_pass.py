@@ -75,7 +75,7 @@ def test_the_head_at_scored_positions_gives_the_numbers_of_the_whole_batchs_logi
     tiny = tiny_llama(320, seed=1)
     noisy = tiny_llama(320, seed=2)
     windows = random_windows(window=32, stride=16, prefix=0)
-    keep = scored_logits(tiny, windows, windows.input_ids.shape[1])
+    keep = scored_logits(tiny, windows)
     assert keep is not None and keep.shape == windows.input_ids.shape
     assert int(keep.sum()) == windows.n_scored < windows.input_ids.numel()  # context positions skipped
 
@@ -85,7 +85,7 @@ def test_the_head_at_scored_positions_gives_the_numbers_of_the_whole_batchs_logi
                         batch_tokens=256)
         return ref, cand
     fast = both()
-    monkeypatch.setattr(passes, "scored_logits", lambda model, windows, width: None)
+    monkeypatch.setattr(passes, "scored_logits", lambda model, windows: None)
     full = both()
     for a, b in zip(fast, full):
         assert torch.equal(a.nll, b.nll) and torch.equal(a.token_nll, b.token_nll)
@@ -100,10 +100,10 @@ def test_a_model_whose_output_is_hooked_gets_its_whole_logits():
     windows = random_windows(window=32, stride=32, prefix=0)
     handle = tiny.register_forward_hook(lambda module, args, out: out)  # e.g. a mitigation joining logits
     try:
-        assert scored_logits(tiny, windows, 32) is None
+        assert scored_logits(tiny, windows) is None
     finally:
         handle.remove()
-    assert scored_logits(tiny, windows, 32) is not None
+    assert scored_logits(tiny, windows) is not None
 
 
 def test_the_in_place_normaliser_gives_the_same_bits():
