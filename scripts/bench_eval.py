@@ -30,8 +30,9 @@ processes compete for the cores (``load_average`` before / after).
 here with ``torch.matmul`` (MKL, lm-eval's kernel) on square matrices, where the pass's FLOPs are
 ``2 x non-embedding parameters x tokens the model processed`` (the usual 2N
 estimate; ``gemm_fraction_full`` adds the output head, 2 x vocab x hidden per
-position, and causal attention, 2 x layers x T^2 x heads x head_dim per window of T: a nominal count, as
-quantsink's head runs at scored positions only).  ``onednn_gemm_gflops``: the same square product on
+position fed, and causal attention, 2 x layers x T^2 x heads x head_dim per window of T: lm-eval's count;
+quantsink's head runs at scored positions only).  ``tflop``: each pass's count (``pass_flops``): the
+reference pass's head and KL summary are two vocabulary-sized products per scored position.  ``onednn_gemm_gflops``: the same square product on
 oneDNN's inner product, the kernel of quantsink's passes (``measure/kernels.py``);
 ``plain_onednn_fraction_full``: the plain pass's nominal full FLOP/s over it.  ``targets``: issue 32's
 1.15x (reference pass) and 1.3x (plain pass) wall-time ratios and whether this run met them.
@@ -77,18 +78,21 @@ def gemm_flops(n: int = 2048, repeats: int = 5, kernel: str = "mkl") -> float:
     return 2 * n ** 3 / best
 
 
-def pass_flops(model: object, windows: object) -> tuple[float, float]:
-    """(2 x non-embedding params x processed tokens, the same + output head + causal attention)."""
+def pass_flops(model: object, windows: object) -> dict[str, float]:
+    """Matrix arithmetic of each pass over ``windows``: ``base`` = 2 x non-embedding params x positions fed;
+    each adds causal attention and output-head products (2 x vocab x hidden each): the reference pass two per
+    scored position (the head and the KL summary), the plain pass one, lm-eval's one per position fed."""
     cfg = model.config  # type: ignore[attr-defined]
     embedding = model.get_input_embeddings().weight.numel()  # type: ignore[attr-defined]
     non_embedding = sum(p.numel() for p in model.parameters()) - embedding  # type: ignore[attr-defined]
-    lengths = (windows.attention_mask.sum(1) - windows.unfed).double()  # type: ignore[attr-defined]  # (N,) fed
-    tokens = float(lengths.sum())
+    lengths = windows.fed_lengths.double()  # type: ignore[attr-defined]  # (N,)
+    fed, scored = float(lengths.sum()), float(windows.n_scored)  # type: ignore[attr-defined]
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     attention = 2 * cfg.num_hidden_layers * float((lengths ** 2).sum()) * cfg.num_attention_heads * head_dim
-    head = 2 * cfg.vocab_size * cfg.hidden_size * tokens
-    base = 2 * non_embedding * tokens
-    return base, base + head + attention
+    head = 2 * cfg.vocab_size * cfg.hidden_size
+    base = 2 * non_embedding * fed
+    return {"base": base, "reference": base + attention + 2 * head * scored,
+            "plain": base + attention + head * scored, "lm_eval": base + attention + head * fed}
 
 
 def run_lm_eval(model: object, tokenizer: object, corpus: object, args: argparse.Namespace,
@@ -221,11 +225,12 @@ def main() -> None:
     def paired(times: list[float], others: list[float]) -> float:
         return round(statistics.median(b / a for a, b in zip(times, others)), 3)
     gemm, onednn_gemm = max(gemms), max(onednn_gemms)
-    flops, flops_full = pass_flops(model, made.windows)
+    counts = pass_flops(model, made.windows)
+    flops, flops_full = counts["base"], counts["lm_eval"]
     report = {
         "model": "smollm2-135m", "dtype": "float32", "corpus": args.corpus, "window": args.window,
         "documents": n_docs, "tokens": tokens,
-        "processed_tokens": made.windows.n_tokens - made.windows.unfed * len(made.windows),
+        "processed_tokens": int(made.windows.fed_lengths.sum()),
         "threads": torch.get_num_threads(), "repeat": args.repeat,
         "quantsink_times_s": [round(t[0], 3) for t in quantsink_times],
         "lm_eval_times_s": [round(t, 3) for t in lm_eval_times],
@@ -258,6 +263,7 @@ def main() -> None:
         "plain_onednn_fraction_full": round(flops_full / plain_s / onednn_gemm, 3),
         "targets": {"speedup": 1.15, "speedup_plain": 1.3,
                     "met": [lm_eval_s / quantsink_s >= 1.15, lm_eval_s / plain_s >= 1.3]},
+        "tflop": {name: round(counts[name] / 1e12, 4) for name in ("reference", "plain", "lm_eval")},
         "flops_formula": "2 x non-embedding params x processed tokens (full: + 2 x vocab x hidden per token "
                          "+ 2 x layers x T^2 x heads x head_dim per window)",
     }

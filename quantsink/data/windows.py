@@ -61,6 +61,11 @@ class Windows:
         return 0 if self.feeds_last else 1
 
     @property
+    def fed_lengths(self) -> Any:
+        """(N,) positions each row's forward is fed: its tokens without right padding, less ``unfed``."""
+        return (self.attention_mask.sum(1) - self.unfed).clamp(min=0)
+
+    @property
     def fed_width(self) -> int:
         """Positions of the widest forward: the rows' width, less the last token where it is not fed."""
         return int(self.input_ids.shape[1]) - self.unfed

@@ -471,8 +471,7 @@ class LogitScorer:
 def window_ids(windows: Windows) -> list[list[int]]:
     """Each window's token ids without its right padding (nor its last, unless ``feeds_last``): what another engine
     decodes (no BOS added there)."""
-    lengths = windows.attention_mask.sum(1) - windows.unfed
-    return [row[:int(n)].tolist() for row, n in zip(windows.input_ids, lengths)]
+    return [row[:int(n)].tolist() for row, n in zip(windows.input_ids, windows.fed_lengths)]
 
 
 def _padded(logits: torch.Tensor, width: int) -> torch.Tensor:

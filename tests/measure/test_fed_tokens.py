@@ -47,6 +47,8 @@ def test_lm_eval_rows_are_fed_without_their_last_token_and_other_windows_whole()
     assert fed_widths(tiny, windows, keep_targets=True) == [64, 64, 64, 46, 22]
     assert fed_widths(tiny, dataclasses.replace(windows, feeds_last=True)) == [65, 65, 65, 47, 23]
     assert [len(ids) for ids in window_ids(windows)] == [64, 64, 64, 46, 22]  # what another engine decodes
+    assert windows.fed_lengths.tolist() == [64, 64, 64, 46, 22]
+    assert dataclasses.replace(windows, feeds_last=True).fed_lengths.tolist() == [65, 65, 65, 47, 23]
     assert not prepend(windows, 1).feeds_last  # a prepended sink token keeps the protocol
 
 
